@@ -1,0 +1,360 @@
+"""Container lifecycle: rootfs, OCI config, conmon + runc, exit tracking, and the durable records.
+
+Every operation that can fail midway undoes what it did (an ExitStack of undo steps), so a failed
+CreateContainer leaves no mount, runc container, directory or record behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cri_api import api_pb2 as cri
+from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_container_spec,
+                              linux_resources_from_cri, validate_container_config)
+from oci.spec_schema import InvalidSpec, validate_spec
+from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from pyshim.internal import cgroups, mounts
+from pyshim.internal.conmon import Conmon, MonitorPaths
+from pyshim.internal.events import ContainerEvent, EventBus, EventType
+from pyshim.internal.runc import ExecResult, Runc
+from pyshim.internal.state import (ContainerRecord, ContainerState, RecordStore, SandboxRecord,
+                                   decode_config, encode_config)
+
+log = logging.getLogger(__name__)
+
+# Exit code we report when a container vanished without conmon recording one (e.g. host reboot).
+UNKNOWN_EXIT_CODE = 255
+
+
+@dataclass(frozen=True)
+class SandboxContext:
+    """What a container needs of its pod, handed in by the caller (the container layer never looks pods up)."""
+    record: SandboxRecord
+    config: "cri.PodSandboxConfig"
+    namespaces: dict[str, str | None]
+    files: dict[str, str]
+
+
+def container_name_key(config, sandbox_config) -> str:
+    m, p = config.metadata, sandbox_config.metadata
+    return f"k8s_{m.name}_{p.name}_{p.namespace}_{p.uid}_{m.attempt}"
+
+
+class ContainerManager:
+    def __init__(self, root: Path, state_dir: Path, runc: Runc, conmon: Conmon, image_store, events: EventBus):
+        self._root = Path(root) / "containers"
+        self._records = RecordStore(Path(root) / "state" / "containers", ContainerRecord)
+        self._exit_dir = Path(state_dir) / "exits"
+        self._attach_dir = Path(state_dir) / "attach"
+        for d in (self._root, self._exit_dir, self._attach_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._runc = runc
+        self._conmon = conmon
+        self._images = image_store
+        self._events = events
+        self._names: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._container_locks: dict[str, threading.Lock] = {}
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the records back after a restart and bring each one up to date with reality."""
+        self._records.load()
+        for record in self._records.all():
+            config = decode_config(record, cri.ContainerConfig)
+            self._names[self._name_of(record, config)] = record.id
+            self._reconcile(record)
+
+    def _name_of(self, record: ContainerRecord, config) -> str:
+        return record.name  # records keep the full reservation key
+
+    def _lock_for(self, container_id: str) -> threading.Lock:
+        with self._lock:
+            return self._container_locks.setdefault(container_id, threading.Lock())
+
+    def _paths(self, record: ContainerRecord) -> MonitorPaths:
+        return MonitorPaths(bundle=record.bundle, exit_dir=self._exit_dir,
+                            persist_dir=record.bundle / "persist", attach_dir=self._attach_dir)
+
+    def get(self, container_id: str) -> ContainerRecord:
+        record = self._records.resolve(container_id)
+        if record is None:
+            raise NotFound(f"container {container_id!r} not found")
+        return self.refresh(record)
+
+    def find(self, container_id: str) -> ContainerRecord | None:
+        record = self._records.resolve(container_id)
+        return self.refresh(record) if record else None
+
+    def all(self) -> list[ContainerRecord]:
+        return [self.refresh(r) for r in self._records.all()]
+
+    def in_sandbox(self, sandbox_id: str) -> list[ContainerRecord]:
+        return [r for r in self.all() if r.sandbox_id == sandbox_id]
+
+    def image_in_use(self, image_id: str) -> list[str]:
+        return [r.id for r in self._records.all() if r.image_id == image_id]
+
+    def config_of(self, record: ContainerRecord):
+        return decode_config(record, cri.ContainerConfig)
+
+    # ---- exit tracking -----------------------------------------------------------------------
+
+    def refresh(self, record: ContainerRecord) -> ContainerRecord:
+        """Notice that a running container exited (conmon wrote its exit file)."""
+        if record.state != ContainerState.RUNNING:
+            return record
+        exited = Conmon.exit_code(self._paths(record), record.id)
+        if exited is None:
+            return record
+        code, when = exited
+        self._mark_exited(record, code, int(when * 1e9))
+        return record
+
+    def _mark_exited(self, record: ContainerRecord, code: int, finished_at_ns: int, reason: str = "") -> None:
+        record.state = ContainerState.EXITED
+        record.exit_code = code
+        record.finished_at = finished_at_ns
+        oom = (record.bundle / "persist" / "oom").exists()
+        record.reason = reason or ("OOMKilled" if oom else "Completed" if code == 0 else "Error")
+        record.pid = 0
+        self._records.save(record)
+        self._publish(record, EventType.STOPPED)
+
+    def _reconcile(self, record: ContainerRecord) -> None:
+        if record.state not in (ContainerState.RUNNING, ContainerState.CREATED):
+            return
+        exited = Conmon.exit_code(self._paths(record), record.id)
+        if exited is not None:
+            self._mark_exited(record, exited[0], int(exited[1] * 1e9))
+            return
+        state = self._runc.state(record.id)
+        if state is None or state.status == "stopped":
+            # The container is gone and nobody recorded its end (the host restarted, or runc state was wiped).
+            record.message = "container was gone when the daemon restarted"
+            self._mark_exited(record, UNKNOWN_EXIT_CODE, time.time_ns(), reason="Unknown")
+
+    def poll_exits(self) -> None:
+        """Called periodically: publishes STOPPED events promptly even if nobody asks for status."""
+        for record in self._records.all():
+            if record.state == ContainerState.RUNNING:
+                self.refresh(record)
+
+    def _publish(self, record: ContainerRecord, kind: EventType) -> None:
+        self._events.publish(ContainerEvent(record.id, record.sandbox_id, kind, time.time_ns()))
+
+    # ---- create ------------------------------------------------------------------------------
+
+    def create(self, sandbox: SandboxContext, config) -> ContainerRecord:
+        try:
+            validate_container_config(config)
+        except SpecInputError as e:
+            raise InvalidArgument(str(e)) from None
+        image = self._images.get(config.image.image) if config.image.image else None
+        if image is None:
+            raise NotFound(f"image {config.image.image!r} not found: pull it first")
+        key = container_name_key(config, sandbox.config)
+        container_id = secrets.token_hex(32)
+        with self._lock:
+            if key in self._names:
+                raise AlreadyExists(f"container name {key!r} is already in use by {self._names[key]}")
+            self._names[key] = container_id
+        try:
+            return self._create_reserved(container_id, key, sandbox, config, image)
+        except BaseException:
+            with self._lock:
+                self._names.pop(key, None)
+            raise
+
+    def _create_reserved(self, container_id, key, sandbox: SandboxContext, config, image) -> ContainerRecord:
+        cdir = self._root / container_id
+        record = ContainerRecord(
+            id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,
+            config_b64=encode_config(config), image_ref=config.image.image, image_id=image.id,
+            image_name=(image.repo_tags or image.repo_digests or [image.id])[0],
+            created_at=time.time_ns(), dir=str(cdir), log_path=self._log_path(sandbox.config, config),
+            cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
+            stop_signal=image.config.stop_signal or "TERM",
+        )
+        with contextlib.ExitStack() as undo:
+            cdir.mkdir(mode=0o700)
+            undo.callback(shutil.rmtree, cdir, ignore_errors=True)
+            for sub in (record.upper, record.work, record.rootfs):
+                sub.mkdir(mode=0o755)
+            layers = self._images.layer_paths(image)
+            mounts.mount_overlay(layers, record.upper, record.work, record.rootfs)
+            undo.callback(mounts.unmount, record.rootfs)
+
+            spec = self._build_spec(record, sandbox, config, image)
+            (cdir / "config.json").write_text(json.dumps(spec))
+            if record.log_path:
+                Path(record.log_path).parent.mkdir(parents=True, exist_ok=True)
+
+            record.pid = self._conmon.create(container_id, key, self._paths(record), record.log_path,
+                                             stdin=config.stdin, tty=config.tty)
+            undo.callback(self._runc.delete, container_id, True)
+            self._records.save(record)
+            undo.pop_all()
+        self._publish(record, EventType.CREATED)
+        log.info("container created", extra={"container": container_id, "sandbox": sandbox.record.id,
+                                             "image": record.image_name})
+        return record
+
+    def _build_spec(self, record, sandbox: SandboxContext, config, image) -> dict:
+        sysctls = dict(sandbox.config.linux.sysctls)
+        inp = ContainerSpecInput(
+            container_id=record.id, rootfs=str(record.rootfs), config=config,
+            sandbox_config=sandbox.config, image_config=image.config,
+            namespaces=sandbox.namespaces, hostname=sandbox.record.hostname,
+            sandbox_files=sandbox.files, cgroups_path=record.cgroups_path,
+            annotations={"io.kubernetes.cri.image-name": record.image_name,
+                         "io.kubernetes.cri.sandbox-id": sandbox.record.id},
+            sysctls=sysctls,
+        )
+        try:
+            spec = build_container_spec(inp)
+            validate_spec(spec)
+        except (SpecInputError, InvalidSpec) as e:
+            raise InvalidArgument(f"container {config.metadata.name!r}: {e}") from None
+        return spec
+
+    @staticmethod
+    def _log_path(sandbox_config, config) -> str:
+        if not config.log_path:
+            return ""
+        if os.path.isabs(config.log_path):
+            return config.log_path
+        if not sandbox_config.log_directory:
+            raise InvalidArgument(f"log_path {config.log_path!r} is relative but the pod has no log_directory")
+        return os.path.join(sandbox_config.log_directory, config.log_path)
+
+    # ---- start / stop ------------------------------------------------------------------------
+
+    def start(self, container_id: str) -> ContainerRecord:
+        record = self.get(container_id)
+        with self._lock_for(record.id):
+            if record.state != ContainerState.CREATED:
+                raise FailedPrecondition(f"container {record.id} is {record.state.value}, not CREATED: cannot start it")
+            self._runc.start(record.id)
+            record.state = ContainerState.RUNNING
+            record.started_at = time.time_ns()
+            self._records.save(record)
+        self._publish(record, EventType.STARTED)
+        return self.refresh(record)
+
+    def stop(self, container_id: str, timeout: float) -> None:
+        """SIGTERM (or the image's stop signal), then SIGKILL when `timeout` seconds pass. Idempotent."""
+        record = self.get(container_id)
+        with self._lock_for(record.id):
+            if record.state == ContainerState.CREATED:
+                # Never started: kill the runc init waiting in `runc create`, so conmon records an exit.
+                self._runc.kill(record.id, "KILL")
+                self._wait_exit(record, 10)
+                if record.state != ContainerState.EXITED:
+                    self._mark_exited(record, 137, time.time_ns(), reason="Error")
+                return
+            if record.state != ContainerState.RUNNING:
+                return
+            if timeout > 0:
+                self._runc.kill(record.id, record.stop_signal)
+                if self._wait_exit(record, timeout):
+                    return
+            self._runc.kill(record.id, "KILL", all_processes=True)
+            if not self._wait_exit(record, 30):
+                raise DeadlineExceeded(f"container {record.id} did not exit within 30s of SIGKILL")
+
+    def _wait_exit(self, record: ContainerRecord, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            self.refresh(record)
+            if record.state == ContainerState.EXITED:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    # ---- remove ------------------------------------------------------------------------------
+
+    def remove(self, container_id: str) -> None:
+        """Stop if needed, then remove every trace but the log. Removing a removed container succeeds."""
+        record = self._records.resolve(container_id)
+        if record is None:
+            return
+        with self._lock_for(record.id):
+            self.refresh(record)
+            if record.state in (ContainerState.RUNNING, ContainerState.CREATED):
+                self._runc.kill(record.id, "KILL", all_processes=True)
+                self._wait_exit(record, 10)
+            self._runc.delete(record.id, force=True)
+            mounts.unmount(record.rootfs)
+            shutil.rmtree(record.dir, ignore_errors=True)
+            for leftover in (self._exit_dir / record.id, self._attach_dir / record.id):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+            self._records.delete(record.id)
+            with self._lock:
+                self._names.pop(record.name, None)
+                self._container_locks.pop(record.id, None)
+        self._publish(record, EventType.DELETED)
+        log.info("container removed", extra={"container": record.id})
+
+    # ---- in-container operations -------------------------------------------------------------
+
+    def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
+        record = self.get(container_id)
+        if record.state != ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {record.id} is {record.state.value}: exec needs a running container")
+        if not cmd:
+            raise InvalidArgument("exec command is empty")
+        spec = json.loads((record.bundle / "config.json").read_text())
+        process = dict(spec["process"], args=list(cmd), terminal=False)
+        result = self._runc.exec_sync(record.id, process, timeout or None)
+        if result.timed_out:
+            raise DeadlineExceeded(f"command {cmd!r} timed out after {timeout}s")
+        return result
+
+    def update_resources(self, container_id: str, resources) -> None:
+        record = self.get(container_id)
+        if record.state not in (ContainerState.RUNNING, ContainerState.CREATED):
+            raise FailedPrecondition(f"container {record.id} is {record.state.value}: cannot update its resources")
+        self._runc.update(record.id, linux_resources_from_cri(resources))
+        spec_path = record.bundle / "config.json"
+        spec = json.loads(spec_path.read_text())
+        spec.setdefault("linux", {})["resources"] = {**spec["linux"].get("resources", {}),
+                                                     **linux_resources_from_cri(resources)}
+        spec_path.write_text(json.dumps(spec))
+
+    def reopen_log(self, container_id: str) -> None:
+        record = self.get(container_id)
+        if record.state != ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {record.id} is not running: its log is closed")
+        Conmon.reopen_log(self._paths(record))
+
+    def usage(self, record: ContainerRecord) -> cgroups.Usage | None:
+        return cgroups.usage(record.cgroups_path) if record.state == ContainerState.RUNNING else None
+
+    def writable_layer_usage(self, record: ContainerRecord) -> tuple[int, int]:
+        used = inodes = 0
+        for dirpath, dirnames, filenames in os.walk(record.upper):
+            for name in dirnames + filenames:
+                inodes += 1
+                with contextlib.suppress(OSError):
+                    used += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+        return used, inodes
+
+    def pid_namespace_path(self, container_id: str) -> str:
+        record = self.get(container_id)
+        if record.state != ContainerState.RUNNING or not record.pid:
+            raise FailedPrecondition(f"target container {container_id} is not running: cannot share its PID namespace")
+        return f"/proc/{record.pid}/ns/pid"
