@@ -1,0 +1,320 @@
+"""The `pyshim` command: the daemon, image import, and a small CRI client for people and tests."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+
+def _load_message(path: str, message_type):
+    """A crictl-style JSON config file (snake_case or camelCase field names) into a CRI message."""
+    from google.protobuf import json_format
+
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return json_format.Parse(text, message_type(), ignore_unknown_fields=False)
+
+
+def _print_message(message) -> None:
+    from google.protobuf import json_format
+
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
+
+
+def _short(identifier: str) -> str:
+    return identifier[:13]
+
+
+def _age(ns: int) -> str:
+    seconds = max(0, time.time() - ns / 1e9)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+# ---- daemon-side commands -------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from pyshim.config import load_config
+    from pyshim.daemon import serve
+    from pyshim.log import setup_logging
+
+    config = load_config(args.config, {"socket": args.socket, "root": args.root, "state_dir": args.state_dir,
+                                       "log_level": args.log_level})
+    setup_logging(config.log_level)
+    serve(config)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from pyshim.config import default_config_toml
+
+    print(default_config_toml(), end="")
+    return 0
+
+
+def cmd_image_import(args) -> int:
+    from oci.layout import import_oci_archive
+    from oci.store import ImageStore
+    from pyshim.config import load_config
+
+    config = load_config(args.config, {"root": args.root})
+    store = ImageStore(config.root_path / "images")
+    for record in import_oci_archive(store, Path(args.archive), tag=args.tag):
+        print(f"{record.id} {' '.join(record.repo_tags)}")
+    return 0
+
+
+# ---- client commands ------------------------------------------------------------------------------
+
+def _client(args):
+    from pyshim.client import Client
+
+    return Client(args.endpoint, timeout=args.timeout)
+
+
+def cmd_version(args) -> int:
+    with _client(args) as c:
+        v = c.version()
+        print(f"Version:  {v.version}\nRuntimeName:  {v.runtime_name}\nRuntimeVersion:  {v.runtime_version}\n"
+              f"RuntimeApiVersion:  {v.runtime_api_version}")
+    return 0
+
+
+def cmd_runp(args) -> int:
+    from cri_api import api_pb2 as cri
+
+    with _client(args) as c:
+        print(c.run_pod(_load_message(args.pod_config, cri.PodSandboxConfig)))
+    return 0
+
+
+def cmd_create(args) -> int:
+    from cri_api import api_pb2 as cri
+
+    with _client(args) as c:
+        print(c.create(args.pod_id, _load_message(args.container_config, cri.ContainerConfig),
+                       _load_message(args.pod_config, cri.PodSandboxConfig)))
+    return 0
+
+
+def cmd_run(args) -> int:
+    """runp + pull if needed + create + start, as `crictl run` does."""
+    from cri_api import api_pb2 as cri
+
+    pod_config = _load_message(args.pod_config, cri.PodSandboxConfig)
+    config = _load_message(args.container_config, cri.ContainerConfig)
+    with _client(args) as c:
+        pod_id = c.run_pod(pod_config)
+        container_id = c.create(pod_id, config, pod_config)
+        c.start(container_id)
+        print(container_id)
+    return 0
+
+
+def _each(args, action) -> int:
+    with _client(args) as c:
+        for identifier in args.ids:
+            action(c, identifier)
+            print(identifier)
+    return 0
+
+
+def cmd_start(args) -> int:
+    return _each(args, lambda c, i: c.start(i))
+
+
+def cmd_stop(args) -> int:
+    return _each(args, lambda c, i: c.stop(i, args.grace))
+
+
+def cmd_rm(args) -> int:
+    return _each(args, lambda c, i: c.remove(i))
+
+
+def cmd_stopp(args) -> int:
+    return _each(args, lambda c, i: c.stop_pod(i))
+
+
+def cmd_rmp(args) -> int:
+    return _each(args, lambda c, i: c.remove_pod(i))
+
+
+def cmd_pods(args) -> int:
+    from cri_api import api_pb2 as cri
+
+    with _client(args) as c:
+        pods = c.runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=c.timeout).items
+    print(f"{'POD ID':<15}{'CREATED':<14}{'STATE':<12}{'NAME':<24}{'NAMESPACE':<16}ATTEMPT")
+    for p in sorted(pods, key=lambda p: -p.created_at):
+        print(f"{_short(p.id):<15}{_age(p.created_at):<14}{cri.PodSandboxState.Name(p.state).replace('SANDBOX_', ''):<12}"
+              f"{p.metadata.name:<24}{p.metadata.namespace:<16}{p.metadata.attempt}")
+    return 0
+
+
+def cmd_ps(args) -> int:
+    from cri_api import api_pb2 as cri
+
+    with _client(args) as c:
+        containers = c.runtime.ListContainers(cri.ListContainersRequest(), timeout=c.timeout).containers
+    print(f"{'CONTAINER':<15}{'IMAGE':<32}{'CREATED':<14}{'STATE':<10}{'NAME':<20}{'ATTEMPT':<9}POD ID")
+    for ctr in sorted(containers, key=lambda x: -x.created_at):
+        if not args.all and ctr.state != cri.CONTAINER_RUNNING:
+            continue
+        print(f"{_short(ctr.id):<15}{ctr.image.image[:31]:<32}{_age(ctr.created_at):<14}"
+              f"{cri.ContainerState.Name(ctr.state).replace('CONTAINER_', ''):<10}{ctr.metadata.name:<20}"
+              f"{ctr.metadata.attempt:<9}{_short(ctr.pod_sandbox_id)}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    with _client(args) as c:
+        _print_message(c.status(args.id, verbose=True))
+    return 0
+
+
+def cmd_inspectp(args) -> int:
+    with _client(args) as c:
+        _print_message(c.pod_status(args.id, verbose=True))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    """Print a container's log without the CRI prefixes, joining partial lines, as `crictl logs` does."""
+    from pyshim.internal.cri_log import read_log
+
+    with _client(args) as c:
+        path = c.status(args.id).status.log_path
+    if not path:
+        print(f"container {args.id} has no log path", file=sys.stderr)
+        return 1
+    for entry in read_log(Path(path)):
+        stream = sys.stdout if entry.stream == "stdout" else sys.stderr
+        stream.write(entry.text)
+    return 0
+
+
+def cmd_exec(args) -> int:
+    with _client(args) as c:
+        result = c.exec_sync(args.id, args.cmd, args.exec_timeout)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stderr.buffer.write(result.stderr)
+    return result.exit_code
+
+
+def cmd_pull(args) -> int:
+    with _client(args) as c:
+        print(f"Image is up to date for {c.pull(args.image)}")
+    return 0
+
+
+def cmd_images(args) -> int:
+    from cri_api import api_pb2 as cri
+
+    with _client(args) as c:
+        images = c.images.ListImages(cri.ListImagesRequest(), timeout=c.timeout).images
+    print(f"{'IMAGE':<48}{'IMAGE ID':<15}SIZE")
+    for image in images:
+        for tag in image.repo_tags or ["<none>"]:
+            print(f"{tag:<48}{image.id.removeprefix('sha256:')[:13]:<15}{image.size / 1e6:.1f}MB")
+    return 0
+
+
+def cmd_rmi(args) -> int:
+    from cri_api import api_pb2 as cri
+
+    with _client(args) as c:
+        for image in args.images:
+            c.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image)), timeout=c.timeout)
+            print(f"Deleted: {image}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from cri_api import api_pb2 as cri
+
+    with _client(args) as c:
+        stats = c.runtime.ListContainerStats(cri.ListContainerStatsRequest(), timeout=c.timeout).stats
+    print(f"{'CONTAINER':<15}{'NAME':<20}{'CPU ns':<16}{'MEM':<12}{'DISK':<12}INODES")
+    for s in stats:
+        print(f"{_short(s.attributes.id):<15}{s.attributes.metadata.name:<20}{s.cpu.usage_core_nano_seconds.value:<16}"
+              f"{s.memory.working_set_bytes.value / 1e6:.1f}MB{'':<6}{s.writable_layer.used_bytes.value / 1e3:.0f}kB"
+              f"{'':<7}{s.writable_layer.inodes_used.value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyshim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the CRI daemon")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--socket", help="unix socket to serve on (default /run/pyshim/pyshim.sock)")
+    serve.add_argument("--root", help="persistent state (default /var/lib/pyshim)")
+    serve.add_argument("--state-dir", help="runtime state (default /run/pyshim)")
+    serve.add_argument("--log-level", help="debug, info, warning or error")
+    serve.set_defaults(func=cmd_serve)
+
+    sub.add_parser("config", help="print the built-in default configuration as TOML").set_defaults(func=cmd_config)
+
+    image = sub.add_parser("image", help="local image operations (no daemon needed)")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    imp = image_sub.add_parser("import", help="import an OCI image-layout archive into the image store")
+    imp.add_argument("archive")
+    imp.add_argument("--tag", help="name the imported image (when the archive has no ref name)")
+    imp.add_argument("--config")
+    imp.add_argument("--root")
+    imp.set_defaults(func=cmd_image_import)
+
+    def client_command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--endpoint", "-r", help="CRI endpoint (default $PYSHIM_ENDPOINT or unix:///run/pyshim/pyshim.sock)")
+        p.add_argument("--timeout", type=float, default=120, help="seconds per call")
+        p.set_defaults(func=func)
+        return p
+
+    client_command("version", cmd_version, "runtime version")
+    client_command("runp", cmd_runp, "run a pod from a JSON pod config").add_argument("pod_config")
+    p = client_command("create", cmd_create, "create a container in a pod")
+    p.add_argument("pod_id"), p.add_argument("container_config"), p.add_argument("pod_config")
+    p = client_command("run", cmd_run, "run a pod and a container in it")
+    p.add_argument("container_config"), p.add_argument("pod_config")
+    for name, func, help_text in (("start", cmd_start, "start containers"), ("rm", cmd_rm, "remove containers"),
+                                  ("stopp", cmd_stopp, "stop pods"), ("rmp", cmd_rmp, "remove pods")):
+        client_command(name, func, help_text).add_argument("ids", nargs="+")
+    p = client_command("stop", cmd_stop, "stop containers")
+    p.add_argument("ids", nargs="+")
+    p.add_argument("--grace", type=int, default=10, help="seconds before SIGKILL")
+    client_command("pods", cmd_pods, "list pods")
+    client_command("ps", cmd_ps, "list containers").add_argument("-a", "--all", action="store_true")
+    client_command("inspect", cmd_inspect, "container status").add_argument("id")
+    client_command("inspectp", cmd_inspectp, "pod status").add_argument("id")
+    client_command("logs", cmd_logs, "print a container's log").add_argument("id")
+    p = client_command("exec", cmd_exec, "run a command in a container (ExecSync)")
+    p.add_argument("id")
+    p.add_argument("--exec-timeout", type=int, default=0)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    client_command("pull", cmd_pull, "pull an image").add_argument("image")
+    client_command("images", cmd_images, "list images")
+    client_command("rmi", cmd_rmi, "remove images").add_argument("images", nargs="+")
+    client_command("stats", cmd_stats, "container usage")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "cmd", None) and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
+    try:
+        return args.func(args)
+    except grpc.RpcError as e:
+        print(f"pyshim {args.command}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""ExecSync, UpdateContainerResources, ReopenContainerLog; and the streaming calls not built yet."""
+from __future__ import annotations
+
+from cri_api import api_pb2 as cri
+from pyshim.errors import Unimplemented
+from pyshim.server.runtime import Runtime
+
+
+def exec_sync(rt: Runtime, request) -> "cri.ExecSyncResponse":
+    """Run a command in a running container; DEADLINE_EXCEEDED when it outlives `timeout` seconds."""
+    result = rt.containers.exec_sync(request.container_id, list(request.cmd), request.timeout)
+    return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+
+def update_container_resources(rt: Runtime, request) -> "cri.UpdateContainerResourcesResponse":
+    if request.HasField("linux"):
+        rt.containers.update_resources(request.container_id, request.linux)
+    else:
+        rt.containers.get(request.container_id)
+    return cri.UpdateContainerResourcesResponse()
+
+
+def reopen_container_log(rt: Runtime, request) -> "cri.ReopenContainerLogResponse":
+    rt.containers.reopen_log(request.container_id)
+    return cri.ReopenContainerLogResponse()
+
+
+def _streaming_not_built(call: str):
+    def handler(rt: Runtime, request):
+        raise Unimplemented(f"{call} needs pyshim's streaming server, which is not built yet; "
+                            "use ExecSync (crictl exec without -it) meanwhile")
+    return handler
+
+
+exec_ = _streaming_not_built("Exec")
+attach = _streaming_not_built("Attach")
+port_forward = _streaming_not_built("PortForward")

@@ -1,0 +1,38 @@
+"""ContainerStatus and ListContainers."""
+from __future__ import annotations
+
+import json
+
+from cri_api import api_pb2 as cri
+from pyshim.server import convert
+from pyshim.server.runtime import Runtime
+
+
+def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
+    record = rt.containers.get(request.container_id)
+    config = rt.containers.config_of(record)
+    info = {}
+    if request.verbose:
+        info["info"] = json.dumps({
+            "pid": record.pid, "sandboxID": record.sandbox_id, "bundle": record.dir,
+            "cgroupsPath": record.cgroups_path, "imageRef": record.image_ref,
+        })
+    return cri.ContainerStatusResponse(status=convert.container_status(record, config), info=info)
+
+
+def list_containers(rt: Runtime, request) -> "cri.ListContainersResponse":
+    f = request.filter if request.HasField("filter") else None
+    out = []
+    for record in rt.containers.all():
+        if f is not None:
+            if f.id and not record.id.startswith(f.id):
+                continue
+            if f.pod_sandbox_id and not record.sandbox_id.startswith(f.pod_sandbox_id):
+                continue
+            if f.HasField("state") and convert.CONTAINER_STATE[record.state] != f.state.state:
+                continue
+        config = rt.containers.config_of(record)
+        if f is not None and not convert.labels_match(f.label_selector, config.labels):
+            continue
+        out.append(convert.container(record, config))
+    return cri.ListContainersResponse(containers=out)

@@ -1,0 +1,82 @@
+"""ImageService: ListImages, ImageStatus, PullImage, RemoveImage, ImageFsInfo."""
+from __future__ import annotations
+
+import json
+import time
+
+from cri_api import api_pb2 as cri
+from oci.registry import Credentials
+from pyshim.errors import FailedPrecondition, InvalidArgument
+from pyshim.server.runtime import Runtime
+
+
+def _image(record) -> "cri.Image":
+    image = cri.Image(id=record.id, repo_tags=list(record.repo_tags), repo_digests=list(record.repo_digests),
+                      size=record.size, spec=cri.ImageSpec(image=record.id, annotations=dict(record.annotations)))
+    user = record.config.user.split(":", 1)[0]
+    if user.isdigit():
+        image.uid.value = int(user)
+    else:
+        image.username = user
+    return image
+
+
+def list_images(rt: Runtime, request) -> "cri.ListImagesResponse":
+    wanted = request.filter.image.image if request.HasField("filter") else ""
+    if wanted:
+        record = rt.images.get(wanted)
+        return cri.ListImagesResponse(images=[_image(record)] if record else [])
+    return cri.ListImagesResponse(images=[_image(r) for r in rt.images.list()])
+
+
+def image_status(rt: Runtime, request) -> "cri.ImageStatusResponse":
+    """An image that is not present is not an error: the response simply has no image (kubelet pulls then)."""
+    record = rt.images.get(request.image.image)
+    if record is None:
+        return cri.ImageStatusResponse()
+    info = {}
+    if request.verbose:
+        info["info"] = json.dumps({"manifestDigest": record.manifest_digest,
+                                   "layers": [layer.digest for layer in record.layers],
+                                   "config": {"entrypoint": record.config.entrypoint, "cmd": record.config.cmd,
+                                              "env": record.config.env, "workingDir": record.config.working_dir}})
+    return cri.ImageStatusResponse(image=_image(record), info=info)
+
+
+def _credentials(auth) -> Credentials | None:
+    if not any((auth.username, auth.password, auth.auth, auth.identity_token, auth.registry_token)):
+        return None
+    return Credentials(username=auth.username, password=auth.password, auth=auth.auth,
+                       identity_token=auth.identity_token, registry_token=auth.registry_token)
+
+
+def pull_image(rt: Runtime, request) -> "cri.PullImageResponse":
+    name = request.image.image
+    if not name:
+        raise InvalidArgument("PullImage: image name is empty")
+    started = time.monotonic()
+    record = rt.registry.pull(rt.images, name, _credentials(request.auth))
+    rt.log.info("image pulled", extra={"image": name, "id": record.id,
+                                       "seconds": round(time.monotonic() - started, 3)})
+    return cri.PullImageResponse(image_ref=record.id)
+
+
+def remove_image(rt: Runtime, request) -> "cri.RemoveImageResponse":
+    """Remove an image. An absent image is no error (CRI); one used by a container is refused."""
+    record = rt.images.get(request.image.image)
+    if record is None:
+        return cri.RemoveImageResponse()
+    users = rt.containers.image_in_use(record.id)
+    if users:
+        raise FailedPrecondition(f"image {request.image.image} is in use by container(s) {', '.join(u[:13] for u in users)}; "
+                                 "remove them first")
+    rt.images.remove(record.id)
+    return cri.RemoveImageResponse()
+
+
+def image_fs_info(rt: Runtime, request) -> "cri.ImageFsInfoResponse":
+    used, inodes = rt.images.usage()
+    usage = cri.FilesystemUsage(timestamp=time.time_ns(),
+                                fs_id=cri.FilesystemIdentifier(mountpoint=str(rt.images.mountpoint)),
+                                used_bytes=cri.UInt64Value(value=used), inodes_used=cri.UInt64Value(value=inodes))
+    return cri.ImageFsInfoResponse(image_filesystems=[usage])

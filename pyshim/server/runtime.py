@@ -1,0 +1,25 @@
+"""What every CRI handler works with: the managers, the image store and the daemon's settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyshim.config import Config
+from pyshim.internal.container_manager import ContainerManager
+from pyshim.internal.events import EventBus
+from pyshim.internal.sandbox_manager import SandboxManager
+
+RUNTIME_NAME = "pyshim"
+RUNTIME_API_VERSION = "v1"
+
+
+@dataclass
+class Runtime:
+    config: Config
+    sandboxes: SandboxManager
+    containers: ContainerManager
+    images: object  # oci.store.ImageStore
+    registry: object  # oci.registry.RegistryClient
+    events: EventBus
+    runc_version: str
+    conmon_version: str
+    log: object  # logging.Logger of the daemon

@@ -1,0 +1,39 @@
+"""Version, Status, RuntimeConfig, UpdateRuntimeConfig."""
+from __future__ import annotations
+
+import json
+
+from cri_api import api_pb2 as cri
+from pyshim import __version__
+from pyshim.server.runtime import RUNTIME_API_VERSION, RUNTIME_NAME, Runtime
+
+
+def version(rt: Runtime, request) -> "cri.VersionResponse":
+    return cri.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME, runtime_version=__version__,
+                               runtime_api_version=RUNTIME_API_VERSION)
+
+
+def status(rt: Runtime, request) -> "cri.StatusResponse":
+    runtime_ready = cri.RuntimeCondition(type="RuntimeReady", status=True)
+    net_ok, net_reason = rt.sandboxes.network_ready()
+    network_ready = cri.RuntimeCondition(
+        type="NetworkReady", status=net_ok,
+        reason="" if net_ok else "NetworkPluginNotReady", message="" if net_ok else net_reason)
+    info = {}
+    if request.verbose:
+        info["config"] = json.dumps({
+            "socket": rt.config.socket, "root": rt.config.root, "stateDir": rt.config.state_dir,
+            "runc": rt.runc_version, "conmon": rt.conmon_version, "cgroupDriver": "cgroupfs",
+            "network": {"name": rt.config.network.name, "subnet": rt.config.network.subnet},
+        })
+    return cri.StatusResponse(status=cri.RuntimeStatus(conditions=[runtime_ready, network_ready]), info=info)
+
+
+def runtime_config(rt: Runtime, request) -> "cri.RuntimeConfigResponse":
+    # There is no systemd on these nodes: kubelet must use the cgroupfs driver too.
+    return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(cgroup_driver=cri.CGROUPFS))
+
+
+def update_runtime_config(rt: Runtime, request) -> "cri.UpdateRuntimeConfigResponse":
+    # The pod CIDR kubelet sends is informational for us: the embedded network has its own subnet.
+    return cri.UpdateRuntimeConfigResponse()

@@ -1,0 +1,110 @@
+"""Binds the CRI handlers to the generated gRPC services, and turns exceptions into gRPC statuses.
+
+This is the only place that knows about gRPC contexts: handlers take (runtime, request) and return a
+response or raise a pyshim.errors.CRIError (or an oci error), which becomes the status a client sees.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import grpc
+
+from cri_api import api_pb2_grpc
+from oci import errors as oci_errors
+from oci.runtime_spec import SpecInputError
+from pyshim.errors import CRIError
+from pyshim.server import (container_events, container_lifecycle, container_ops, container_status, images,
+                           pod_sandbox, runtime_info, stats)
+from pyshim.server.runtime import Runtime
+
+log = logging.getLogger("pyshim.cri")
+
+_OCI_ERROR_CODES = (
+    (oci_errors.ImageNotFound, grpc.StatusCode.NOT_FOUND),
+    (oci_errors.InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
+    (oci_errors.RegistryError, grpc.StatusCode.UNAVAILABLE),
+    (oci_errors.ImageError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, CRIError):
+        return error.code, error.message
+    if isinstance(error, SpecInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    for error_type, code in _OCI_ERROR_CODES:
+        if isinstance(error, error_type):
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+
+
+def unary(handler):
+    """A unary CRI method from a handler(runtime, request)."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    def method(self, request, context):
+        started = time.monotonic()
+        try:
+            response = handler(self.runtime, request)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the client as a status
+            code, message = status_of(e)
+            level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+            log.log(level, "CRI call failed", exc_info=code == grpc.StatusCode.INTERNAL,
+                    extra={"call": name, "code": code.name, "error": message})
+            context.abort(code, message)
+        log.debug("CRI call", extra={"call": name, "ms": round((time.monotonic() - started) * 1000, 2)})
+        return response
+
+    return method
+
+
+class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    Version = unary(runtime_info.version)
+    Status = unary(runtime_info.status)
+    RuntimeConfig = unary(runtime_info.runtime_config)
+    UpdateRuntimeConfig = unary(runtime_info.update_runtime_config)
+
+    RunPodSandbox = unary(pod_sandbox.run_pod_sandbox)
+    StopPodSandbox = unary(pod_sandbox.stop_pod_sandbox)
+    RemovePodSandbox = unary(pod_sandbox.remove_pod_sandbox)
+    PodSandboxStatus = unary(pod_sandbox.pod_sandbox_status)
+    ListPodSandbox = unary(pod_sandbox.list_pod_sandbox)
+
+    CreateContainer = unary(container_lifecycle.create_container)
+    StartContainer = unary(container_lifecycle.start_container)
+    StopContainer = unary(container_lifecycle.stop_container)
+    RemoveContainer = unary(container_lifecycle.remove_container)
+    ContainerStatus = unary(container_status.container_status)
+    ListContainers = unary(container_status.list_containers)
+
+    ExecSync = unary(container_ops.exec_sync)
+    UpdateContainerResources = unary(container_ops.update_container_resources)
+    ReopenContainerLog = unary(container_ops.reopen_container_log)
+    Exec = unary(container_ops.exec_)
+    Attach = unary(container_ops.attach)
+    PortForward = unary(container_ops.port_forward)
+
+    ContainerStats = unary(stats.container_stats)
+    ListContainerStats = unary(stats.list_container_stats)
+    PodSandboxStats = unary(stats.pod_sandbox_stats)
+    ListPodSandboxStats = unary(stats.list_pod_sandbox_stats)
+
+    def GetContainerEvents(self, request, context):
+        yield from container_events.get_container_events(self.runtime, request, context.is_active)
+
+
+class ImageService(api_pb2_grpc.ImageServiceServicer):
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    ListImages = unary(images.list_images)
+    ImageStatus = unary(images.image_status)
+    PullImage = unary(images.pull_image)
+    RemoveImage = unary(images.remove_image)
+    ImageFsInfo = unary(images.image_fs_info)
