@@ -1,0 +1,35 @@
+# The two commands a newcomer needs (both install what they need first, and are safe to repeat):
+#   make run    - the daemon on /run/pyshim/pyshim.sock with the built-in configuration
+#   make test   - unit and integration tests against a real daemon, runc, conmon, CNI and registry
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test unit bench deps install clean
+
+deps:
+	bash scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml setup.py cri_api/api.proto
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: deps $(STAMP)
+
+run: install
+	$(VENV)/bin/pyshim serve $(ARGS)
+
+test: install
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(PY) -m pytest -ra --ignore=integration $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m bench.lifecycle
+
+clean:
+	rm -rf $(VENV) build *.egg-info cri_api/*_pb2*.py cri_api/*_pb2.pyi

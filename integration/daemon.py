@@ -1,0 +1,133 @@
+"""Start a real pyshim daemon on a temporary socket and root, as the tests and benchmarks need."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyshim.client import Client
+
+
+@dataclass
+class DaemonSettings:
+    base: Path
+    bridge: str
+    subnet: str
+    netns_prefix: str
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "pyshim.sock"
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base / "state"
+
+    @property
+    def config_file(self) -> Path:
+        return self.base / "pyshim.toml"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"/{self.netns_prefix.rstrip('-')}"
+
+    def write_config(self) -> None:
+        self.config_file.write_text(
+            f'cgroup_parent = "{self.cgroup_parent}"\n\n'
+            f'[network]\nname = "{self.netns_prefix}net"\nbridge = "{self.bridge}"\n'
+            f'subnet = "{self.subnet}"\nnetns_prefix = "{self.netns_prefix}"\n')
+
+
+class Daemon:
+    """A `pyshim serve` process; its stderr (JSON logs) goes to a file beside its root."""
+
+    def __init__(self, settings: DaemonSettings):
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self.log_path = settings.base / "daemon.log"
+
+    def start(self, timeout: float = 30) -> None:
+        s = self.settings
+        s.base.mkdir(parents=True, exist_ok=True)
+        s.write_config()
+        cmd = [sys.executable, "-m", "pyshim", "serve", "--config", str(s.config_file), "--socket", str(s.socket),
+               "--root", str(s.root), "--state-dir", str(s.state_dir), "--log-level", "debug"]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"pyshim exited with {self.process.returncode}:\n{self.log_tail()}")
+            if s.socket.exists():
+                try:
+                    with self.client(timeout=2) as c:
+                        c.version()
+                    return
+                except Exception:  # noqa: BLE001 - not serving yet
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"pyshim did not serve within {timeout}s:\n{self.log_tail()}")
+
+    def client(self, timeout: float = 120) -> Client:
+        return Client(f"unix://{self.settings.socket}", timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no daemon log)"
+
+    @property
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+
+def leftovers(settings: DaemonSettings) -> list[str]:
+    """What a daemon has left on the machine: mounts under its dirs, runc containers, netns, conmon processes."""
+    found = []
+    base = str(settings.base)
+    with open("/proc/mounts") as f:
+        found += [f"mount {line.split()[1]}" for line in f if line.split()[1].startswith(base)]
+    netns_dir = Path("/run/netns")
+    if netns_dir.is_dir():
+        found += [f"netns {p.name}" for p in netns_dir.iterdir() if p.name.startswith(settings.netns_prefix)]
+    runc_root = settings.state_dir / "runc"
+    if runc_root.is_dir():
+        out = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"], capture_output=True, text=True).stdout
+        found += [f"runc container {line}" for line in out.split()]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"conmon") and any(base.encode() in a for a in cmdline):
+            found.append(f"conmon process {proc.name}")
+    return found

@@ -1,0 +1,204 @@
+"""Pods and containers driven over the CRI socket, as kubelet and crictl drive them."""
+from __future__ import annotations
+
+import ipaddress
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri_api import api_pb2 as cri
+from integration.conftest import container_config, pod_config
+from pyshim.internal.cri_log import read_log
+
+
+def wait_for_state(client, container_id, state, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.status(container_id).status
+        if status.state == state:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"container {container_id} not in state {state} after {timeout}s: {status}")
+
+
+def run_container(client, image, command, pod=None, **kwargs):
+    pod = pod or pod_config()
+    pod_id = client.run_pod(pod)
+    cid = client.create(pod_id, container_config(image, command, **kwargs), pod)
+    client.start(cid)
+    return pod, pod_id, cid
+
+
+def cleanup(client, pod_id):
+    client.stop_pod(pod_id)
+    client.remove_pod(pod_id)
+
+
+def test_version_and_status(client):
+    v = client.version()
+    assert v.runtime_name == "pyshim" and v.runtime_api_version == "v1"
+    conditions = {c.type: c for c in client.runtime.Status(cri.StatusRequest()).status.conditions}
+    assert conditions["RuntimeReady"].status
+    assert conditions["NetworkReady"].status, conditions["NetworkReady"].message
+
+
+def test_pod_gets_an_ip_in_the_daemon_subnet(client, daemon):
+    pod = pod_config(hostname="web-1")
+    pod_id = client.run_pod(pod)
+    try:
+        status = client.pod_status(pod_id).status
+        assert status.state == cri.SANDBOX_READY
+        assert ipaddress.ip_address(status.network.ip) in ipaddress.ip_network(daemon.settings.subnet)
+        assert status.metadata.name == pod.metadata.name
+        items = client.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items
+        assert [p.id for p in items] == [pod_id]
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_container_runs_logs_and_reports_exit_code(client, pulled_busybox):
+    pod, pod_id, cid = run_container(client, pulled_busybox,
+                                     ["sh", "-c", "echo out-line; echo err-line >&2; hostname; exit 3"])
+    try:
+        status = wait_for_state(client, cid, cri.CONTAINER_EXITED)
+        assert status.exit_code == 3
+        assert status.reason == "Error"
+        assert status.started_at > 0 and status.finished_at >= status.started_at
+        entries = list(read_log(Path(status.log_path)))
+        assert ("stdout", "out-line\n") in [(e.stream, e.text) for e in entries]
+        assert ("stderr", "err-line\n") in [(e.stream, e.text) for e in entries]
+        assert ("stdout", f"{pod.hostname}\n") in [(e.stream, e.text) for e in entries]
+        assert status.log_path == str(Path(pod.log_directory) / "main/0.log")
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_exec_sync_and_stop_with_sigterm(client, pulled_busybox):
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.1; done"])
+    try:
+        assert client.status(cid).status.state == cri.CONTAINER_RUNNING
+        result = client.exec_sync(cid, ["sh", "-c", "echo from-exec; echo oops >&2; exit 7"])
+        assert (result.stdout, result.stderr, result.exit_code) == (b"from-exec\n", b"oops\n", 7)
+        client.stop(cid, timeout=10)
+        status = client.status(cid).status
+        assert status.state == cri.CONTAINER_EXITED and status.exit_code == 0
+        client.stop(cid, timeout=10)  # stopping a stopped container succeeds
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_stop_kills_after_timeout_when_sigterm_is_ignored(client, pulled_busybox):
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
+    try:
+        started = time.monotonic()
+        client.stop(cid, timeout=1)
+        assert time.monotonic() - started >= 1
+        status = client.status(cid).status
+        assert status.state == cri.CONTAINER_EXITED and status.exit_code == 137
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_exec_sync_timeout_is_deadline_exceeded(client, pulled_busybox):
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sleep", "300"])
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.exec_sync(cid, ["sleep", "30"], timeout=1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_remove_is_idempotent_and_unknown_ids_are_not_found(client, pulled_busybox):
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sleep", "300"])
+    client.remove(cid)
+    client.remove(cid)
+    with pytest.raises(grpc.RpcError) as err:
+        client.status(cid)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    cleanup(client, pod_id)
+    cleanup(client, pod_id)  # stopping and removing a removed pod succeed
+    with pytest.raises(grpc.RpcError) as err:
+        client.pod_status(pod_id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def test_bad_requests_get_clear_errors_and_leave_nothing(client, pulled_busybox):
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    try:
+        code, details = _code_of(lambda: client.create(pod_id, container_config("127.0.0.1:1/none:latest", ["true"]), pod))
+        assert code == grpc.StatusCode.NOT_FOUND and "127.0.0.1:1/none:latest" in details
+
+        nameless = container_config(pulled_busybox, ["true"], name="")
+        assert _code_of(lambda: client.create(pod_id, nameless, pod))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+        relative = container_config(pulled_busybox, ["true"],
+                                    mounts=[cri.Mount(container_path="data", host_path="/tmp")])
+        assert _code_of(lambda: client.create(pod_id, relative, pod))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+        good = container_config(pulled_busybox, ["sleep", "300"])
+        cid = client.create(pod_id, good, pod)
+        assert _code_of(lambda: client.create(pod_id, good, pod))[0] == grpc.StatusCode.ALREADY_EXISTS
+        client.remove(cid)
+
+        assert _code_of(lambda: client.start("0" * 64))[0] == grpc.StatusCode.NOT_FOUND
+        assert _code_of(lambda: client.create("f" * 64, good, pod))[0] == grpc.StatusCode.NOT_FOUND
+        assert _code_of(lambda: client.run_pod(pod))[0] == grpc.StatusCode.ALREADY_EXISTS
+        bad_sysctl = pod_config(linux=cri.LinuxPodSandboxConfig(sysctls={"vm.swappiness": "10"}))
+        assert _code_of(lambda: client.run_pod(bad_sysctl))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        nameless_pod = pod_config(name="")
+        assert _code_of(lambda: client.run_pod(nameless_pod))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        containers = client.runtime.ListContainers(cri.ListContainersRequest()).containers
+        assert containers == []
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_two_pods_reach_each_other(client, pulled_busybox):
+    server_pod, server_pod_id, server = run_container(client, pulled_busybox,
+                                                      ["sh", "-c", "while true; do echo pong | nc -l -p 8080; done"])
+    client_pod = pod_config()
+    client_pod_id = client.run_pod(client_pod)
+    try:
+        cid = client.create(client_pod_id, container_config(pulled_busybox, ["sleep", "300"]), client_pod)
+        client.start(cid)
+        ip = client.pod_status(server_pod_id).status.network.ip
+        for _ in range(50):
+            result = client.exec_sync(cid, ["sh", "-c", f"echo ping | nc -w 2 {ip} 8080"], timeout=10)
+            if result.stdout == b"pong\n":
+                break
+            time.sleep(0.1)
+        assert result.stdout == b"pong\n", result
+    finally:
+        cleanup(client, client_pod_id)
+        cleanup(client, server_pod_id)
+
+
+def test_list_filters(client, pulled_busybox):
+    pod_a, pod_a_id, ca = run_container(client, pulled_busybox, ["sleep", "300"],
+                                        labels={"app": "a"})
+    pod_b, pod_b_id, cb = run_container(client, pulled_busybox, ["true"], labels={"app": "b"})
+    try:
+        wait_for_state(client, cb, cri.CONTAINER_EXITED)
+        by_label = client.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(label_selector={"app": "a"}))).containers
+        assert [c.id for c in by_label] == [ca]
+        running = client.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(state=cri.ContainerStateValue(state=cri.CONTAINER_RUNNING)))).containers
+        assert [c.id for c in running] == [ca]
+        in_pod_b = client.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(pod_sandbox_id=pod_b_id))).containers
+        assert [c.id for c in in_pod_b] == [cb]
+        assert by_label[0].labels["app"] == "a"
+    finally:
+        cleanup(client, pod_a_id)
+        cleanup(client, pod_b_id)
