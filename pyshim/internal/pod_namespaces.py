@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pyshim.errors import AlreadyExists, Internal, InvalidArgument
+from pyshim.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
 from pyshim.internal.netns import is_ns_pin, unmount_ns_pin
 from pyshim.internal.pod_files import validate_hostname
 
@@ -155,6 +155,16 @@ def load_pid_infra(pin_dir: Path) -> InfraProcess | None:
 
 def pid_infra_alive(pin_dir: Path) -> bool:
     return load_pid_infra(pin_dir) is not None
+
+
+def pid_infra_ns_path(pin_dir: Path) -> Path:
+    """The PID namespace a container of the pod joins; FailedPrecondition if it died."""
+    infra = load_pid_infra(pin_dir)
+    if infra is None:
+        raise FailedPrecondition(
+            f"the pod's PID namespace is gone: no live pid infra process recorded in {pin_dir}"
+        )
+    return infra.ns_path
 
 
 def stop_pid_infra(pin_dir: Path) -> None:

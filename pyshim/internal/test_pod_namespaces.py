@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pyshim.errors import AlreadyExists, InvalidArgument
+from pyshim.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from pyshim.internal import pod_namespaces as pn
 from pyshim.internal.netns import is_ns_pin
 
@@ -88,6 +88,7 @@ def test_pid_infra_is_pid_1_of_its_own_namespace_in_its_own_session(pin_dir):
     assert [l for l in status.splitlines() if l.startswith("NSpid:")][0].split()[1:] == [str(infra.pid), "1"]
     assert os.getsid(infra.pid) != os.getsid(0), "must survive the daemon's session"
     assert pn.load_pid_infra(pin_dir) == infra
+    assert pn.pid_infra_ns_path(pin_dir) == Path(f"/proc/{infra.pid}/ns/pid")
 
 
 def test_pid_infra_reaps_orphans_in_its_namespace(pin_dir):
@@ -116,6 +117,8 @@ def test_stop_pid_infra_kills_namespace_and_is_idempotent(pin_dir):
             member.wait()
     assert not pn.pid_infra_alive(pin_dir)
     assert not (pin_dir / pn.PID_INFRA_RECORD).exists()
+    with pytest.raises(FailedPrecondition, match="PID namespace is gone"):
+        pn.pid_infra_ns_path(pin_dir)
     pn.stop_pid_infra(pin_dir)
 
 
