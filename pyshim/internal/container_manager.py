@@ -25,6 +25,7 @@ from pyshim.internal import cgroups, mounts
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
 from pyshim.internal.runc import ExecResult, Runc
+from pyshim.internal.sysctls import normalize_sysctl_name
 from pyshim.internal.state import (ContainerRecord, ContainerState, RecordStore, SandboxRecord,
                                    decode_config, encode_config)
 
@@ -210,7 +211,8 @@ class ContainerManager:
         return record
 
     def _build_spec(self, record, sandbox: SandboxContext, config, image) -> dict:
-        sysctls = dict(sandbox.config.linux.sysctls)
+        # The pod's sysctls were validated at RunPodSandbox; runc wants them dot-separated.
+        sysctls = {normalize_sysctl_name(k): v for k, v in sandbox.config.linux.sysctls.items()}
         inp = ContainerSpecInput(
             container_id=record.id, rootfs=str(record.rootfs), config=config,
             sandbox_config=sandbox.config, image_config=image.config,
