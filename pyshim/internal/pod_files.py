@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 

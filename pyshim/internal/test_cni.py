@@ -1,6 +1,5 @@
 """CNI chain semantics, checked with scripted fake plugins that log every call."""
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
