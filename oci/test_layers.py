@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ TAR = "application/vnd.oci.image.layer.v1.tar"
 TAR_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 MTIME = 1_600_000_000
+
+
+@pytest.fixture
+def tmp_path():
+    """Replaces pytest's tmp_path, which keeps the last runs' directories: tests leave nothing."""
+    with tempfile.TemporaryDirectory(prefix="pyshim-oci-test-") as d:
+        yield Path(d)
 
 
 def entry(name, kind=tarfile.REGTYPE, data=b"", mode=0o644, uid=0, gid=0, linkname="",

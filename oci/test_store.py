@@ -3,6 +3,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from oci.errors import DigestMismatch, ImageError, ImageNotFound, InvalidReferen
 from oci.store import ImageStore
 
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+
+
+@pytest.fixture
+def tmp_path():
+    """Replaces pytest's tmp_path, which keeps the last runs' directories: tests leave nothing."""
+    with tempfile.TemporaryDirectory(prefix="pyshim-oci-test-") as d:
+        yield Path(d)
 
 
 def layer_tar(files: dict[str, bytes]) -> bytes:

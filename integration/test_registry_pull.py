@@ -1,0 +1,228 @@
+"""Pull and push against a real docker-registry, and OCI layout import.
+
+Needs /usr/bin/docker-registry and /bin/busybox (busybox-static); no pyshim daemon.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import oci.registry
+from integration.registry_server import REGISTRY_BINARY, RegistryServer
+from integration.testimage import BUSYBOX, build_busybox_layout, push_busybox
+from oci.digest import digest_of
+from oci.errors import DigestMismatch, ImageNotFound, RegistryError
+from oci.layout import archive_layout, import_oci_archive, write_oci_layout
+from oci.registry import Credentials, RegistryClient
+from oci.store import ImageStore
+
+pytestmark = pytest.mark.skipif(
+    not (os.access(REGISTRY_BINARY, os.X_OK) and BUSYBOX.is_file()),
+    reason="needs docker-registry and busybox-static")
+
+
+@pytest.fixture(scope="module")
+def registry_server():
+    with RegistryServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pushed(registry_server):
+    """The busybox image built locally, in its own store, and pushed as busybox:latest."""
+    with tempfile.TemporaryDirectory(prefix="pyshim-oci-pushed-") as tmp:
+        work = Path(tmp)
+        ref = f"{registry_server.address}/busybox:latest"
+        source = ImageStore(work / "store")
+        [image] = import_oci_archive(source, build_busybox_layout(work / "layout", ref))
+        digest = RegistryClient().push(source, image, ref)
+        yield ref, digest, source, image
+
+
+@pytest.fixture
+def tmp_path():
+    """Replaces pytest's tmp_path, which keeps the last runs' directories: tests leave nothing."""
+    with tempfile.TemporaryDirectory(prefix="pyshim-oci-test-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ImageStore(tmp_path / "store")
+
+
+def test_pull_gets_what_was_pushed(pushed, store):
+    ref, pushed_digest, source, local = pushed
+    image = RegistryClient().pull(store, ref)
+
+    assert image.id == local.id
+    assert image.manifest_digest == pushed_digest == local.manifest_digest
+    assert image.repo_tags == [ref]
+    assert image.repo_digests == [f"{ref.rsplit(':', 1)[0]}@{pushed_digest}"]
+    assert [layer.digest for layer in image.layers] == [layer.digest for layer in local.layers]
+    assert image.config.cmd == ["sh"] and any(e.startswith("PATH=") for e in image.config.env)
+    for layer in image.layers:
+        assert digest_of(store.blob_path(layer.digest).read_bytes()) == layer.digest
+    assert store.get("sha256:" + image.id[7:19]) == image
+
+
+def test_pulled_layers_unpack_into_a_runnable_tree(pushed, store):
+    image = RegistryClient().pull(store, pushed[0])
+    busybox_dir, base_dir = store.layer_paths(image)
+    assert os.readlink(busybox_dir / "bin/sh") == "/bin/busybox"
+    assert os.readlink(busybox_dir / "bin/sleep") == "/bin/busybox"
+    assert (busybox_dir / "bin/busybox").read_bytes() == BUSYBOX.read_bytes()
+    assert os.stat(busybox_dir / "bin/busybox").st_mode & 0o111
+    assert (base_dir / "etc/passwd").read_text().startswith("root:x:0:0:")
+    assert "nobody" in (base_dir / "etc/group").read_text()
+    assert stat.S_IMODE(os.lstat(base_dir / "tmp").st_mode) == 0o1777
+
+
+def test_pull_by_digest_and_repull_skips_stored_blobs(pushed, store):
+    ref, digest, _, _ = pushed
+    by_tag = RegistryClient().pull(store, ref)
+    inodes = {d: store.blob_path(d).stat().st_ino for d in by_tag.blob_digests()}
+
+    name = ref.rsplit(":", 1)[0]
+    by_digest = RegistryClient().pull(store, f"{name}@{digest}")
+    assert by_digest.id == by_tag.id
+    assert by_digest.repo_tags == [ref]
+    assert {d: store.blob_path(d).stat().st_ino for d in by_tag.blob_digests()} == inodes
+    assert store.get(f"{name}@{digest}") == by_digest
+
+
+def test_missing_tag_and_repository_raise_image_not_found(registry_server, pushed, store):
+    missing_tag = f"{registry_server.address}/busybox:no-such-tag"
+    with pytest.raises(ImageNotFound) as info:
+        RegistryClient().pull(store, missing_tag)
+    assert missing_tag in str(info.value)
+    assert registry_server.address in str(info.value)
+
+    missing_repo = f"{registry_server.address}/nobody/here:1"
+    with pytest.raises(ImageNotFound, match="nobody/here"):
+        RegistryClient().pull(store, missing_repo)
+    assert store.list() == []
+    assert [p for p in (store.root / "blobs").rglob("*") if p.is_file()] == []
+
+
+def test_unreachable_registry_error_names_registry_and_step(store):
+    with RegistryServer() as server:
+        address = server.address
+    with pytest.raises(RegistryError) as info:
+        RegistryClient(timeout=5).pull(store, f"{address}/busybox:latest")
+    err = info.value
+    assert err.registry == address and err.repository == "busybox"
+    assert "manifest" in err.step and address in str(err)
+
+
+def test_pull_resolves_an_index_to_linux_amd64(registry_server, pushed, store, tmp_path):
+    _, _, source, amd64 = pushed
+    layout = tmp_path / "arm"
+    fake_layer = tmp_path / "arm.tar"
+    fake_layer.write_bytes(b"\0" * 1024)  # an empty tar: two zero blocks
+    write_oci_layout(layout, [fake_layer], {"architecture": "arm64", "os": "linux"}, "arm:1")
+    [arm64] = import_oci_archive(source, layout)
+
+    repo = f"{registry_server.address}/multi"
+    client = RegistryClient()
+    for image in (arm64, amd64):
+        client.push(source, image, f"{repo}@{image.manifest_digest}")
+    index = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "annotations": {"org.example.index": "yes", "org.example.both": "index"},
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": img.manifest_digest, "size": len(source.manifest_bytes(img)),
+             "platform": {"os": "linux", "architecture": arch},
+             "annotations": {"org.example.arch": arch}}
+            for img, arch in ((arm64, "arm64"), (amd64, "amd64"))]}).encode()
+    _put_manifest(registry_server.address, "multi", "latest", index,
+                  "application/vnd.oci.image.index.v1+json")
+
+    image = client.pull(store, f"{repo}:latest")
+    assert image.id == amd64.id
+    assert image.manifest_digest == amd64.manifest_digest
+    assert image.repo_digests == [f"{repo}@{digest_of(index)}"]
+    assert image.annotations["org.example.index"] == "yes"
+    assert image.annotations["org.example.arch"] == "amd64"
+    assert not store.has_blob(arm64.config_digest)
+
+
+def _put_manifest(address: str, repo: str, ref: str, body: bytes, media_type: str) -> None:
+    conn = http.client.HTTPConnection(address, timeout=10)
+    try:
+        conn.request("PUT", f"/v2/{repo}/manifests/{ref}", body=body,
+                     headers={"Content-Type": media_type})
+        resp = conn.getresponse()
+        assert resp.status == 201, resp.read()
+    finally:
+        conn.close()
+
+
+def test_second_push_uploads_nothing_new(registry_server, pushed, monkeypatch):
+    ref, digest, source, image = pushed
+    uploads = []
+    real_upload = oci.registry._Session.upload_blob
+
+    def counting_upload(self, store, descriptor):
+        uploads.append(descriptor.digest)
+        return real_upload(self, store, descriptor)
+
+    monkeypatch.setattr(oci.registry._Session, "upload_blob", counting_upload)
+    assert RegistryClient().push(source, image, f"{registry_server.address}/busybox:again") == digest
+    assert uploads == []
+    RegistryClient().push(source, image, f"{registry_server.address}/elsewhere/busybox:1")
+    assert sorted(uploads) == sorted(d for d in image.blob_digests() if d != image.manifest_digest)
+
+
+def test_push_busybox_helper_returns_a_pullable_reference(registry_server, store):
+    ref = push_busybox(registry_server.address, repo="helper/busybox", tag="v1")
+    assert ref == f"{registry_server.address}/helper/busybox:v1"
+    assert RegistryClient().pull(store, ref).repo_tags == [ref]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_layout_archive_import(pushed, store, tmp_path, compress):
+    _, _, _, pushed_image = pushed
+    layout = build_busybox_layout(tmp_path / "layout", "example.com/tools/busybox:1.0")
+    archive = archive_layout(layout, tmp_path / ("bb.tar.gz" if compress else "bb.tar"), compress)
+
+    [image] = import_oci_archive(store, archive)
+    assert image.repo_tags == ["example.com/tools/busybox:1.0"]
+    assert image.repo_digests == []
+    assert image.config == pushed_image.config
+    assert image.annotations["org.opencontainers.image.ref.name"] == "example.com/tools/busybox:1.0"
+    assert os.readlink(store.layer_paths(image)[0] / "bin/sh") == "/bin/busybox"
+
+
+def test_layout_directory_import_with_explicit_tag_and_no_orphans(store, tmp_path):
+    layout = build_busybox_layout(tmp_path / "layout", "latest")  # bare ref.name: no repository
+    stray = b"a blob nobody references"
+    (layout / "blobs/sha256" / digest_of(stray)[7:]).write_bytes(stray)
+
+    [untagged] = import_oci_archive(store, layout)
+    assert untagged.repo_tags == []
+    [tagged] = import_oci_archive(store, layout, tag="mine/busybox:dev")
+    assert tagged.id == untagged.id and tagged.repo_tags == ["docker.io/mine/busybox:dev"]
+    assert not store.has_blob(digest_of(stray))
+    stored = {p.name for p in (store.root / "blobs/sha256").iterdir()}
+    assert stored == {d[7:] for d in tagged.blob_digests()}
+
+
+def test_layout_import_rejects_tampered_blobs(store, tmp_path):
+    layout = build_busybox_layout(tmp_path / "layout")
+    manifest_desc = json.loads((layout / "index.json").read_text())["manifests"][0]
+    manifest = json.loads((layout / "blobs/sha256" / manifest_desc["digest"][7:]).read_text())
+    victim = layout / "blobs/sha256" / manifest["layers"][1]["digest"][7:]
+    victim.write_bytes(victim.read_bytes()[:-1] + b"X")
+    with pytest.raises(DigestMismatch):
+        import_oci_archive(store, layout)
+    assert store.list() == []
+    assert [p for p in (store.root / "blobs").rglob("*") if p.is_file()] == []

@@ -1,0 +1,122 @@
+"""A small, real, runnable test image built from the host's static busybox; no network needed.
+
+Two layers on purpose (busybox + applet symlinks gzip-compressed, /etc and /tmp as a plain
+tar), so pulls exercise layer stacking and both compression paths. Timestamps are fixed, so
+the same busybox binary always yields the same digests.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import platform
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from oci.layout import import_oci_archive, write_oci_layout
+from oci.registry import Credentials, RegistryClient
+from oci.store import ImageStore
+
+BUSYBOX = Path("/bin/busybox")
+FIXED_MTIME = 1_700_000_000  # any constant: reproducible digests
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+GROUP = "root:x:0:\nnobody:x:65534:\n"
+# What a container needs even if `busybox --list-full` were unavailable.
+ESSENTIAL_APPLETS = ["bin/sh", "bin/sleep", "bin/cat", "bin/echo", "bin/ls", "bin/ps", "usr/bin/top",
+                     "usr/bin/env", "usr/bin/id", "bin/hostname", "usr/bin/wc", "bin/mkdir", "bin/rm",
+                     "bin/touch", "bin/true", "bin/false", "usr/bin/nc", "usr/bin/wget", "bin/date",
+                     "bin/dd", "usr/bin/head", "usr/bin/tail", "bin/grep", "bin/sed", "bin/kill",
+                     "usr/bin/flock", "bin/mount", "bin/stat"]
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+def busybox_applet_paths() -> list[str]:
+    """Applet install paths (e.g. "bin/sh", "usr/bin/wget") as this busybox lays them out."""
+    try:
+        out = subprocess.run([str(BUSYBOX), "--list-full"], check=True, capture_output=True,
+                             text=True).stdout
+        paths = {p.strip().lstrip("/") for p in out.splitlines() if p.strip()}
+    except (OSError, subprocess.CalledProcessError):
+        paths = set()
+    paths |= set(ESSENTIAL_APPLETS)
+    paths.discard("bin/busybox")
+    return sorted(paths)
+
+
+def _dir(name: str, mode: int = 0o755) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, FIXED_MTIME
+    return info
+
+
+def _file(name: str, data: bytes, mode: int = 0o644) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, FIXED_MTIME
+    return info, io.BytesIO(data)
+
+
+def _symlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, FIXED_MTIME
+    return info
+
+
+def _write_busybox_layer(path: Path) -> None:
+    applets = busybox_applet_paths()
+    dirs = sorted({str(Path(p).parent) for p in applets} | {"bin"})
+    # gzip mtime=0 so the compressed blob (and so the manifest) is reproducible too.
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d in dirs:
+            tar.addfile(_dir(d))
+        tar.addfile(*_file("bin/busybox", BUSYBOX.read_bytes(), 0o755))
+        for applet in applets:
+            tar.addfile(_symlink(applet, "/bin/busybox"))
+
+
+def _write_base_files_layer(path: Path) -> None:
+    with tarfile.open(path, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d, mode in [("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("home", 0o755),
+                        ("var", 0o755), ("proc", 0o555), ("sys", 0o555), ("dev", 0o755)]:
+            tar.addfile(_dir(d, mode))
+        tar.addfile(*_file("etc/passwd", PASSWD.encode()))
+        tar.addfile(*_file("etc/group", GROUP.encode()))
+
+
+def busybox_config() -> dict:
+    return {
+        "architecture": _GOARCH.get(platform.machine(), "amd64"),
+        "os": "linux",
+        "created": "2023-11-14T22:13:20Z",
+        "config": {"Cmd": ["sh"], "Env": [PATH_ENV]},
+        "history": [{"created_by": "pyshim testimage: busybox and applet symlinks"},
+                    {"created_by": "pyshim testimage: /etc/passwd, /etc/group, /tmp"}],
+    }
+
+
+def build_busybox_layout(dest_dir: Path, ref_name: str = "busybox:latest") -> Path:
+    """Write an OCI image layout for the busybox test image into dest_dir; returns dest_dir."""
+    if not BUSYBOX.is_file():
+        raise RuntimeError(f"{BUSYBOX} is missing (Debian package busybox-static)")
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pyshim-busybox-layers-") as tmp:
+        busybox_layer, base_layer = Path(tmp) / "busybox.tar.gz", Path(tmp) / "base.tar"
+        _write_busybox_layer(busybox_layer)
+        _write_base_files_layer(base_layer)
+        write_oci_layout(dest_dir, [busybox_layer, base_layer], busybox_config(), ref_name)
+    return dest_dir
+
+
+def push_busybox(registry_address: str, repo: str = "busybox", tag: str = "latest",
+                 auth: Credentials | None = None) -> str:
+    """Build the busybox image and push it to registry_address/repo:tag; returns that reference."""
+    ref = f"{registry_address}/{repo}:{tag}"
+    with tempfile.TemporaryDirectory(prefix="pyshim-busybox-push-") as tmp:
+        layout = build_busybox_layout(Path(tmp) / "layout", ref)
+        store = ImageStore(Path(tmp) / "store")
+        [image] = import_oci_archive(store, layout)
+        RegistryClient().push(store, image, ref, auth=auth)
+    return ref
