@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match
-from referencing import Registry, Resource
+from referencing import Registry
 from referencing.jsonschema import DRAFT4
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
