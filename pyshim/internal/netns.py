@@ -12,10 +12,10 @@ import ctypes.util
 import errno
 import os
 import re
+import threading
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
 
 from pyshim.errors import AlreadyExists, Internal, InvalidArgument
 
@@ -24,9 +24,14 @@ NETNS_DIR = Path("/run/netns")
 # umount2(2) flag: detach now, let the kernel drop the mount once nothing uses it,
 # so removal never fails with EBUSY because some process still has the file open.
 MNT_DETACH = 2
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MS_REC = 16384
+MS_SHARED = 1 << 20
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 
 
 def netns_path(name: str) -> Path:
@@ -39,26 +44,61 @@ def create_netns(name: str) -> Path:
 
     Raises AlreadyExists when the pin is already there: names are sandbox ids, so a
     leftover pin means an earlier sandbox was not cleaned up and must not be reused.
+
+    No fork: the daemon is a multithreaded gRPC server, and a forked child of it
+    (which pyroute2's netns helpers use) crashes. Instead one short-lived thread
+    unshares its own network namespace (unshare(2) of CLONE_NEWNET affects only the
+    calling thread), pins it, and configures it from inside with a plain IPRoute.
     """
     path = netns_path(name)
     if path.exists() and not is_ns_pin(path):
         # An empty pin file is what a crash between create and bind mount leaves.
         path.unlink()
-    try:
-        # pyroute2 forks a child to unshare, so this thread keeps the host netns;
-        # it also makes /run/netns a shared mount, as `ip netns add` does.
-        pyroute2_netns.create(str(path))
-    except FileExistsError as exc:
-        raise AlreadyExists(f"network namespace {name!r} already exists at {path}") from exc
-    except OSError as exc:
+    if path.exists():
+        raise AlreadyExists(f"network namespace {name!r} already exists at {path}")
+    _ensure_shared_netns_dir()
+    outcome: list[BaseException] = []
+    worker = threading.Thread(target=_create_in_thread, args=(path, outcome), name=f"netns-{name}")
+    worker.start()
+    worker.join()
+    if outcome:
         remove_netns(name)
-        raise Internal(f"creating network namespace {name!r} at {path}: {exc}") from exc
-    try:
-        _bring_loopback_up(path)
-    except Exception as exc:
-        remove_netns(name)
-        raise Internal(f"bringing lo up in network namespace {name!r}: {exc}") from exc
+        raise Internal(f"creating network namespace {name!r} at {path}: {outcome[0]}") from outcome[0]
     return path
+
+
+def _create_in_thread(path: Path, outcome: list) -> None:
+    """Runs in its own thread, which ends inside the new namespace (threads never go back to the pool)."""
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        os.close(fd)
+        source = f"/proc/self/task/{threading.get_native_id()}/ns/net"
+        if _libc.mount(source.encode(), os.fsencode(str(path)), None, MS_BIND, None) != 0:
+            raise OSError(ctypes.get_errno(), f"bind mount {source}: {os.strerror(ctypes.get_errno())}")
+        # A netlink socket belongs to the namespace of the thread that opens it.
+        with IPRoute() as ipr:
+            (lo_index,) = ipr.link_lookup(ifname="lo")
+            ipr.link("set", index=lo_index, state="up")
+    except BaseException as exc:  # noqa: BLE001 - reported to the calling thread
+        outcome.append(exc)
+
+
+def _ensure_shared_netns_dir() -> None:
+    """Make /run/netns a shared mount of its own, as `ip netns add` does, so pins propagate to
+    mount namespaces created later (runc's) and unmounts propagate too."""
+    NETNS_DIR.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if not _is_mountpoint(NETNS_DIR):
+        if _libc.mount(os.fsencode(str(NETNS_DIR)), os.fsencode(str(NETNS_DIR)), None, MS_BIND | MS_REC, None) != 0:
+            raise Internal(f"bind mounting {NETNS_DIR}: {os.strerror(ctypes.get_errno())}")
+    if _libc.mount(b"none", os.fsencode(str(NETNS_DIR)), None, MS_SHARED | MS_REC, None) != 0:
+        raise Internal(f"making {NETNS_DIR} a shared mount: {os.strerror(ctypes.get_errno())}")
+
+
+def _is_mountpoint(path: Path) -> bool:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(_unescape_mountinfo(line.split()[4]) == str(path) for line in f)
 
 
 def remove_netns(name: str) -> None:
@@ -107,12 +147,6 @@ def unmount_ns_pin(path: Path) -> None:
         pass
     except OSError as exc:
         raise Internal(f"removing namespace pin {path}: {exc}") from exc
-
-
-def _bring_loopback_up(path: Path) -> None:
-    with IPRoute(netns=str(path)) as ipr:
-        (lo_index,) = ipr.link_lookup(ifname="lo")
-        ipr.link("set", index=lo_index, state="up")
 
 
 def _check_name(name: str) -> None:
