@@ -8,11 +8,13 @@ uses are dropped again.
 from __future__ import annotations
 
 import copy
+import gzip
 import hashlib
 import json
 import logging
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,6 +55,8 @@ def import_oci_archive(store: ImageStore, path: Path, tag: str | None = None,
     `tag` names the image when the layout holds exactly one (it wins over annotations).
     """
     path = Path(path)
+    if not path.exists():
+        raise ImageError(f"OCI archive or layout {path} does not exist")
     new_blobs: set[str] = set()
     try:
         if path.is_dir():
@@ -114,9 +118,7 @@ def _stream_archive_blobs(store: ImageStore, archive: Path, new_blobs: set[str])
                 elif (digest := _blob_digest_from_name(rel.parts)) is not None:
                     _import_blob(store, digest, member.size, lambda m=member: tar.extractfile(m),
                                  new_blobs)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise ImageError(f"OCI archive {archive} does not exist") from exc
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ImageError(f"OCI archive {archive} is not a readable tar: {exc}") from exc
     _check_layout_marker(marker, archive)
     if index_bytes is None:
