@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import base64
 import http.client
+import http.server
 import json
 import os
+import shutil
 import stat
+import subprocess
 import tempfile
+import threading
+import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -226,3 +232,193 @@ def test_layout_import_rejects_tampered_blobs(store, tmp_path):
         import_oci_archive(store, layout)
     assert store.list() == []
     assert [p for p in (store.root / "blobs").rglob("*") if p.is_file()] == []
+
+
+# ---------------------------------------------------------------- authentication
+
+def _bcrypt_htpasswd_line(user: str, password: str) -> str:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import crypt
+        except ImportError:
+            pytest.skip("the crypt module (bcrypt for htpasswd) is not available")
+    # Cost 4 (16 rounds): the registry checks the hash on every request; tests need speed, not strength.
+    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+    if not hashed or not hashed.startswith("$2"):
+        pytest.skip("libcrypt cannot make bcrypt hashes")
+    return f"{user}:{hashed}\n"
+
+
+@pytest.fixture(scope="module")
+def basic_auth_registry():
+    with tempfile.TemporaryDirectory(prefix="pyshim-oci-htpasswd-") as tmp:
+        htpasswd = Path(tmp) / "htpasswd"
+        htpasswd.write_text(_bcrypt_htpasswd_line("alice", "s3cret"))
+        with RegistryServer(auth_yaml=f"  htpasswd:\n    realm: pyshim-test\n    path: {htpasswd}\n") as server:
+            yield server
+
+
+def test_basic_auth(basic_auth_registry, store):
+    address = basic_auth_registry.address
+    with pytest.raises(RegistryError) as info:
+        push_busybox(address, repo="private/busybox")
+    assert info.value.status == 401 and info.value.step.startswith("check blob")
+
+    ref = push_busybox(address, repo="private/busybox", auth=Credentials("alice", "s3cret"))
+    with pytest.raises(RegistryError, match="username and password") as info:
+        RegistryClient().pull(store, ref)
+    assert info.value.status == 401 and info.value.registry == address
+    with pytest.raises(RegistryError, match="refused our credentials"):
+        RegistryClient().pull(store, ref, Credentials("alice", "wrong"))
+    assert store.list() == []
+
+    encoded = base64.b64encode(b"alice:s3cret").decode()
+    assert RegistryClient().pull(store, ref, Credentials(auth=encoded)).repo_tags == [ref]
+
+
+class TokenService:
+    """A minimal Docker token service (the auth server, not the registry) for token-auth tests.
+
+    Issues RS256 JWTs, signed with openssl, that the real docker-registry verifies against our
+    self-signed certificate. Users authenticate with Basic auth (GET) or an OAuth2 refresh
+    token (POST); everyone gets the actions they ask for.
+    """
+
+    SERVICE = "pyshim-test-registry"
+    ISSUER = "pyshim-test-issuer"
+
+    def __init__(self, workdir: Path, users: dict[str, str], refresh_tokens: dict[str, str]):
+        self.workdir = workdir
+        self.users = users
+        self.refresh_tokens = refresh_tokens
+        self.key = workdir / "token.key"
+        self.cert = workdir / "token.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=pyshim-test-token", "-keyout", str(self.key),
+                        "-out", str(self.cert)], check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+                             check=True, capture_output=True).stdout
+        self._x5c = base64.b64encode(der).decode()
+        self.requests: list[str] = []
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/token"
+
+    def registry_auth_yaml(self) -> str:
+        return (f"  token:\n    realm: {self.realm}\n    service: {self.SERVICE}\n"
+                f"    issuer: {self.ISSUER}\n    rootcertbundle: {self.cert}\n")
+
+    def __enter__(self) -> "TokenService":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def mint(self, subject: str, scopes: list[str]) -> str:
+        now = int(time.time())
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self._x5c]}
+        claims = {"iss": self.ISSUER, "sub": subject, "aud": self.SERVICE, "exp": now + 300,
+                  "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(), "access": access}
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+                                   input=signing_input.encode(), check=True, capture_output=True).stdout
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def _handler_class(self):
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                service.requests.append(f"GET {self.path}")
+                user = self._basic_user()
+                if user is None:
+                    return self._reply(401, {"details": "bad or missing credentials"})
+                self._reply(200, {"token": service.mint(user, query.get("scope", []))})
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", "0"))
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                service.requests.append(f"POST {form.get('grant_type')}")
+                user = service.refresh_tokens.get((form.get("refresh_token") or [""])[0])
+                if form.get("grant_type") != ["refresh_token"] or user is None:
+                    return self._reply(401, {"error": "invalid_grant"})
+                scopes = " ".join(form.get("scope", [])).split()
+                self._reply(200, {"access_token": service.mint(user, scopes)})
+
+            def _basic_user(self):
+                header = self.headers.get("Authorization", "")
+                if not header.startswith("Basic "):
+                    return None
+                user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+                return user if service.users.get(user) == password else None
+
+            def _reply(self, status, doc):
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@pytest.fixture(scope="module")
+def token_auth():
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to sign test tokens")
+    with tempfile.TemporaryDirectory(prefix="pyshim-oci-token-") as tmp, \
+            TokenService(Path(tmp), {"bob": "hunter2"}, {"refresh-for-bob": "bob"}) as tokens, \
+            RegistryServer(auth_yaml=tokens.registry_auth_yaml()) as server:
+        yield server, tokens
+
+
+def test_bearer_token_auth(token_auth, store):
+    server, tokens = token_auth
+    address = server.address
+    ref = push_busybox(address, repo="team/busybox", auth=Credentials("bob", "hunter2"))
+    assert any("scope=repository%3Ateam%2Fbusybox%3Apull%2Cpush" in r for r in tokens.requests)
+
+    with pytest.raises(RegistryError) as info:
+        RegistryClient().pull(store, ref)
+    assert info.value.step == "get bearer token" and info.value.status == 401
+    assert tokens.realm in str(info.value)
+    with pytest.raises(RegistryError, match="get bearer token"):
+        RegistryClient().pull(store, ref, Credentials("bob", "wrong"))
+
+    assert RegistryClient().pull(store, ref, Credentials("bob", "hunter2")).repo_tags == [ref]
+    store.remove(ref)
+    tokens.requests.clear()
+    assert RegistryClient().pull(store, ref, Credentials(identity_token="refresh-for-bob")).repo_tags == [ref]
+    assert tokens.requests == ["POST ['refresh_token']"]
+    store.remove(ref)
+    tokens.requests.clear()
+    ready = tokens.mint("bob", ["repository:team/busybox:pull"])
+    assert RegistryClient().pull(store, ref, Credentials(registry_token=ready)).repo_tags == [ref]
+    assert tokens.requests == []  # a registry token is presented as-is, no token service trip
+    store.remove(ref)
+    # The registry really checks signatures: the same claims with a bad signature are refused.
+    forged = ready.rsplit(".", 1)[0] + "." + _b64url(b"\0" * 256)
+    with pytest.raises(RegistryError, match="refused our credentials|get bearer token"):
+        RegistryClient().pull(store, ref, Credentials(registry_token=forged))

@@ -340,6 +340,8 @@ class _Session:
         if resp.status not in expected:
             detail = _error_detail(resp)
             resp.close()
+            if resp.status in (401, 403) and self._authorization:
+                detail = f"registry refused our credentials or token: {detail}"
             raise self._error(step, resp.status, detail)
         return resp
 
