@@ -51,9 +51,24 @@ def new_settings(tag: str, subnet: str) -> DaemonSettings:
     return DaemonSettings(base=base, bridge=f"pyst{suffix}", subnet=subnet, netns_prefix=f"pyst{suffix}-")
 
 
+# Pod log directories of all tests, removed at the end of the session.
+LOG_ROOT = Path(tempfile.gettempdir()) / "pyshim-test-logs"
+
+
 def discard(settings: DaemonSettings) -> None:
+    # Keep the last daemon log for a human to read after a failed run.
+    log = settings.base / "daemon.log"
+    if log.exists():
+        shutil.copy(log, Path(tempfile.gettempdir()) / f"pyshim-last-{settings.base.name.split('-')[1]}-daemon.log")
     subprocess.run(["ip", "link", "del", settings.bridge], capture_output=True)
     shutil.rmtree(settings.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pod_log_root():
+    LOG_ROOT.mkdir(exist_ok=True)
+    yield
+    shutil.rmtree(LOG_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -94,8 +109,8 @@ def client(daemon):
 
 
 def pod_config(name: str = None, **kwargs) -> "cri.PodSandboxConfig":
-    name = name or f"pod-{uuid.uuid4().hex[:6]}"
-    log_dir = kwargs.pop("log_directory", None) or tempfile.mkdtemp(prefix="pyshim-logs-")
+    name = f"pod-{uuid.uuid4().hex[:6]}" if name is None else name
+    log_dir = kwargs.pop("log_directory", None) or str(LOG_ROOT / name / uuid.uuid4().hex[:8])
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, namespace="default", uid=uuid.uuid4().hex, attempt=0),
         hostname=kwargs.pop("hostname", name), log_directory=log_dir, **kwargs)

@@ -81,16 +81,13 @@ class Conmon:
     def _spawn(self, args: list[str], timeout: float) -> int:
         sync_r, sync_w = os.pipe()
         start_r, start_w = os.pipe()
-        env = dict(os.environ, _OCI_SYNCPIPE="3", _OCI_STARTPIPE="4")
-
-        def place_pipes():
-            os.dup2(sync_w, 3)
-            os.dup2(start_r, 4)
-
+        # conmon reads the fd numbers from its environment, so the pipes keep their own numbers:
+        # no dup2 in a preexec_fn, which is unsafe in a threaded daemon.
+        env = dict(os.environ, _OCI_SYNCPIPE=str(sync_w), _OCI_STARTPIPE=str(start_r))
         try:
             # conmon's stdout/stderr must not be pipes we close: it would die of SIGPIPE before
             # writing the exit file. It logs to syslog instead.
-            proc = subprocess.Popen(args, env=env, pass_fds=(3, 4), preexec_fn=place_pipes,
+            proc = subprocess.Popen(args, env=env, pass_fds=(sync_w, start_r),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
