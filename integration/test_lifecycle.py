@@ -202,3 +202,19 @@ def test_list_filters(client, pulled_busybox):
     finally:
         cleanup(client, pod_a_id)
         cleanup(client, pod_b_id)
+
+
+def test_guaranteed_pod_oom_score_adj_does_not_break_create(client, pulled_busybox):
+    """kubelet sends oom_score_adj -997 for Guaranteed pods; on a host without CAP_SYS_RESOURCE the
+    container must still run (at 0) instead of failing with runc's obscure pipe error."""
+    from pyshim.internal.host_caps import can_lower_oom_score_adj
+
+    resources = cri.LinuxContainerResources(oom_score_adj=-997)
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sleep", "300"],
+                                     linux=cri.LinuxContainerConfig(resources=resources))
+    try:
+        assert client.status(cid).status.state == cri.CONTAINER_RUNNING
+        score = client.exec_sync(cid, ["cat", "/proc/self/oom_score_adj"]).stdout.strip()
+        assert score == (b"-997" if can_lower_oom_score_adj() else b"0")
+    finally:
+        cleanup(client, pod_id)

@@ -23,6 +23,7 @@ from oci.spec_schema import InvalidSpec, validate_spec
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, mounts
 from pyshim.internal.conmon import Conmon, MonitorPaths
+from pyshim.internal.host_caps import can_lower_oom_score_adj
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
 from pyshim.internal.runc import ExecResult, Runc
 from pyshim.internal.sysctls import normalize_sysctl_name
@@ -224,10 +225,21 @@ class ContainerManager:
         )
         try:
             spec = build_container_spec(inp)
+            self._fit_oom_score_adj(spec, record)
             validate_spec(spec)
         except (SpecInputError, InvalidSpec) as e:
             raise InvalidArgument(f"container {config.metadata.name!r}: {e}") from None
         return spec
+
+    @staticmethod
+    def _fit_oom_score_adj(spec: dict, record: ContainerRecord) -> None:
+        """kubelet asks -997 for Guaranteed pods. A host that withholds CAP_SYS_RESOURCE cannot grant a
+        negative score, and runc would fail obscurely; run the container at 0 and say so instead."""
+        wanted = spec.get("process", {}).get("oomScoreAdj", 0)
+        if wanted < 0 and not can_lower_oom_score_adj():
+            spec["process"]["oomScoreAdj"] = 0
+            log.warning("negative oom_score_adj needs CAP_SYS_RESOURCE, which this host withholds; using 0",
+                        extra={"container": record.id, "requested": wanted})
 
     @staticmethod
     def _log_path(sandbox_config, config) -> str:
