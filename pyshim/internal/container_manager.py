@@ -36,6 +36,22 @@ log = logging.getLogger(__name__)
 UNKNOWN_EXIT_CODE = 255
 
 
+class _PhaseTimer:
+    """Milliseconds spent in each phase of an operation, for the logs (where does create time go?)."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+        self._phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self._phases[phase] = round((now - self._last) * 1000, 2)
+        self._last = now
+
+    def report(self) -> dict[str, float]:
+        return self._phases
+
+
 @dataclass(frozen=True)
 class SandboxContext:
     """What a container needs of its pod, handed in by the caller (the container layer never looks pods up)."""
@@ -187,6 +203,7 @@ class ContainerManager:
             cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
             stop_signal=image.config.stop_signal or "TERM",
         )
+        phases = _PhaseTimer()
         with contextlib.ExitStack() as undo:
             cdir.mkdir(mode=0o700)
             undo.callback(shutil.rmtree, cdir, ignore_errors=True)
@@ -195,20 +212,24 @@ class ContainerManager:
             layers = self._images.layer_paths(image)
             mounts.mount_overlay(layers, record.upper, record.work, record.rootfs)
             undo.callback(mounts.unmount, record.rootfs)
+            phases.mark("rootfs")
 
             spec = self._build_spec(record, sandbox, config, image)
             (cdir / "config.json").write_text(json.dumps(spec))
             if record.log_path:
                 Path(record.log_path).parent.mkdir(parents=True, exist_ok=True)
+            phases.mark("spec")
 
             record.pid = self._conmon.create(container_id, key, self._paths(record), record.log_path,
                                              stdin=config.stdin, tty=config.tty)
             undo.callback(self._runc.delete, container_id, True)
+            phases.mark("runc_create")
             self._records.save(record)
+            phases.mark("record")
             undo.pop_all()
         self._publish(record, EventType.CREATED)
         log.info("container created", extra={"container": container_id, "sandbox": sandbox.record.id,
-                                             "image": record.image_name})
+                                             "image": record.image_name, "ms": phases.report()})
         return record
 
     def _build_spec(self, record, sandbox: SandboxContext, config, image) -> dict:
