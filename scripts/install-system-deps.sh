@@ -12,7 +12,8 @@ export DEBIAN_FRONTEND=noninteractive
 BOOKWORM_PKGS=(runc iptables iproute2 conmon containernetworking-plugins docker-registry busybox-static util-linux)
 
 criu_ok() {
-    command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -qE 'Version: 4\.([2-9]|[1-9][0-9])'
+    command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -qE 'Version: 4\.([2-9]|[1-9][0-9])' &&
+        [ -x /usr/bin/crit ]
 }
 
 all_present() {
@@ -57,6 +58,9 @@ if ! criu_ok; then
         criu/forky libcompel1/forky libnet9/forky libnl-3-200/forky \
         libc6/trixie libc-bin/trixie base-files/trixie \
         libgnutls30t64/trixie libhogweed6t64/trixie libnettle8t64/trixie libp11-kit0/trixie libgmp10/trixie
+    # crit, CRIU's own image decoder (checkpoint inspection, dump statistics); it runs on the system
+    # python3 with Debian's protobuf, apart from pyshim's venv. Must match CRIU's version, hence forky.
+    apt-get install -y -q --no-install-recommends python3-pycriu/forky
 fi
 
 all_present || { echo "install-system-deps: something is still missing after install" >&2; exit 1; }
