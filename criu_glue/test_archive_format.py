@@ -1,0 +1,181 @@
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from criu_glue.archive_format import (
+    CONFIG_DUMP, GO_ZERO_TIME, BindMount, CheckpointConfig, bind_mounts_from_json,
+    bind_mounts_to_json, deleted_files_from_json, deleted_files_to_json, format_rfc3339_ns,
+    json_object_from, parse_rfc3339_ns, write_config, write_member)
+from criu_glue.errors import ArchiveFormatError
+
+# The shape CRI-O writes (checkpointctl's ContainerConfig), including a non-UTC offset.
+CRIO_CONFIG = {
+    "id": "6924be1bd90c",
+    "name": "k8s_app_web-0_default_6975ee47_0",
+    "rootfsImage": "docker.io/library/nginx:1.25",
+    "rootfsImageRef": "a8758716bb6aa4d90071160d27028fe4eaee7ce8166221a97d30440c8eac2be6",
+    "rootfsImageName": "docker.io/library/nginx:1.25",
+    "runtime": "runc",
+    "createdTime": "2024-01-27T14:45:26.083444055Z",
+    "checkpointedTime": "2024-01-28T00:10:45.67353+05:30",
+    "restoredTime": "0001-01-01T00:00:00Z",
+    "restored": False,
+}
+
+
+@pytest.fixture
+def tmp_path():
+    with tempfile.TemporaryDirectory(prefix="criu-glue-test-") as d:
+        yield Path(d)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1970-01-01T00:00:00Z", 0),
+    ("1970-01-01T00:00:01.5Z", 1_500_000_000),
+    ("2024-01-27T14:45:26.083444055Z", 1706366726_083444055),
+    ("2024-01-28T00:10:45.67353+05:30", 1706380845_673530000),
+    ("2024-01-27T13:40:45.000000001-05:00", 1706380845_000000001),
+    (GO_ZERO_TIME, None),
+])
+def test_rfc3339_parse_keeps_nanoseconds_and_offsets(text, expected):
+    assert parse_rfc3339_ns(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2024-02-30T00:00:00Z", "2024-01-01 00:00:00Z",
+                                  "2024-01-01T00:00:00", "2024-01-01T00:00:00.1234567890Z",
+                                  "yesterday", "2024-01-01T00:00:00+25:00"])
+def test_rfc3339_parse_refuses_malformed_times(text):
+    with pytest.raises(ValueError):
+        parse_rfc3339_ns(text)
+
+
+def test_rfc3339_format_is_gos_rfc3339nano_in_utc():
+    assert format_rfc3339_ns(1706366726_083444055) == "2024-01-27T14:45:26.083444055Z"
+    assert format_rfc3339_ns(1706366726_500000000) == "2024-01-27T14:45:26.5Z"
+    assert format_rfc3339_ns(1706366726_000000000) == "2024-01-27T14:45:26Z"
+    assert format_rfc3339_ns(None) == GO_ZERO_TIME
+    for ns in (0, 1, 999_999_999, 1706380845_673530000, -1):
+        assert parse_rfc3339_ns(format_rfc3339_ns(ns)) == ns
+
+
+def test_config_reads_crio_layout():
+    cfg = CheckpointConfig.from_json(json.dumps(CRIO_CONFIG))
+    assert cfg.id == "6924be1bd90c"
+    assert cfg.rootfs_image_ref.startswith("a875")
+    assert cfg.runtime == "runc"
+    assert cfg.created_time_ns == 1706366726_083444055
+    assert cfg.checkpointed_time_ns == 1706380845_673530000
+    assert cfg.restored_time_ns is None
+    assert cfg.restored is False
+    assert cfg.extra == {}
+
+
+def test_config_round_trip_keeps_instants_and_unknown_keys():
+    podman_like = dict(CRIO_CONFIG, rootfsImageID="a875", spec={"ociVersion": "1.0.2"},
+                       restored=True)
+    cfg = CheckpointConfig.from_json(json.dumps(podman_like).encode())
+    again = CheckpointConfig.from_json(cfg.to_json())
+    assert again == cfg
+    out = json.loads(cfg.to_json())
+    assert out["rootfsImageID"] == "a875" and out["spec"] == {"ociVersion": "1.0.2"}
+    # Offsets are normalised to UTC; the instant is unchanged.
+    assert out["checkpointedTime"] == "2024-01-27T18:40:45.67353Z"
+    assert out["restoredTime"] == GO_ZERO_TIME
+    assert list(out)[:10] == list(CRIO_CONFIG)
+
+
+def test_config_omits_empty_image_fields_like_go_omitempty():
+    out = json.loads(CheckpointConfig(id="c1", name="web").to_json())
+    assert out == {"id": "c1", "name": "web", "createdTime": GO_ZERO_TIME,
+                   "checkpointedTime": GO_ZERO_TIME, "restoredTime": GO_ZERO_TIME,
+                   "restored": False}
+
+
+def test_config_extra_may_not_shadow_known_keys():
+    with pytest.raises(ValueError, match="runtime"):
+        CheckpointConfig(id="c", name="n", extra={"runtime": "crun"}).to_json()
+
+
+@pytest.mark.parametrize("doc,key", [
+    ({"name": "n"}, "'id' is missing"),
+    ({"id": "c"}, "'name' is missing"),
+    ({"id": 7, "name": "n"}, "'id' must be a string"),
+    ({"id": "c", "name": "n", "createdTime": 17}, "'createdTime' must be a string"),
+    ({"id": "c", "name": "n", "checkpointedTime": "now"}, "'checkpointedTime'"),
+    ({"id": "c", "name": "n", "restored": "false"}, "'restored' must be a boolean"),
+])
+def test_config_errors_name_the_key(doc, key):
+    with pytest.raises(ArchiveFormatError, match=key) as err:
+        CheckpointConfig.from_json(json.dumps(doc), archive="/x/cp.tar")
+    assert "/x/cp.tar" in str(err.value) and CONFIG_DUMP in str(err.value)
+
+
+@pytest.mark.parametrize("data", [b"{", b"[]", b"\xff\xfe", b"null"])
+def test_config_that_is_not_a_json_object_is_a_format_error(data):
+    with pytest.raises(ArchiveFormatError, match=CONFIG_DUMP):
+        CheckpointConfig.from_json(data)
+
+
+def test_bind_mounts_round_trip_with_crio_keys():
+    mounts = [BindMount("/var/lib/kubelet/pods/u/etc-hosts", "/etc/hosts", "file", 0o644),
+              BindMount("/data", "/srv/data", "directory", 0o755)]
+    data = bind_mounts_to_json(mounts)
+    assert json.loads(data)[0] == {"source": "/var/lib/kubelet/pods/u/etc-hosts",
+                                   "destination": "/etc/hosts", "file_type": "file",
+                                   "permissions": 420}
+    assert bind_mounts_from_json(data) == mounts
+    assert bind_mounts_from_json(b"null") == []
+
+
+@pytest.mark.parametrize("doc,why", [
+    ({}, "must be a JSON array"),
+    ([{"source": "/a", "destination": "/b", "file_type": "socket", "permissions": 0}],
+     "file_type"),
+    ([{"source": "/a", "destination": "b", "file_type": "file", "permissions": 0}],
+     "absolute"),
+    ([{"source": "/a", "destination": "/b", "file_type": "file", "permissions": True}],
+     "permissions"),
+    ([{"source": "/a", "destination": "/b", "file_type": "file", "permissions": 70000}],
+     "permissions"),
+    ([{"destination": "/b", "file_type": "file", "permissions": 1}], "entry 0: key 'source'"),
+])
+def test_bind_mounts_validation(doc, why):
+    with pytest.raises(ArchiveFormatError, match=why):
+        bind_mounts_from_json(json.dumps(doc))
+
+
+def test_deleted_files_round_trip_and_validation():
+    paths = ["/etc/motd", "/var/cache/apt", "/tmp/caf\u00e9"]
+    assert deleted_files_from_json(deleted_files_to_json(paths)) == paths
+    assert deleted_files_from_json(b"null") == []
+    for bad in ({"a": 1}, [1], [""], ["/a\u0000b"]):
+        with pytest.raises(ArchiveFormatError, match="deleted.files"):
+            deleted_files_from_json(json.dumps(bad))
+
+
+def test_json_object_members():
+    assert json_object_from(b'{"ociVersion": "1.0.2"}', "spec.dump") == {"ociVersion": "1.0.2"}
+    with pytest.raises(ArchiveFormatError, match="spec.dump: must be a JSON object"):
+        json_object_from(b"[1]", "spec.dump")
+
+
+def test_members_are_written_private_and_top_level_only(tmp_path):
+    old = os.umask(0)
+    try:
+        (tmp_path / CONFIG_DUMP).write_bytes(b"old")
+        os.chmod(tmp_path / CONFIG_DUMP, 0o666)
+        path = write_config(tmp_path, CheckpointConfig(id="c", name="n"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert CheckpointConfig.from_json(path.read_bytes()).id == "c"
+    for bad in ("a/b", "..", ""):
+        with pytest.raises(ValueError):
+            write_member(tmp_path, bad, b"")
+    os.symlink("/etc/passwd", tmp_path / "link")
+    with pytest.raises(OSError):
+        write_member(tmp_path, "link", b"x")  # never written through a symlink
