@@ -244,7 +244,11 @@ class _ProcStat:
 
 
 def _read_stat(pid: int) -> _ProcStat:
-    text = Path(f"/proc/{pid}/stat").read_text()
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except ProcessLookupError:
+        # The process went away between open() and read(): the same as not finding it.
+        raise FileNotFoundError(f"/proc/{pid}/stat") from None
     # comm (field 2) may hold spaces and parentheses; the fields after its last ')' don't.
     fields = text[text.rindex(")") + 2 :].split()
     return _ProcStat(state=fields[0], start_time=int(fields[19]))
