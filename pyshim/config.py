@@ -35,6 +35,20 @@ class ImageConfig:
 
 
 @dataclass
+class CheckpointSettings:
+    # Either can be switched off, as in CRI-O (e.g. on nodes that must never hold memory dumps).
+    enable_checkpoint: bool = True
+    enable_restore: bool = True
+    # Plain tar is what kubelet users expect; "gzip" and "zstd" shrink archives.
+    compression: str = "none"
+    # "auto": --tcp-established only when the container has established connections (CRIU refuses to
+    # dump them otherwise); "always" / "never" force it.
+    tcp_established: str = "auto"
+    # CRIU older than 4.2 cannot dump on kernels >= 6.16 (vDSO, TCP socket options).
+    min_criu_version: str = "4.2"
+
+
+@dataclass
 class Config:
     socket: str = "/run/pyshim/pyshim.sock"
     root: str = "/var/lib/pyshim"
@@ -46,6 +60,7 @@ class Config:
     cgroup_parent: str = "/pyshim"
     network: NetworkConfig = field(default_factory=NetworkConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
 
     @property
     def root_path(self) -> Path:
@@ -64,7 +79,7 @@ class Config:
         return found
 
 
-_SECTIONS = {"network": NetworkConfig, "images": ImageConfig}
+_SECTIONS = {"network": NetworkConfig, "images": ImageConfig, "checkpoint": CheckpointSettings}
 
 
 def _apply(target, values: dict, where: str) -> None:

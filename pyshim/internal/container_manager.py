@@ -125,6 +125,16 @@ class ContainerManager:
     def config_of(self, record: ContainerRecord):
         return decode_config(record, cri.ContainerConfig)
 
+    def spec_of(self, record: ContainerRecord) -> dict:
+        """The OCI config the container runs with (updated by UpdateContainerResources)."""
+        return json.loads((record.bundle / "config.json").read_text())
+
+    def note_checkpoint(self, container_id: str, location: str) -> None:
+        record = self.get(container_id)
+        record.checkpointed_at = time.time_ns()
+        record.checkpoint_location = location
+        self._records.save(record)
+
     # ---- exit tracking -----------------------------------------------------------------------
 
     def refresh(self, record: ContainerRecord) -> ContainerRecord:

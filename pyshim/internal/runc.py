@@ -41,6 +41,31 @@ def _runc_message(stderr: bytes) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+@dataclass(frozen=True)
+class CheckpointRequest:
+    image_path: Path
+    work_path: Path
+    leave_running: bool = True
+    file_locks: bool = True
+    tcp_established: bool = False
+
+
+class RuncTimeout(RuncError):
+    """runc did not finish before the caller's deadline and was killed."""
+
+
+def _checkpoint_args(req: CheckpointRequest) -> list[str]:
+    args = ["checkpoint", "--image-path", str(req.image_path), "--work-path", str(req.work_path)]
+    if req.leave_running:
+        args.append("--leave-running")
+    if req.file_locks:
+        args.append("--file-locks")
+    if req.tcp_established:
+        args.append("--tcp-established")
+    return args
+
+
+
 class Runc:
     def __init__(self, binary: str, root: Path, log_dir: Path | None = None):
         self.binary = binary
@@ -118,3 +143,21 @@ class Runc:
         if proc.returncode == 255 and b"level=error" in err:
             raise RuncError(f"runc exec failed: {_runc_message(err)}")
         return ExecResult(proc.returncode, out, err)
+
+    def _run_killable(self, args: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+        """Run runc in its own process group, so a deadline ends runc and the CRIU it started."""
+        proc = subprocess.Popen(self._base() + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            raise RuncTimeout(f"runc {args[0]} did not finish within {timeout:.1f}s and was stopped") from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def checkpoint(self, container_id: str, req: CheckpointRequest, timeout: float | None) -> None:
+        """`runc checkpoint`: CRIU dumps the container into req.image_path, its log into req.work_path."""
+        proc = self._run_killable(_checkpoint_args(req) + [container_id], timeout)
+        if proc.returncode != 0:
+            raise RuncError(f"runc checkpoint failed: {_runc_message(proc.stderr)}")

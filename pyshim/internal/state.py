@@ -80,6 +80,8 @@ class ContainerRecord:
     exit_code: int = 0
     reason: str = ""
     message: str = ""
+    checkpointed_at: int = 0  # ns; 0 = never checkpointed
+    checkpoint_location: str = ""
 
     kind = "container"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from cri_api import api_pb2 as cri
 from pyshim.server import convert
@@ -16,8 +17,15 @@ def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
         info["info"] = json.dumps({
             "pid": record.pid, "sandboxID": record.sandbox_id, "bundle": record.dir,
             "cgroupsPath": record.cgroups_path, "imageRef": record.image_ref,
+            "checkpointedAt": _rfc3339(record.checkpointed_at) if record.checkpointed_at else "",
+            "checkpointLocation": record.checkpoint_location,
         })
     return cri.ContainerStatusResponse(status=convert.container_status(record, config), info=info)
+
+
+def _rfc3339(ns: int) -> str:
+    seconds, frac = divmod(ns, 10**9)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{frac:09d}Z"
 
 
 def list_containers(rt: Runtime, request) -> "cri.ListContainersResponse":

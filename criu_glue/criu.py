@@ -1,0 +1,95 @@
+"""Facts about CRIU that pyshim needs around a `runc checkpoint`: is it usable, what went wrong, how long
+did it take. CRIU itself is driven by runc; images are decoded with CRIU's own `crit`, never by hand."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+CRIT = "/usr/bin/crit"
+
+
+@dataclass(frozen=True)
+class CriuAvailability:
+    usable: bool
+    version: str  # "4.2.1", or "" when CRIU is missing
+    reason: str  # why not usable; "" when usable
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def criu_availability(min_version: str, binary: str = "criu") -> CriuAvailability:
+    path = shutil.which(binary)
+    if not path:
+        return CriuAvailability(False, "", f"CRIU ({binary}) is not installed; checkpoint/restore need CRIU >= {min_version}")
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return CriuAvailability(False, "", f"cannot run {path} --version: {e}")
+    match = re.search(r"Version:\s*([\d.]+)", out)
+    version = match.group(1) if match else ""
+    if not version or _parse_version(version) < _parse_version(min_version):
+        return CriuAvailability(False, version, f"CRIU {version or '(unknown version)'} at {path} is too old: "
+                                                f"pyshim needs >= {min_version} on this kernel")
+    return CriuAvailability(True, version, "")
+
+
+def log_excerpt(log_path: Path, max_lines: int = 12) -> str:
+    """The lines of a CRIU log a person needs: its errors and warnings, else its last lines."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no CRIU log at {log_path})"
+    important = [line.strip() for line in lines if "Error" in line or "Warn" in line]
+    chosen = important[-max_lines:] if important else [line.strip() for line in lines[-max_lines:]]
+    return "\n".join(chosen)
+
+
+@dataclass(frozen=True)
+class DumpStats:
+    freezing_time_us: int
+    frozen_time_us: int
+    memdump_time_us: int
+    memwrite_time_us: int
+    pages_scanned: int
+    pages_written: int
+
+    def as_log_fields(self) -> dict:
+        return {"criu_freezing_us": self.freezing_time_us, "criu_frozen_us": self.frozen_time_us,
+                "criu_memdump_us": self.memdump_time_us, "criu_memwrite_us": self.memwrite_time_us,
+                "criu_pages_scanned": self.pages_scanned, "criu_pages_written": self.pages_written}
+
+
+def read_dump_stats(stats_file: Path) -> DumpStats | None:
+    """CRIU's `stats-dump`, decoded by crit; None if it is missing or crit is not installed."""
+    if not stats_file.exists() or not Path(CRIT).exists():
+        return None
+    proc = subprocess.run([CRIT, "decode", "-i", str(stats_file)], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return None
+    try:
+        dump = json.loads(proc.stdout)["entries"][0]["dump"]
+    except (ValueError, KeyError, IndexError):
+        return None
+    return DumpStats(
+        freezing_time_us=int(dump.get("freezing_time", 0)), frozen_time_us=int(dump.get("frozen_time", 0)),
+        memdump_time_us=int(dump.get("memdump_time", 0)), memwrite_time_us=int(dump.get("memwrite_time", 0)),
+        pages_scanned=int(dump.get("pages_scanned", 0)), pages_written=int(dump.get("pages_written", 0)))
+
+
+def has_established_tcp(pid: int) -> bool:
+    """Whether the process's network namespace holds an established TCP connection (state 01)."""
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f, None)
+                if any(line.split()[3] == "01" for line in f if len(line.split()) > 3):
+                    return True
+        except OSError:
+            continue
+    return False
