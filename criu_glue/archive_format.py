@@ -207,7 +207,8 @@ class BindMount:
     def from_dict(cls, doc: Any, index: int, archive: str = "") -> BindMount:
         where = f"entry {index}"
         if not isinstance(doc, dict):
-            raise _bad(archive, BIND_MOUNTS, f"{where} must be a JSON object, not {_json_type(doc)}")
+            raise _bad(archive, BIND_MOUNTS,
+                       f"{where} must be a JSON object, not {_json_type(doc)}")
         values = {}
         for key in ("source", "destination", "file_type"):
             if key not in doc:

@@ -1,0 +1,416 @@
+"""Whole checkpoint archives: writing one from a prepared directory, reading one lazily.
+
+Writing never exposes a partial or readable-by-others archive: the tar is built under a
+temporary name in the destination directory (mode 0600 from creation; it holds every memory
+page of the container), fsynced, and only then renamed into place. Readers such as the kubelet
+see the complete archive or none.
+
+Reading treats the archive as hostile input. `open_archive` makes one pass over the tar to
+index its members (names, types, sizes; no data kept but the small JSON metadata), validating
+names, duplicates and the members a restore needs; every later call re-reads the stream from
+the already-open file, so nothing big is ever held in memory and the archive cannot be swapped
+underneath the reader. Plain tars are read by seeking past file data; gzip and zstd ones
+(Podman's --compress) are streamed.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+import tarfile
+import tempfile
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from .archive_format import (BIND_MOUNTS, CHECKPOINT_DIR, CONFIG_DUMP, DELETED_FILES,
+                             LOG_MEMBERS, MAX_METADATA_BYTES, METADATA_MEMBERS, ROOTFS_DIFF_TAR,
+                             SPEC_DUMP, STATUS_DUMP, BindMount, CheckpointConfig,
+                             bind_mounts_from_json, deleted_files_from_json, json_object_from)
+from .errors import ArchiveError, ArchiveFormatError, UnsafeArchive
+from .limits import Budget, Limits
+from .tarstream import (COMPRESSIONS, COPY_CHUNK, copy_exactly, corrupt_stream_errors, decompressed,
+                        detect_compression, member_name, members, open_tar, safe_member_path,
+                        set_exact_mtime)
+
+_CHECKPOINT_PREFIX = CHECKPOINT_DIR + "/"
+_INVENTORY = _CHECKPOINT_PREFIX + "inventory.img"  # CRIU writes it first; no restore without it
+_PRIVATE = 0o600
+GZIP_LEVEL = 6
+ZSTD_LEVEL = 3
+
+
+# ================================================================ writing
+
+def write_archive(out_path: Path, members_dir: Path, compression: str = "none",
+                  mode: int = _PRIVATE) -> None:
+    """Pack `members_dir` (checkpoint/, config.dump, spec.dump, ...) into `out_path`.
+
+    The checkpoint/ directory entry comes first (checkpointctl requires a real one), then its
+    images, then the other members in name order. Only regular files and directories are
+    packed. On any error the temporary file is removed and `out_path` is left as it was.
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
+    out_path, members_dir = Path(out_path), Path(members_dir)
+    _check_members_dir(members_dir)
+    # mkstemp: O_EXCL and mode 0600 regardless of umask, so no moment of wider access.
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with _compressing(raw, compression) as sink, \
+                    tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,
+                                 encoding="utf-8", errors="surrogateescape") as tar:
+                _add_tree(tar, members_dir / CHECKPOINT_DIR, CHECKPOINT_DIR)
+                for name in sorted(os.listdir(members_dir)):
+                    if name != CHECKPOINT_DIR:
+                        _add_tree(tar, members_dir / name, name)
+            raw.flush()
+            os.fchmod(raw.fileno(), mode)
+            os.fsync(raw.fileno())
+        os.rename(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # The rename is durable only once the directory entry is on disk too.
+    dirfd = os.open(out_path.parent, os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _check_members_dir(members_dir: Path) -> None:
+    """Refuse to write an archive that open_archive would reject."""
+    problems = []
+    if not _lstat_is(members_dir / CHECKPOINT_DIR, stat.S_ISDIR):
+        problems.append(f"{CHECKPOINT_DIR}/ (CRIU image directory)")
+    elif not _lstat_is(members_dir / _INVENTORY, stat.S_ISREG):
+        problems.append(_INVENTORY)
+    for name in (CONFIG_DUMP, SPEC_DUMP):
+        if not _lstat_is(members_dir / name, stat.S_ISREG):
+            problems.append(name)
+    if problems:
+        raise ArchiveError(f"cannot write a checkpoint archive from {members_dir}: missing "
+                           + ", ".join(problems))
+
+
+def _lstat_is(path: Path, predicate) -> bool:
+    try:
+        return predicate(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def _compressing(raw: BinaryIO, compression: str) -> Iterator[BinaryIO]:
+    if compression == "none":
+        with nullcontext(raw) as sink:
+            yield sink
+    elif compression == "gzip":
+        # mtime=0: the same content gives the same bytes (image layers get reproducible digests).
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as sink:
+            yield sink
+    else:
+        import zstandard
+        # threads=-1: one worker per CPU; page images are large and compress well in parallel.
+        # write_checksum: readers can then tell a damaged archive from a valid one.
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
+        with compressor.stream_writer(raw, closefd=False) as sink:
+            yield sink
+
+
+def _add_tree(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
+    st = os.lstat(path)
+    info = tarfile.TarInfo(arcname)
+    info.uid, info.gid, info.uname, info.gname = st.st_uid, st.st_gid, "", ""
+    info.mode = stat.S_IMODE(st.st_mode)
+    set_exact_mtime(info, st.st_mtime_ns)
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name in sorted(os.listdir(path)):
+            _add_tree(tar, path / name, f"{arcname}/{name}")
+    elif stat.S_ISREG(st.st_mode):
+        info.size = st.st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as data:
+            tar.addfile(info, data)  # raises if the file shrank while being packed
+    else:
+        raise ArchiveError(f"cannot pack {path}: only regular files and directories belong in a "
+                           "checkpoint archive")
+
+
+# ================================================================ reading
+
+@dataclass(frozen=True)
+class MemberInfo:
+    name: str   # normalised: "checkpoint", "checkpoint/pages-1.img", "config.dump"
+    kind: str   # "file", "dir", "symlink", "hardlink" or "special"
+    size: int   # bytes of content (0 for anything but files)
+
+
+def open_archive(path: Path, limits: Limits = Limits()) -> CheckpointArchive:
+    """Open and index a checkpoint archive written by pyshim, CRI-O, Podman or containerd.
+
+    Raises ArchiveFormatError if it is not a readable tar (plain, gzip or zstd), is truncated,
+    or lacks config.dump, spec.dump or CRIU images; UnsafeArchive for hostile member names.
+    Use as a context manager (or call close()) to release the file.
+    """
+    path = Path(path)
+    raw = open(path, "rb")
+    try:
+        return CheckpointArchive(path, raw, limits)
+    except BaseException:
+        raw.close()
+        raise
+
+
+class CheckpointArchive:
+    def __init__(self, path: Path, raw: BinaryIO, limits: Limits):
+        self.path = path
+        self._raw = raw
+        self._label = str(path)
+        self.compression = detect_compression(raw)
+        self._members: dict[str, MemberInfo] = {}
+        self._metadata: dict[str, bytes] = {}
+        self._index(limits)
+        self._check_required_members()
+        self._config = CheckpointConfig.from_json(self._metadata[CONFIG_DUMP], self._label)
+        self._spec = json_object_from(self._metadata[SPEC_DUMP], SPEC_DUMP, self._label)
+        self._status = (json_object_from(self._metadata[STATUS_DUMP], STATUS_DUMP, self._label)
+                        if STATUS_DUMP in self._metadata else None)
+        self._deleted = (deleted_files_from_json(self._metadata[DELETED_FILES], self._label)
+                         if DELETED_FILES in self._metadata else [])
+        self._bind_mounts = (bind_mounts_from_json(self._metadata[BIND_MOUNTS], self._label)
+                             if BIND_MOUNTS in self._metadata else [])
+
+    # ------------------------------------------------------------ life cycle
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> CheckpointArchive:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ metadata
+
+    def config(self) -> CheckpointConfig:
+        return self._config
+
+    def spec(self) -> dict[str, Any]:
+        return self._spec
+
+    def status(self) -> dict[str, Any] | None:
+        """status.dump (the CRI ContainerStatus), which only containerd and pyshim write."""
+        return self._status
+
+    def deleted_files(self) -> list[str]:
+        return list(self._deleted)
+
+    def bind_mounts(self) -> list[BindMount]:
+        return list(self._bind_mounts)
+
+    def metadata_member(self, name: str) -> bytes | None:
+        """Raw bytes of a small JSON member (network.status, pod.options, ...), if present."""
+        return self._metadata.get(name)
+
+    # ------------------------------------------------------------ the index
+
+    def member_names(self) -> list[str]:
+        return list(self._members)
+
+    def has_member(self, name: str) -> bool:
+        return name in self._members
+
+    def member_size(self, name: str) -> int:
+        return self._member(name).size
+
+    def log_member(self) -> str | None:
+        """The container log copy, whichever engine's name it has."""
+        return next((n for n in LOG_MEMBERS if self._is_file(n)), None)
+
+    def checkpoint_size(self) -> int:
+        """Bytes of CRIU images (what restoring needs on disk before CRIU even starts)."""
+        return sum(m.size for m in self._members.values()
+                   if m.kind == "file" and m.name.startswith(_CHECKPOINT_PREFIX))
+
+    def rootfs_diff_size(self) -> int:
+        return self._members[ROOTFS_DIFF_TAR].size if self._is_file(ROOTFS_DIFF_TAR) else 0
+
+    # ------------------------------------------------------------ extraction
+
+    def extract_checkpoint_images(self, dest: Path, limits: Limits = Limits()) -> int:
+        """Unpack checkpoint/ into `dest` (created 0700, must be empty); returns bytes written.
+
+        Only regular files (written 0600) and directories are accepted: CRIU images are
+        nothing else, and a symlink or device there is an attack on whoever reads them next.
+        """
+        dest = Path(dest)
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.listdir(dest):
+            raise ArchiveError(f"destination for CRIU images {dest} is not empty")
+        images = [m for m in self._members.values() if m.name.startswith(_CHECKPOINT_PREFIX)]
+        # Refuse from the index before writing anything; the stream pass checks again.
+        budget = Budget(limits, self._label)
+        for info in images:
+            if info.kind not in ("file", "dir"):
+                raise UnsafeArchive(info.name, f"CRIU images are regular files and "
+                                    f"directories, this is a {info.kind}", self._label)
+            budget.charge_entry(info.name, info.size)
+        budget = Budget(limits, self._label)
+        pending = len(images)
+        with self._scan() as (tar, stream):
+            for member in stream:
+                name = member_name(member, self._label)
+                if not name.startswith(_CHECKPOINT_PREFIX):
+                    continue
+                self._extract_image(tar, member, name[len(_CHECKPOINT_PREFIX):], dest, budget)
+                pending -= 1
+                if pending == 0:
+                    break  # the rest of the stream is not CRIU images: skip decompressing it
+        return budget.total_bytes
+
+    def _extract_image(self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str,
+                       dest: Path, budget: Budget) -> None:
+        budget.charge_entry(member.name, member.size if member.isreg() else 0)
+        if not (member.isreg() or member.isdir()):
+            raise UnsafeArchive(member.name, f"CRIU images are regular files and directories, "
+                                f"this is a {_kind(member)}", self._label)
+        target = safe_member_path(dest, rel, create_parents=True, archive=self._label)
+        if member.isdir():
+            if not _lstat_is(target, stat.S_ISDIR):
+                os.mkdir(target, 0o700)
+            return
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     _PRIVATE)
+        with os.fdopen(fd, "wb") as out:
+            copy_exactly(tar.extractfile(member), out, member.size,
+                         f"{self._label} member {member.name!r}")
+
+    def extract_member(self, name: str, dest_file: Path) -> None:
+        """Copy one regular-file member (e.g. rootfs-diff.tar) to `dest_file` (mode 0600)."""
+        size = self._require_file(name).size
+        fd = os.open(dest_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, _PRIVATE)
+        with os.fdopen(fd, "wb") as out, self.open_member(name) as src:
+            copy_exactly(src, out, size, f"{self._label} member {name!r}")
+
+    @contextmanager
+    def open_member(self, name: str) -> Iterator[BinaryIO]:
+        """Stream one regular-file member's content without unpacking anything else."""
+        self._require_file(name)
+        with self._scan() as (tar, stream):
+            for member in stream:
+                if member_name(member, self._label) == name:
+                    yield tar.extractfile(member)
+                    return
+        raise ArchiveFormatError(self._label, f"member {name!r} vanished while reading")
+
+    # ------------------------------------------------------------ internals
+
+    @contextmanager
+    def _scan(self, verify_to_end: bool = False
+              ) -> Iterator[tuple[tarfile.TarFile, Iterator[tarfile.TarInfo]]]:
+        """A fresh pass over the tar. It reopens the already-open file through /proc, so
+        passes have their own file positions yet read the very inode indexed at open.
+
+        `verify_to_end` decompresses past the tar's end too, so the gzip CRC / zstd checksum
+        and a truncated compressed stream are noticed even though the tar itself ended."""
+        try:
+            with open(f"/proc/self/fd/{self._raw.fileno()}", "rb") as raw, \
+                    decompressed(raw, self.compression) as stream, \
+                    open_tar(stream, seekable=self.compression == "none") as tar:
+                yield tar, members(tar)
+                if verify_to_end and self.compression != "none":
+                    while stream.read(COPY_CHUNK):
+                        pass
+        except corrupt_stream_errors() as exc:
+            raise ArchiveFormatError(self._label, f"not a readable (compressed) tar archive: "
+                                     f"{exc}") from None
+
+    def _index(self, limits: Limits) -> None:
+        budget = Budget(limits, self._label)
+        with self._scan(verify_to_end=True) as (tar, stream):
+            for member in stream:
+                name = member_name(member, self._label)
+                linkname = member.linkname if (member.issym() or member.islnk()) else ""
+                budget.charge_entry(name, 0, linkname)
+                if name == ".":
+                    continue
+                info = MemberInfo(name, _kind(member), member.size if member.isreg() else 0)
+                self._add_to_index(member, info)
+                if name in METADATA_MEMBERS and info.kind == "file":
+                    self._metadata[name] = self._read_metadata(tar, member, info)
+
+    def _add_to_index(self, member: tarfile.TarInfo, info: MemberInfo) -> None:
+        previous = self._members.get(info.name)
+        if previous is not None and not (previous.kind == info.kind == "dir"):
+            # Tar semantics say the last copy wins, but tools disagree on which one they
+            # show: an ambiguous archive is refused rather than guessed at.
+            raise UnsafeArchive(member.name, "appears more than once in the archive",
+                                self._label)
+        self._members[info.name] = info
+
+    def _read_metadata(self, tar: tarfile.TarFile, member: tarfile.TarInfo,
+                       info: MemberInfo) -> bytes:
+        if info.size > MAX_METADATA_BYTES:
+            raise ArchiveFormatError(self._label, f"{info.name} is {info.size} bytes; metadata "
+                                     f"members are at most {MAX_METADATA_BYTES}")
+        data = tar.extractfile(member).read(info.size)
+        if len(data) != info.size:
+            raise ArchiveFormatError(self._label, f"{info.name} is truncated")
+        return data
+
+    def _check_required_members(self) -> None:
+        missing = []
+        for name in (CONFIG_DUMP, SPEC_DUMP):
+            info = self._members.get(name)
+            if info is None:
+                missing.append(name)
+            elif info.kind != "file":
+                raise ArchiveFormatError(self._label, f"{name} is a {info.kind}, not a file")
+        checkpoint = self._members.get(CHECKPOINT_DIR)
+        if checkpoint is not None and checkpoint.kind != "dir":
+            raise ArchiveFormatError(self._label, f"{CHECKPOINT_DIR} is a {checkpoint.kind}, "
+                                     "not the CRIU image directory")
+        if not self._is_file(_INVENTORY):
+            missing.append(f"{CHECKPOINT_DIR}/ with CRIU images ({_INVENTORY})")
+        if missing:
+            raise ArchiveFormatError(self._label, "missing " + ", ".join(missing))
+
+    def _member(self, name: str) -> MemberInfo:
+        info = self._members.get(name)
+        if info is None:
+            raise ArchiveFormatError(self._label, f"has no member {name!r}")
+        return info
+
+    def _require_file(self, name: str) -> MemberInfo:
+        info = self._member(name)
+        if info.kind != "file":
+            raise ArchiveFormatError(self._label, f"member {name!r} is a {info.kind}, "
+                                     "not a regular file")
+        return info
+
+    def _is_file(self, name: str) -> bool:
+        info = self._members.get(name)
+        return info is not None and info.kind == "file"
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.isreg():
+        return "file"
+    if member.isdir():
+        return "dir"
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hardlink"
+    return "special"
