@@ -439,7 +439,13 @@ class _DiffApplier:
         self.removed.discard(name)
         if self.write:
             self._write(tar, member, name, source)
-        self.written.add(name)
+        self._mark_written(name)
+
+    def _mark_written(self, name: str) -> None:
+        # Ancestors too: a parent the diff created implicitly is the diff's own as well.
+        while name != "." and name not in self.written:
+            self.written.add(name)
+            name = str(PurePosixPath(name).parent)
 
     def _kind_of(self, member: tarfile.TarInfo, name: str) -> str:
         if member.isreg() or member.islnk():

@@ -417,11 +417,14 @@ def test_containerd_style_compressed_diff_with_oci_whiteouts(tmp_path, rootfs, c
         entry("data/new", data=b"new"),
         entry("data/.wh..wh..opq"),        # after data/new: what the diff wrote stays
         entry("data/newer", data=b"newer"),
+        entry("data/implicit/parent/f", data=b"parent dirs never listed"),
+        entry("data/.wh..wh..opq"),        # a second marker must not undo the diff's own
         entry("etc/.wh.gone"),
         entry("etc/.wh.never-existed"),
         entry(".wh..wh.plnk"),            # aufs bookkeeping: ignored
     ], compress=compress), [], rootfs)
-    assert sorted(os.listdir(rootfs / "data")) == ["new", "newer"]
+    assert sorted(os.listdir(rootfs / "data")) == ["implicit", "new", "newer"]
+    assert (rootfs / "data/implicit/parent/f").read_bytes() == b"parent dirs never listed"
     assert not (rootfs / "etc/gone").exists()
     assert (rootfs / "etc/passwd").exists()
 
