@@ -247,6 +247,19 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_checkpoint(args) -> int:
+    """Checkpoint a running container into an archive; it keeps running (like `crictl checkpoint --export`)."""
+    from cri_api import api_pb2 as cri
+
+    location = str(Path(args.export).absolute())
+    with _client(args) as c:
+        c.runtime.CheckpointContainer(cri.CheckpointContainerRequest(
+            container_id=args.id, location=location, timeout=args.checkpoint_timeout),
+            timeout=max(c.timeout, args.checkpoint_timeout + 5))
+    print(location)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyshim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     client_command("images", cmd_images, "list images")
     client_command("rmi", cmd_rmi, "remove images").add_argument("images", nargs="+")
     client_command("stats", cmd_stats, "container usage")
+    p = client_command("checkpoint", cmd_checkpoint, "checkpoint a running container to an archive (it keeps running)")
+    p.add_argument("id")
+    p.add_argument("--export", required=True, help="archive to write (a tar, as kubelet expects)")
+    p.add_argument("--checkpoint-timeout", type=int, default=300, help="seconds CRIU may take")
+
     return parser
 
 

@@ -16,6 +16,7 @@ from cri_api import api_pb2_grpc
 from oci.registry import RegistryClient
 from oci.store import ImageStore
 from pyshim.config import Config
+from pyshim.internal.checkpointer import Checkpointer
 from pyshim.internal.cni import CNINetwork, default_conflist, load_conflist
 from pyshim.internal.conmon import Conmon
 from pyshim.internal.container_manager import ContainerManager
@@ -77,7 +78,8 @@ def build_runtime(config: Config) -> Runtime:
     return Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
                    registry=RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
                                            timeout=config.images.pull_timeout),
-                   events=events, runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
+                   events=events, checkpointer=Checkpointer(config.checkpoint, runc, root / "checkpoint-work"),
+                   runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
                    log=log)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyshim.config import Config
+from pyshim.internal.checkpointer import Checkpointer
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
 from pyshim.internal.sandbox_manager import SandboxManager
@@ -20,6 +21,7 @@ class Runtime:
     images: object  # oci.store.ImageStore
     registry: object  # oci.registry.RegistryClient
     events: EventBus
+    checkpointer: Checkpointer
     runc_version: str
     conmon_version: str
     log: object  # logging.Logger of the daemon

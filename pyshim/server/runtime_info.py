@@ -26,6 +26,13 @@ def status(rt: Runtime, request) -> "cri.StatusResponse":
             "runc": rt.runc_version, "conmon": rt.conmon_version, "cgroupDriver": "cgroupfs",
             "network": {"name": rt.config.network.name, "subnet": rt.config.network.subnet},
         })
+    # Like CRI-O: whether checkpoint/restore can work here, and why not, for people and tools.
+    criu = rt.checkpointer.criu
+    info["checkpointRestore"] = json.dumps({
+        "checkpointEnabled": rt.config.checkpoint.enable_checkpoint,
+        "restoreEnabled": rt.config.checkpoint.enable_restore,
+        "criuVersion": criu.version, "criuUsable": criu.usable, "reason": criu.reason,
+    })
     return cri.StatusResponse(status=cri.RuntimeStatus(conditions=[runtime_ready, network_ready]), info=info)
 
 

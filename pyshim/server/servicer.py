@@ -12,10 +12,11 @@ import time
 import grpc
 
 from cri_api import api_pb2_grpc
+from criu_glue.errors import ArchiveError, UnsafeArchive
 from oci import errors as oci_errors
 from oci.runtime_spec import SpecInputError
 from pyshim.errors import CRIError
-from pyshim.server import (container_events, container_lifecycle, container_ops, container_status, images,
+from pyshim.server import (container_checkpoint, container_events, container_lifecycle, container_ops, container_status, images,
                            pod_sandbox, runtime_info, stats)
 from pyshim.server.runtime import Runtime
 
@@ -34,21 +35,29 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return error.code, error.message
     if isinstance(error, SpecInputError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, UnsafeArchive):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, ArchiveError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     for error_type, code in _OCI_ERROR_CODES:
         if isinstance(error, error_type):
             return code, str(error)
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
 
 
-def unary(handler):
-    """A unary CRI method from a handler(runtime, request)."""
+def unary(handler, with_deadline: bool = False):
+    """A unary CRI method from a handler(runtime, request), or (runtime, request, seconds_remaining)
+    for handlers that must honour the caller's deadline."""
     name = handler.__name__
 
     @functools.wraps(handler)
     def method(self, request, context):
         started = time.monotonic()
         try:
-            response = handler(self.runtime, request)
+            if with_deadline:
+                response = handler(self.runtime, request, context.time_remaining())
+            else:
+                response = handler(self.runtime, request)
         except Exception as e:  # noqa: BLE001 - every failure must reach the client as a status
             code, message = status_of(e)
             level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
@@ -89,6 +98,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     Exec = unary(container_ops.exec_)
     Attach = unary(container_ops.attach)
     PortForward = unary(container_ops.port_forward)
+
+    CheckpointContainer = unary(container_checkpoint.checkpoint_container, with_deadline=True)
 
     ContainerStats = unary(stats.container_stats)
     ListContainerStats = unary(stats.list_container_stats)

@@ -1,0 +1,200 @@
+"""CheckpointContainer's machinery: freeze, `runc checkpoint`, rootfs diff, thaw, archive.
+
+The container is frozen (cgroup freezer) before CRIU runs and thawed only after the writable-layer
+diff is taken, so memory and files are one instant. The archive holds every memory page of the
+process, secrets included: it is written 0600 to a temporary name beside the target and renamed
+into place only when complete. Whatever fails, the container ends up running and thawed, and no
+archive or temporary file is left.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from criu_glue import archive_format as fmt
+from criu_glue.archive import write_archive
+from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, read_dump_stats
+from criu_glue.rootfs_diff import write_rootfs_diff
+from pyshim.config import CheckpointSettings
+from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout
+from pyshim.internal.state import ContainerRecord, ContainerState
+
+log = logging.getLogger(__name__)
+
+# Container paths that belong to the node or the kubelet, never to a checkpoint's rootfs diff.
+NODE_MANAGED_PATHS = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run/secrets")
+COMPRESSIONS = ("none", "gzip", "zstd")
+TCP_POLICIES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    location: Path
+    frozen_seconds: float
+    total_seconds: float
+    archive_bytes: int
+    tcp_established: bool
+
+
+def validate_location(location: str) -> Path:
+    if not location:
+        raise InvalidArgument("checkpoint location is empty: give the absolute path of the archive to write")
+    path = Path(location)
+    if not path.is_absolute():
+        raise InvalidArgument(f"checkpoint location {location!r} is not an absolute path")
+    if not path.parent.is_dir():
+        raise InvalidArgument(f"checkpoint location {location!r}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise InvalidArgument(f"checkpoint location {location!r} is a directory; name the archive file")
+    return path
+
+
+class Checkpointer:
+    def __init__(self, settings: CheckpointSettings, runc: Runc, work_root: Path):
+        if settings.compression not in COMPRESSIONS:
+            raise InvalidArgument(f"checkpoint.compression must be one of {COMPRESSIONS}, not {settings.compression!r}")
+        if settings.tcp_established not in TCP_POLICIES:
+            raise InvalidArgument(f"checkpoint.tcp_established must be one of {TCP_POLICIES}")
+        self._settings = settings
+        self._runc = runc
+        self._work_root = Path(work_root)
+        self._work_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self.criu = criu_availability(settings.min_criu_version)
+
+    def _lock_for(self, container_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(container_id, threading.Lock())
+
+    def check_enabled(self) -> None:
+        if not self._settings.enable_checkpoint:
+            raise FailedPrecondition("checkpointing is disabled in this daemon's configuration "
+                                     "(checkpoint.enable_checkpoint = false)")
+        if not self.criu.usable:
+            raise FailedPrecondition(f"cannot checkpoint: {self.criu.reason}")
+
+    def checkpoint(self, record: ContainerRecord, members: "ArchiveMembers", location: Path,
+                   deadline: float) -> CheckpointResult:
+        """Checkpoint a running container to `location`; it keeps running. `deadline` is time.monotonic()."""
+        self.check_enabled()
+        lock = self._lock_for(record.id)
+        # A second checkpoint of the same container waits for the first, within its own deadline.
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise DeadlineExceeded(f"container {record.id} is being checkpointed by another call; gave up waiting")
+        try:
+            if record.state != ContainerState.RUNNING:
+                raise FailedPrecondition(f"container {record.id} is {record.state.value}: only a running "
+                                         "container can be checkpointed")
+            return self._checkpoint_locked(record, members, location, deadline)
+        finally:
+            lock.release()
+
+    def _checkpoint_locked(self, record, members: "ArchiveMembers", location: Path, deadline: float):
+        started = time.monotonic()
+        work = Path(tempfile.mkdtemp(prefix=f"{record.id[:12]}-", dir=self._work_root))
+        tcp = self._wants_tcp_established(record)
+        try:
+            images = work / fmt.CHECKPOINT_DIR
+            images.mkdir()
+            self._runc.pause(record.id)
+            frozen_at = time.monotonic()
+            try:
+                self._dump(record, CheckpointRequest(images, work, leave_running=True, file_locks=True,
+                                                     tcp_established=tcp), deadline)
+                deleted = write_rootfs_diff(record.upper, work / fmt.ROOTFS_DIFF_TAR, members.diff_exclusions)
+            finally:
+                self._thaw(record)
+            frozen = time.monotonic() - frozen_at
+            members.write(work, deleted)
+            self._move_criu_outputs(work)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"checkpoint of {record.id} ran out of time before the archive was written")
+            write_archive(location, work, self._settings.compression)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp)
+        log.info("container checkpointed", extra={
+            "container": record.id, "location": str(location), "frozen_ms": round(frozen * 1000, 1),
+            "total_ms": round(result.total_seconds * 1000, 1), "archive_bytes": result.archive_bytes,
+            "tcp_established": tcp})
+        return result
+
+    def _dump(self, record: ContainerRecord, req: CheckpointRequest, deadline: float) -> None:
+        try:
+            self._runc.checkpoint(record.id, req, timeout=max(0.1, deadline - time.monotonic()))
+        except RuncTimeout as e:
+            raise DeadlineExceeded(f"checkpoint of {record.id}: {e.message}") from None
+        except RuncError as e:
+            raise FailedPrecondition(f"checkpoint of {record.id} failed: {e.message}\n"
+                                     f"CRIU log ({fmt.DUMP_LOG}):\n{log_excerpt(req.work_path / fmt.DUMP_LOG)}") from None
+        stats = read_dump_stats(req.work_path / fmt.STATS_DUMP) or read_dump_stats(req.image_path / fmt.STATS_DUMP)
+        if stats:
+            log.info("CRIU dump statistics", extra={"container": record.id, **stats.as_log_fields()})
+
+    def _thaw(self, record: ContainerRecord) -> None:
+        try:
+            self._runc.resume(record.id)
+        except RuncError as e:
+            # Never leave a frozen container behind silently: this is the one failure a user must see.
+            log.error("container could not be thawed after checkpoint", extra={"container": record.id,
+                                                                                "error": e.message})
+            raise
+
+    def _wants_tcp_established(self, record: ContainerRecord) -> bool:
+        policy = self._settings.tcp_established
+        if policy != "auto":
+            return policy == "always"
+        return bool(record.pid) and has_established_tcp(record.pid)
+
+    @staticmethod
+    def _move_criu_outputs(work: Path) -> None:
+        """runc leaves dump.log and stats-dump in the work dir; the archive keeps them at its top level."""
+        for name in (fmt.DUMP_LOG, fmt.STATS_DUMP):
+            inside = work / fmt.CHECKPOINT_DIR / name
+            if inside.exists() and not (work / name).exists():
+                inside.rename(work / name)
+
+
+@dataclass
+class ArchiveMembers:
+    """The archive's metadata members (everything but CRIU's images and the rootfs diff)."""
+    config: "fmt.CheckpointConfig"
+    spec: dict
+    status: dict
+    bind_mounts: list
+    log_path: str
+    diff_exclusions: list[str]
+
+    def write(self, work: Path, deleted: list[str]) -> None:
+        fmt.write_config(work, self.config)
+        fmt.write_spec(work, self.spec)
+        fmt.write_status(work, self.status)
+        fmt.write_bind_mounts(work, self.bind_mounts)
+        fmt.write_deleted_files(work, deleted)
+        if self.log_path and Path(self.log_path).is_file():
+            shutil.copyfile(self.log_path, work / fmt.CONTAINER_LOG)
+
+
+def bind_mount_of(host_path: str, container_path: str) -> "fmt.BindMount":
+    """What a restore needs to know of a bind mount's source: file or directory, and its mode."""
+    try:
+        st = os.stat(host_path)
+        file_type, permissions = ("directory" if stat.S_ISDIR(st.st_mode) else "file"), stat.S_IMODE(st.st_mode)
+    except OSError:
+        file_type, permissions = "directory", 0o755
+    return fmt.BindMount(source=host_path, destination=container_path, file_type=file_type, permissions=permissions)
+
+
+def diff_exclusions(mount_destinations: list[str]) -> list[str]:
+    """Volumes and node-managed files are not the container's own state: keep them out of the diff."""
+    return sorted(set(NODE_MANAGED_PATHS) | {d for d in mount_destinations if d})
