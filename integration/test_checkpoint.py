@@ -134,3 +134,19 @@ def test_bad_checkpoint_requests(client, pulled_busybox, archive_dir):
     finally:
         cleanup(client, pod_id)
         cleanup(client, done_pod_id)
+
+
+def test_inspect_checkpoint_shows_the_process_tree(client, pulled_busybox, archive_dir):
+    from criu_glue.inspect import inspect_archive
+
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sh", "-c", "sleep 1000"])
+    try:
+        time.sleep(0.5)
+        location = archive_dir / "inspect.tar"
+        checkpoint(client, cid, location)
+        summary, report = inspect_archive(location)
+        assert summary.engine.lower() == "pyshim"
+        assert summary.container_name == "main" and summary.pod_name == pod.metadata.name
+        assert "sh" in {p.command for p in report.processes} or "sleep" in {p.command for p in report.processes}
+    finally:
+        cleanup(client, pod_id)

@@ -260,6 +260,13 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
+def cmd_inspect_checkpoint(args) -> int:
+    """Show a checkpoint archive of any engine, as `checkpointctl show`/`inspect` do."""
+    from criu_glue.inspect import main as inspect_main
+
+    return inspect_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyshim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--export", required=True, help="archive to write (a tar, as kubelet expects)")
     p.add_argument("--checkpoint-timeout", type=int, default=300, help="seconds CRIU may take")
+    p = sub.add_parser("inspect-checkpoint", help="show checkpoint archives (pyshim, CRI-O, Podman, containerd): "
+                                                  "ARCHIVE... [--ps] [--files] [--mem] [--all] [--json]")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_inspect_checkpoint)
 
     return parser
 

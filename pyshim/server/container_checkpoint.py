@@ -38,7 +38,9 @@ def checkpoint_container(rt: Runtime, request, time_remaining: float | None) -> 
         config=fmt.CheckpointConfig(
             id=record.id, name=config.metadata.name, rootfs_image=record.image_ref,
             rootfs_image_ref=record.image_id, rootfs_image_name=record.image_name, runtime="runc",
-            created_time_ns=record.created_at, checkpointed_time_ns=time.time_ns()),
+            created_time_ns=record.created_at, checkpointed_time_ns=time.time_ns(),
+            # Tells pyshim's archives apart from containerd's, whose annotations they share.
+            extra={"engine": "pyshim"}),
         spec=rt.containers.spec_of(record),
         status=json_format.MessageToDict(convert.container_status(record, config)),
         bind_mounts=[bind_mount_of(m.host_path, m.container_path) for m in config.mounts],
