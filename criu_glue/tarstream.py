@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import gzip
 import tarfile
-import zlib
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from oci.errors import UnsafeLayer
-from oci.layers import GZIP_MAGIC, ZSTD_MAGIC, clean_member_path, safe_path_in
+from oci.layers import GZIP_MAGIC, ZSTD_MAGIC, clean_member_path, corrupt_stream_errors, safe_path_in  # noqa: F401 - re-exported
 
 from .errors import UnsafeArchive
 
@@ -123,18 +122,6 @@ def _parse_pax_records(buf: bytes, offset: int) -> list[tuple[bytes, bytes]]:
         records.append((record[:equals], record[equals + 1:-1]))
         pos = end
     return records
-
-
-def corrupt_stream_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "this (compressed) tar stream is damaged", as opposed to our bugs."""
-    errors: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, gzip.BadGzipFile,
-                                               zlib.error)
-    try:
-        import zstandard
-        errors += (zstandard.ZstdError,)
-    except ImportError:  # pragma: no cover - depends on the environment
-        pass
-    return errors
 
 
 def detect_compression(raw: BinaryIO) -> str:

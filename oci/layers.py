@@ -164,12 +164,13 @@ def unpack_layer(blob_path: Path, media_type: str, dest: Path) -> str:
             reader = DigestingReader(stream)
             extract_tar_stream(reader, dest, context)
             reader.drain()
-    except _corrupt_archive_errors() as exc:
+    except corrupt_stream_errors() as exc:
         raise ImageError(f"layer {blob_path} is not a readable (compressed) tar archive: {exc}") from exc
     return reader.digest
 
 
-def _corrupt_archive_errors() -> tuple[type[BaseException], ...]:
+def corrupt_stream_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this (compressed) tar stream is damaged", as opposed to our bugs."""
     errors: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, gzip.BadGzipFile,
                                                zlib.error)
     try:

@@ -88,12 +88,8 @@ class ContainerManager:
         """Read the records back after a restart and bring each one up to date with reality."""
         self._records.load()
         for record in self._records.all():
-            config = decode_config(record, cri.ContainerConfig)
-            self._names[self._name_of(record, config)] = record.id
+            self._names[record.name] = record.id  # records keep the full reservation key
             self._reconcile(record)
-
-    def _name_of(self, record: ContainerRecord, config) -> str:
-        return record.name  # records keep the full reservation key
 
     def _lock_for(self, container_id: str) -> threading.Lock:
         with self._lock:
@@ -362,8 +358,7 @@ class ContainerManager:
             raise FailedPrecondition(f"container {record.id} is {record.state.value}: exec needs a running container")
         if not cmd:
             raise InvalidArgument("exec command is empty")
-        spec = json.loads((record.bundle / "config.json").read_text())
-        process = dict(spec["process"], args=list(cmd), terminal=False)
+        process = dict(self.spec_of(record)["process"], args=list(cmd), terminal=False)
         result = self._runc.exec_sync(record.id, process, timeout or None)
         if result.timed_out:
             raise DeadlineExceeded(f"command {cmd!r} timed out after {timeout}s")
@@ -373,12 +368,13 @@ class ContainerManager:
         record = self.get(container_id)
         if record.state not in (ContainerState.RUNNING, ContainerState.CREATED):
             raise FailedPrecondition(f"container {record.id} is {record.state.value}: cannot update its resources")
-        self._runc.update(record.id, linux_resources_from_cri(resources))
-        spec_path = record.bundle / "config.json"
-        spec = json.loads(spec_path.read_text())
-        spec.setdefault("linux", {})["resources"] = {**spec["linux"].get("resources", {}),
-                                                     **linux_resources_from_cri(resources)}
-        spec_path.write_text(json.dumps(spec))
+        wanted = linux_resources_from_cri(resources)
+        self._runc.update(record.id, wanted)
+        # Keep config.json in step: exec and checkpoints read the container's current limits from it.
+        spec = self.spec_of(record)
+        linux = spec.setdefault("linux", {})
+        linux["resources"] = {**linux.get("resources", {}), **wanted}
+        (record.bundle / "config.json").write_text(json.dumps(spec))
 
     def reopen_log(self, container_id: str) -> None:
         record = self.get(container_id)

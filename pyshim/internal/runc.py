@@ -67,7 +67,7 @@ def _checkpoint_args(req: CheckpointRequest) -> list[str]:
 
 
 class Runc:
-    def __init__(self, binary: str, root: Path, log_dir: Path | None = None):
+    def __init__(self, binary: str, root: Path):
         self.binary = binary
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
