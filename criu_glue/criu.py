@@ -93,3 +93,47 @@ def has_established_tcp(pid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+class CritError(Exception):
+    """crit could not decode or encode a CRIU image."""
+
+
+def decode_image(image: Path) -> dict:
+    """One CRIU image as crit's JSON (CRIU's own decoder, so no image format is parsed by hand)."""
+    proc = subprocess.run([CRIT, "decode", "-i", str(image)], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise CritError(f"crit cannot decode {image.name}: {proc.stderr.strip()[-300:]}")
+    try:
+        return json.loads(proc.stdout)
+    except ValueError as e:
+        raise CritError(f"crit gave no JSON for {image.name}: {e}") from None
+
+
+def encode_image(doc: dict, image: Path) -> None:
+    """Write `doc` (crit's JSON) back as a CRIU image, replacing `image` only once encoded."""
+    tmp = image.with_name(image.name + ".json")
+    out = image.with_name(image.name + ".new")
+    try:
+        tmp.write_text(json.dumps(doc))
+        proc = subprocess.run([CRIT, "encode", "-i", str(tmp), "-o", str(out)], capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode != 0:
+            raise CritError(f"crit cannot encode {image.name}: {proc.stderr.strip()[-300:]}")
+        out.replace(image)
+    finally:
+        tmp.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+
+
+def set_uts_hostname(images_dir: Path, hostname: str) -> int:
+    """Give the restored UTS namespace the new pod's hostname. CRIU writes the dumped hostname into the
+    namespace it joins at restore, which would rename the new pod after the old one. Returns images changed."""
+    changed = 0
+    for image in sorted(images_dir.glob("utsns-*.img")):
+        doc = decode_image(image)
+        for entry in doc.get("entries", []):
+            entry["nodename"] = hostname
+        encode_image(doc, image)
+        changed += 1
+    return changed

@@ -17,6 +17,7 @@ from oci.registry import RegistryClient
 from oci.store import ImageStore
 from pyshim.config import Config
 from pyshim.internal.checkpointer import Checkpointer
+from pyshim.internal.restorer import Restorer
 from pyshim.internal.cni import CNINetwork, default_conflist, load_conflist
 from pyshim.internal.conmon import Conmon
 from pyshim.internal.container_manager import ContainerManager
@@ -71,14 +72,16 @@ def build_runtime(config: Config) -> Runtime:
     conmon = Conmon(conmon_binary, runc_binary, state / "runc", config.log_level)
     events = EventBus()
     images = ImageStore(root / "images")
-    containers = ContainerManager(root, state, runc, conmon, images, events)
+    checkpointer = Checkpointer(config.checkpoint, runc, root / "checkpoint-work")
+    restorer = Restorer(config.checkpoint, checkpointer.criu)
+    containers = ContainerManager(root, state, runc, conmon, images, events, restorer)
     sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent)
     sandboxes.load()
     containers.load()
     return Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
                    registry=RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
                                            timeout=config.images.pull_timeout),
-                   events=events, checkpointer=Checkpointer(config.checkpoint, runc, root / "checkpoint-work"),
+                   events=events, checkpointer=checkpointer, restorer=restorer,
                    runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
                    log=log)
 

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from pyshim.internal import cgroups, mounts
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
-from pyshim.internal.runc import ExecResult, Runc
+from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, Restorer, RestorePlan
+from pyshim.internal.runc import ExecResult, Runc, RuncError
 from pyshim.internal.sysctls import normalize_sysctl_name
 from pyshim.internal.state import (ContainerRecord, ContainerState, RecordStore, SandboxRecord,
                                    decode_config, encode_config)
@@ -53,6 +55,13 @@ class _PhaseTimer:
 
 
 @dataclass(frozen=True)
+class RestoreSource:
+    """A CreateContainer that restores: the checked archive and the checkpoint image it came from, if any."""
+    plan: RestorePlan
+    checkpoint_image_id: str = ""  # "" when the request named an archive path
+
+
+@dataclass(frozen=True)
 class SandboxContext:
     """What a container needs of its pod, handed in by the caller (the container layer never looks pods up)."""
     record: SandboxRecord
@@ -61,13 +70,25 @@ class SandboxContext:
     files: dict[str, str]
 
 
+def _with_command(config, plan: RestorePlan):
+    """CRIU restores the process itself, but config.json must still name one: a checkpoint image has no
+    entrypoint, so the checkpointed command is shown when the request gives none."""
+    if config.command or config.args or not plan.process_args:
+        return config
+    copy = type(config)()
+    copy.CopyFrom(config)
+    copy.command.extend(plan.process_args)
+    return copy
+
+
 def container_name_key(config, sandbox_config) -> str:
     m, p = config.metadata, sandbox_config.metadata
     return f"k8s_{m.name}_{p.name}_{p.namespace}_{p.uid}_{m.attempt}"
 
 
 class ContainerManager:
-    def __init__(self, root: Path, state_dir: Path, runc: Runc, conmon: Conmon, image_store, events: EventBus):
+    def __init__(self, root: Path, state_dir: Path, runc: Runc, conmon: Conmon, image_store, events: EventBus,
+                 restorer: Restorer):
         self._root = Path(root) / "containers"
         self._records = RecordStore(Path(root) / "state" / "containers", ContainerRecord)
         self._exit_dir = Path(state_dir) / "exits"
@@ -78,6 +99,7 @@ class ContainerManager:
         self._conmon = conmon
         self._images = image_store
         self._events = events
+        self._restorer = restorer
         self._names: dict[str, str] = {}
         self._lock = threading.RLock()
         self._container_locks: dict[str, threading.Lock] = {}
@@ -116,7 +138,7 @@ class ContainerManager:
         return [r for r in self.all() if r.sandbox_id == sandbox_id]
 
     def image_in_use(self, image_id: str) -> list[str]:
-        return [r.id for r in self._records.all() if r.image_id == image_id]
+        return [r.id for r in self._records.all() if image_id in (r.image_id, r.base_image_id)]
 
     def config_of(self, record: ContainerRecord):
         return decode_config(record, cri.ContainerConfig)
@@ -155,7 +177,7 @@ class ContainerManager:
         self._publish(record, EventType.STOPPED)
 
     def _reconcile(self, record: ContainerRecord) -> None:
-        if record.state not in (ContainerState.RUNNING, ContainerState.CREATED):
+        if record.state not in (ContainerState.RUNNING, ContainerState.CREATED) or record.pending_restore:
             return
         exited = Conmon.exit_code(self._paths(record), record.id)
         if exited is not None:
@@ -186,6 +208,12 @@ class ContainerManager:
         image = self._images.get(config.image.image) if config.image.image else None
         if image is None:
             raise NotFound(f"image {config.image.image!r} not found: pull it first")
+        with self._reserved_name(config, sandbox) as (container_id, key):
+            return self._create_reserved(container_id, key, sandbox, config, image)
+
+    @contextlib.contextmanager
+    def _reserved_name(self, config, sandbox: SandboxContext):
+        """A fresh id and the container's name reserved for it; the name is freed if creating fails."""
         key = container_name_key(config, sandbox.config)
         container_id = secrets.token_hex(32)
         with self._lock:
@@ -193,11 +221,41 @@ class ContainerManager:
                 raise AlreadyExists(f"container name {key!r} is already in use by {self._names[key]}")
             self._names[key] = container_id
         try:
-            return self._create_reserved(container_id, key, sandbox, config, image)
+            yield container_id, key
         except BaseException:
             with self._lock:
                 self._names.pop(key, None)
             raise
+
+    def create_restore(self, sandbox: SandboxContext, config, source: RestoreSource) -> ContainerRecord:
+        """Record a container that StartContainer will restore. Cheap on purpose: kubelet gives
+        CreateContainer two minutes, and unpacking a big checkpoint can take longer."""
+        try:
+            validate_container_config(config)
+        except SpecInputError as e:
+            raise InvalidArgument(str(e)) from None
+        plan = source.plan
+        with self._reserved_name(config, sandbox) as (container_id, key):
+            cdir = self._root / container_id
+            record = ContainerRecord(
+                id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,
+                config_b64=encode_config(config), image_ref=config.image.image,
+                image_id=source.checkpoint_image_id or str(plan.source), image_name=config.image.image,
+                created_at=time.time_ns(), dir=str(cdir), log_path=self._log_path(sandbox.config, config),
+                cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
+                restore_from=str(plan.source), restored_checkpoint_time=plan.checkpointed_at_ns,
+            )
+            with contextlib.ExitStack() as undo:
+                cdir.mkdir(mode=0o700)
+                undo.callback(shutil.rmtree, cdir, ignore_errors=True)
+                for sub in (record.upper, record.work, record.rootfs):
+                    sub.mkdir(mode=0o755)
+                self._records.save(record)
+                undo.pop_all()
+        self._publish(record, EventType.CREATED)
+        log.info("container created for restore", extra={"container": container_id, "sandbox": sandbox.record.id,
+                                                         "checkpoint": str(plan.source)})
+        return record
 
     def _create_reserved(self, container_id, key, sandbox: SandboxContext, config, image) -> ContainerRecord:
         cdir = self._root / container_id
@@ -282,6 +340,8 @@ class ContainerManager:
 
     def start(self, container_id: str) -> ContainerRecord:
         record = self.get(container_id)
+        if record.pending_restore:
+            raise FailedPrecondition(f"container {record.id} restores from a checkpoint: start it with its pod and base image")
         with self._lock_for(record.id):
             if record.state != ContainerState.CREATED:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}, not CREATED: cannot start it")
@@ -292,10 +352,75 @@ class ContainerManager:
         self._publish(record, EventType.STARTED)
         return self.refresh(record)
 
+    def start_restore(self, container_id: str, sandbox: SandboxContext, base_image,
+                      plan: RestorePlan) -> ContainerRecord:
+        """Restore the checkpoint into the new pod: rootfs from the base image plus the checkpoint's
+        diff, config.json built fresh from the new request, then `runc restore` under conmon.
+        On failure the container is EXITED with reason RestoreFailed and nothing is left mounted."""
+        record = self.get(container_id)
+        with self._lock_for(record.id):
+            if record.state != ContainerState.CREATED or not record.pending_restore:
+                raise FailedPrecondition(f"container {record.id} is {record.state.value}, not a CREATED restore")
+            try:
+                self._restore_locked(record, sandbox, base_image, plan)
+            except Exception as e:
+                message = getattr(e, "message", str(e))
+                record.message = message
+                self._mark_exited(record, 1, time.time_ns(), reason="RestoreFailed")
+                raise
+        self._publish(record, EventType.STARTED)
+        return self.refresh(record)
+
+    def _restore_locked(self, record: ContainerRecord, sandbox: SandboxContext, base_image,
+                        plan: RestorePlan) -> None:
+        config = self.config_of(record)
+        mode = self._restorer.tcp_mode(plan, config.annotations, [sandbox.record.ip, *sandbox.record.additional_ips])
+        images_dir = record.bundle / "checkpoint"
+        phases = _PhaseTimer()
+        with contextlib.ExitStack() as undo:
+            undo.callback(shutil.rmtree, images_dir, ignore_errors=True)  # CRIU is done with them either way
+            mounts.mount_overlay(self._images.layer_paths(base_image), record.upper, record.work, record.rootfs)
+            failed = undo.enter_context(contextlib.ExitStack())
+            failed.callback(mounts.unmount, record.rootfs)
+            phases.mark("rootfs")
+            unpacked = self._restorer.unpack(plan, images_dir, record.rootfs, record.log_path,
+                                             sandbox.record.hostname or socket.gethostname(),
+                                             allow_devices=config.linux.security_context.privileged)
+            phases.mark("unpack")
+            record.base_image_id = base_image.id
+            spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
+            criu_config = self._restorer.write_criu_config(mode, record.bundle / "criu.conf")
+            if criu_config:
+                spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
+            (record.bundle / "config.json").write_text(json.dumps(spec))
+            phases.mark("spec")
+            try:
+                record.pid = self._conmon.create(record.id, record.name, self._paths(record), record.log_path,
+                                                 stdin=config.stdin, tty=config.tty, restore_from=images_dir,
+                                                 restore_args=self._restorer.runc_restore_args(mode))
+            except RuncError as e:
+                self._runc.delete(record.id, force=True)
+                raise FailedPrecondition(self._restorer.failure_message(record.bundle, e.message)) from None
+            phases.mark("runc_restore")
+            record.state = ContainerState.RUNNING
+            record.started_at = time.time_ns()
+            record.restored = True
+            record.restore_tcp = mode.value
+            self._records.save(record)
+            failed.pop_all()
+        log.info("container restored", extra={"container": record.id, "checkpoint": record.restore_from,
+                                               "tcp": mode.value, "image_bytes": unpacked.image_bytes,
+                                               "ms": {**phases.report(), **{f"unpack_{k}": v for k, v in
+                                                                            unpacked.milliseconds.items()}}})
+
     def stop(self, container_id: str, timeout: float) -> None:
         """SIGTERM (or the image's stop signal), then SIGKILL when `timeout` seconds pass. Idempotent."""
         record = self.get(container_id)
         with self._lock_for(record.id):
+            if record.state == ContainerState.CREATED and record.pending_restore:
+                # Nothing runs yet: the process comes to life only at StartContainer.
+                self._mark_exited(record, 137, time.time_ns(), reason="Error")
+                return
             if record.state == ContainerState.CREATED:
                 # Never started: kill the runc init waiting in `runc create`, so conmon records an exit.
                 self._runc.kill(record.id, "KILL")
@@ -334,7 +459,8 @@ class ContainerManager:
             return
         with self._lock_for(record.id):
             self.refresh(record)
-            if record.state in (ContainerState.RUNNING, ContainerState.CREATED):
+            if record.state == ContainerState.RUNNING or (record.state == ContainerState.CREATED
+                                                          and not record.pending_restore):
                 self._runc.kill(record.id, "KILL", all_processes=True)
                 self._wait_exit(record, 10)
             self._runc.delete(record.id, force=True)

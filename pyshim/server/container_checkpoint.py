@@ -11,6 +11,7 @@ from google.protobuf import json_format
 
 from cri_api import api_pb2 as cri
 from criu_glue import archive_format as fmt
+from pyshim.internal.restorer import POD_IPS_KEY
 from pyshim.internal.checkpointer import ArchiveMembers, bind_mount_of, diff_exclusions, validate_location
 from pyshim.server import convert
 from pyshim.server.runtime import Runtime
@@ -28,19 +29,37 @@ def _deadline(request_timeout: int, time_remaining: float | None) -> float:
     return time.monotonic() + min(limits)
 
 
+def _base_image_fields(rt: Runtime, record) -> dict:
+    """The image the container's rootfs is built on. rootfsImageRef is NAME@DIGEST where known
+    (containerd's form): another node pulls exactly this image to restore on. A restored container's
+    base is the image under its checkpoint, not the checkpoint image itself."""
+    if not record.base_image_id:
+        image = rt.images.get(record.image_id)
+        ref = image.repo_digests[0] if image is not None and image.repo_digests else record.image_id
+        return {"rootfs_image": record.image_ref, "rootfs_image_ref": ref, "rootfs_image_name": record.image_name}
+    image = rt.images.get(record.base_image_id)
+    if image is None:
+        return {"rootfs_image_ref": record.base_image_id}
+    name = (image.repo_tags or image.repo_digests or [image.id])[0]
+    ref = image.repo_digests[0] if image.repo_digests else image.id
+    return {"rootfs_image": name, "rootfs_image_ref": ref, "rootfs_image_name": name}
+
+
 def checkpoint_container(rt: Runtime, request, time_remaining: float | None) -> "cri.CheckpointContainerResponse":
     rt.checkpointer.check_enabled()
     record = rt.containers.get(request.container_id)
     location = validate_location(request.location)
     deadline = _deadline(request.timeout, time_remaining)
     config = rt.containers.config_of(record)
+    sandbox = rt.sandboxes.find(record.sandbox_id)
     members = ArchiveMembers(
         config=fmt.CheckpointConfig(
-            id=record.id, name=config.metadata.name, rootfs_image=record.image_ref,
-            rootfs_image_ref=record.image_id, rootfs_image_name=record.image_name, runtime="runc",
+            id=record.id, name=config.metadata.name, **_base_image_fields(rt, record), runtime="runc",
             created_time_ns=record.created_at, checkpointed_time_ns=time.time_ns(),
-            # Tells pyshim's archives apart from containerd's, whose annotations they share.
-            extra={"engine": "pyshim"}),
+            # "engine" tells pyshim's archives apart from containerd's, whose annotations they share;
+            # the pod's addresses decide at restore whether established TCP connections can live on.
+            extra={"engine": "pyshim",
+                   POD_IPS_KEY: [ip for ip in ([sandbox.ip, *sandbox.additional_ips] if sandbox else []) if ip]}),
         spec=rt.containers.spec_of(record),
         status=json_format.MessageToDict(convert.container_status(record, config)),
         bind_mounts=[bind_mount_of(m.host_path, m.container_path) for m in config.mounts],

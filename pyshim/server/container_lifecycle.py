@@ -1,37 +1,59 @@
 """CreateContainer, StartContainer, StopContainer, RemoveContainer."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from cri_api import api_pb2 as cri
 from pyshim.errors import InvalidArgument, NotFound
 from pyshim.internal.container_manager import SandboxContext
+from pyshim.server.container_restore import base_image, restore_source
 from pyshim.server.runtime import Runtime
 
 
-def create_container(rt: Runtime, request) -> "cri.CreateContainerResponse":
-    """Create a container in a ready pod: rootfs, OCI config, and `runc create` under conmon."""
-    if not request.HasField("config"):
-        raise InvalidArgument("CreateContainer: config is missing")
-    sandbox = rt.sandboxes.find(request.pod_sandbox_id)
+def _sandbox_context(rt: Runtime, sandbox_id: str, config) -> SandboxContext:
+    sandbox = rt.sandboxes.find(sandbox_id)
     if sandbox is None:
-        raise NotFound(f"pod sandbox {request.pod_sandbox_id!r} not found")
-    # kubelet sends the pod's config again; ours is the one the pod was created with.
-    sandbox_config = rt.sandboxes.config_of(sandbox)
-    config = request.config
+        raise NotFound(f"pod sandbox {sandbox_id!r} not found")
     ns_options = config.linux.security_context.namespace_options
     target_pid = ""
     if ns_options.pid == cri.NamespaceMode.TARGET:
         target_pid = rt.containers.pid_namespace_path(ns_options.target_id)
-    context = SandboxContext(
-        record=sandbox, config=sandbox_config,
+    # kubelet sends the pod's config again; ours is the one the pod was created with.
+    return SandboxContext(
+        record=sandbox, config=rt.sandboxes.config_of(sandbox),
         namespaces=rt.sandboxes.container_namespaces(sandbox, ns_options, target_pid),
         files=rt.sandboxes.container_files(sandbox),
     )
-    record = rt.containers.create(context, config)
+
+
+def create_container(rt: Runtime, request) -> "cri.CreateContainerResponse":
+    """Create a container in a ready pod: rootfs, OCI config, and `runc create` under conmon.
+
+    If the image is a checkpoint (an archive path, or a checkpoint image), only check the checkpoint
+    here and record the container; StartContainer restores it."""
+    if not request.HasField("config"):
+        raise InvalidArgument("CreateContainer: config is missing")
+    context = _sandbox_context(rt, request.pod_sandbox_id, request.config)
+    source = restore_source(rt, request.config)
+    if source is not None:
+        record = rt.containers.create_restore(context, request.config, source)
+    else:
+        record = rt.containers.create(context, request.config)
     return cri.CreateContainerResponse(container_id=record.id)
 
 
 def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
-    rt.containers.start(request.container_id)
+    """Start a created container; a container created from a checkpoint is restored now."""
+    record = rt.containers.get(request.container_id)
+    if record.pending_restore:
+        rt.restorer.check_enabled()
+        config = rt.containers.config_of(record)
+        context = _sandbox_context(rt, record.sandbox_id, config)
+        # Checked again: the archive may have changed since CreateContainer.
+        plan = rt.restorer.plan(Path(record.restore_from), config)
+        rt.containers.start_restore(record.id, context, base_image(rt, plan.base_image_refs), plan)
+    else:
+        rt.containers.start(record.id)
     return cri.StartContainerResponse()
 
 

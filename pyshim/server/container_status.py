@@ -19,8 +19,22 @@ def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
             "cgroupsPath": record.cgroups_path, "imageRef": record.image_ref,
             "checkpointedAt": _rfc3339(record.checkpointed_at) if record.checkpointed_at else "",
             "checkpointLocation": record.checkpoint_location,
+            **_restore_info(record),
         })
     return cri.ContainerStatusResponse(status=convert.container_status(record, config), info=info)
+
+
+def _restore_info(record) -> dict:
+    if not record.restore_from:
+        return {}
+    return {
+        "restored": record.restored,
+        "restoredFrom": record.restore_from,
+        "restoredCheckpointTime": _rfc3339(record.restored_checkpoint_time) if record.restored_checkpoint_time else "",
+        # "established": connections kept; "close": closed at restore (listeners kept); "none": there were none.
+        "restoreTcp": record.restore_tcp,
+        "baseImage": record.base_image_id,
+    }
 
 
 def _rfc3339(ns: int) -> str:

@@ -7,6 +7,7 @@ from pyshim.config import Config
 from pyshim.internal.checkpointer import Checkpointer
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
+from pyshim.internal.restorer import Restorer
 from pyshim.internal.sandbox_manager import SandboxManager
 
 RUNTIME_NAME = "pyshim"
@@ -22,6 +23,7 @@ class Runtime:
     registry: object  # oci.registry.RegistryClient
     events: EventBus
     checkpointer: Checkpointer
+    restorer: Restorer
     runc_version: str
     conmon_version: str
     log: object  # logging.Logger of the daemon

@@ -1,0 +1,119 @@
+"""Restore through CreateContainer/StartContainer into a new pod: real runc restore + CRIU."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri_api import api_pb2 as cri
+from integration.conftest import container_config, pod_config
+from integration.test_checkpoint import COUNTER, checkpoint, counter_value
+from integration.test_lifecycle import cleanup, run_container
+from pyshim.internal.cri_log import read_log
+
+
+@pytest.fixture
+def archive_dir(tmp_path):
+    d = tmp_path / "checkpoints"
+    d.mkdir(mode=0o700)
+    return d
+
+
+def restore_into_new_pod(client, image, name="restored", **kwargs):
+    """What kubelet does with a checkpoint image (or crictl with an archive path): a new pod, then
+    CreateContainer naming the checkpoint as image, then StartContainer."""
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    try:
+        cid = client.create(pod_id, container_config(image, [], name=name, **kwargs), pod)
+        client.start(cid)
+    except BaseException:
+        cleanup(client, pod_id)
+        raise
+    return pod, pod_id, cid
+
+
+def log_texts(client, cid) -> list[str]:
+    return [e.text for e in read_log(Path(client.status(cid).status.log_path))]
+
+
+def checkpointed_counter(client, image, archive: Path, script: str = COUNTER) -> int:
+    """Run a counter, checkpoint it, remove its pod; returns the counter's value at the checkpoint."""
+    pod, pod_id, cid = run_container(client, image, ["sh", "-c", script])
+    try:
+        time.sleep(1)
+        checkpoint(client, cid, archive)
+        return counter_value(client, cid)
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_restore_from_archive_continues_the_process_in_a_new_pod(client, pulled_busybox, archive_dir):
+    archive = archive_dir / "counter.tar"
+    at_checkpoint = checkpointed_counter(
+        client, pulled_busybox, archive, f"echo added > /added-file; rm /etc/group; {COUNTER}")
+
+    pod, pod_id, cid = restore_into_new_pod(client, str(archive))
+    try:
+        status = client.status(cid, verbose=True)
+        assert status.status.state == cri.CONTAINER_RUNNING
+        info = json.loads(status.info["info"])
+        assert info["restored"] is True and info["restoredCheckpointTime"]
+        assert info["restoreTcp"] == "none"
+
+        # The process goes on counting from where it was, not from zero.
+        first = counter_value(client, cid)
+        assert first >= at_checkpoint - 1
+        time.sleep(0.5)
+        assert counter_value(client, cid) > first
+        texts = log_texts(client, cid)
+        assert texts.count("tick 0\n") == 1, "the counter restarted instead of continuing"
+        assert f"tick {first + 1}\n" in texts or f"tick {first + 2}\n" in texts or counter_value(client, cid) > first
+
+        # The writable layer came along; node-managed files are the new pod's.
+        assert client.exec_sync(cid, ["cat", "/added-file"]).stdout == b"added\n"
+        assert client.exec_sync(cid, ["test", "-e", "/etc/group"]).exit_code == 1
+        assert client.exec_sync(cid, ["hostname"]).stdout.decode().strip() == pod.hostname
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_restoring_twice_from_one_archive_gives_two_independent_containers(client, pulled_busybox, archive_dir):
+    archive = archive_dir / "counter.tar"
+    checkpointed_counter(client, pulled_busybox, archive)
+    _, pod_a, cid_a = restore_into_new_pod(client, str(archive))
+    try:
+        _, pod_b, cid_b = restore_into_new_pod(client, str(archive))
+        try:
+            client.exec_sync(cid_a, ["sh", "-c", "echo only-a > /marker"])
+            assert client.exec_sync(cid_b, ["test", "-e", "/marker"]).exit_code == 1
+            client.stop(cid_a, timeout=0)
+            time.sleep(0.3)
+            assert client.status(cid_b).status.state == cri.CONTAINER_RUNNING
+        finally:
+            cleanup(client, pod_b)
+    finally:
+        cleanup(client, pod_a)
+
+
+def test_restore_of_missing_or_corrupt_archive_is_refused_and_leaves_nothing(client, archive_dir):
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.create(pod_id, container_config(str(archive_dir / "nope.tar"), []), pod)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+        corrupt = archive_dir / "corrupt.tar"
+        corrupt.write_bytes(b"this is not a tar archive" * 100)
+        with pytest.raises(grpc.RpcError) as err:
+            client.create(pod_id, container_config(str(corrupt), []), pod)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "corrupt.tar" in err.value.details()
+        assert not client.runtime.ListContainers(cri.ListContainersRequest()).containers
+    finally:
+        cleanup(client, pod_id)

@@ -1,0 +1,232 @@
+"""Restore from a checkpoint archive: what CreateContainer checks and what StartContainer unpacks.
+
+A checkpoint archive (or a checkpoint image's layer, which is the same tar) is untrusted input: it
+may come from any registry. Nothing security-relevant is taken from it -- the container's config is
+built fresh from the new CreateContainerRequest and the base image. From the archive come only the
+CRIU images (unpacked as plain files into a private directory), the writable-layer diff (applied
+by criu_glue.rootfs_diff, which refuses anything that would land outside the rootfs), the old log
+lines and facts used for decisions (the checkpoint's time, whether it holds established TCP
+connections and from which pod address, and which bind mounts the process expects).
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from criu_glue import archive_format as fmt
+from criu_glue.archive import CheckpointArchive, open_archive
+from criu_glue.criu import CriuAvailability, CritError, log_excerpt, set_uts_hostname
+from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
+from criu_glue.limits import Limits
+from criu_glue.rootfs_diff import apply_rootfs_diff
+from pyshim.config import CheckpointSettings
+from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+# Per-container override of the TCP decision, set on the new CreateContainerRequest:
+# "established" keeps connections (needs the checkpointed pod address), "close" closes them.
+TCP_ANNOTATION = "io.pyshim.restore.tcp"
+# The checkpointed pod's addresses, which pyshim records in config.dump for the TCP decision.
+POD_IPS_KEY = "podIPs"
+# CRIU writes one of these per established TCP connection it dumped.
+_TCP_STREAM_PREFIX = f"{fmt.CHECKPOINT_DIR}/tcp-stream-"
+# runc hands CRIU the options of this file (runc 1.1 has no --tcp-close flag).
+CRIU_CONFIG_ANNOTATION = "org.criu.config"
+RESTORE_LOG = "restore.log"
+
+
+class TcpMode(str, enum.Enum):
+    NONE = "none"                # the checkpoint holds no established connection
+    ESTABLISHED = "established"  # connections restored (CRIU --tcp-established)
+    CLOSE = "close"              # connections restored closed (CRIU tcp-close); listeners keep working
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """What the archive says, checked, as far as restoring needs it."""
+    source: Path
+    checkpoint_name: str
+    base_image_refs: tuple[str, ...]  # most exact first: NAME@DIGEST / image id, then names
+    checkpointed_at_ns: int
+    established_tcp: bool
+    checkpoint_ips: tuple[str, ...]
+    process_args: tuple[str, ...]
+    expected_bind_mounts: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class UnpackResult:
+    image_bytes: int
+    milliseconds: dict[str, float]
+
+
+def _unreadable(source: Path, exc: Exception) -> Exception:
+    if isinstance(exc, UnsafeArchive):
+        return InvalidArgument(f"checkpoint {source} refused: {exc}")
+    return InvalidArgument(f"checkpoint {source} is not a usable checkpoint archive: {exc}")
+
+
+class Restorer:
+    def __init__(self, settings: CheckpointSettings, criu: CriuAvailability, limits: Limits = Limits()):
+        self._settings = settings
+        self.criu = criu
+        self.limits = limits
+
+    def check_enabled(self) -> None:
+        if not self._settings.enable_restore:
+            raise FailedPrecondition("restoring checkpoints is disabled in this daemon's configuration "
+                                     "(checkpoint.enable_restore = false)")
+        if not self.criu.usable:
+            raise FailedPrecondition(f"cannot restore: {self.criu.reason}")
+
+    # ---- CreateContainer: cheap checks -------------------------------------------------------
+
+    def plan(self, source: Path, config) -> RestorePlan:
+        """Open and validate the archive; refuse it if the new request lacks a bind mount it expects."""
+        if not source.is_file():
+            raise NotFound(f"checkpoint archive {source} not found")
+        try:
+            with open_archive(source, self.limits) as archive:
+                plan = self._plan_from(archive, source)
+        except ArchiveError as e:
+            raise _unreadable(source, e) from None
+        missing = sorted(set(plan.expected_bind_mounts) - {m.container_path for m in config.mounts})
+        if missing:
+            raise InvalidArgument(
+                f"checkpoint {source} expects bind mounts the new container does not have: {', '.join(missing)}; "
+                "add them to the container's mounts (the restored process has files open there)")
+        return plan
+
+    @staticmethod
+    def _plan_from(archive: CheckpointArchive, source: Path) -> RestorePlan:
+        config = archive.config()
+        refs = [config.rootfs_image_ref, config.rootfs_image_name, config.rootfs_image]
+        refs = tuple(dict.fromkeys(r for r in refs if r))
+        if not refs:
+            raise ArchiveFormatError(str(source), "config.dump names no base image (rootfsImage*)")
+        ips = config.extra.get(POD_IPS_KEY) or _podman_ips(archive)
+        args = archive.spec().get("process", {}).get("args") or []
+        return RestorePlan(
+            source=source, checkpoint_name=config.name, base_image_refs=refs,
+            checkpointed_at_ns=config.checkpointed_time_ns or 0,
+            established_tcp=any(n.startswith(_TCP_STREAM_PREFIX) for n in archive.member_names()),
+            checkpoint_ips=tuple(str(ip) for ip in ips if isinstance(ip, str)),
+            process_args=tuple(str(a) for a in args if isinstance(a, str)),
+            expected_bind_mounts=tuple(sorted({m.destination for m in archive.bind_mounts()})),
+        )
+
+    @staticmethod
+    def tcp_mode(plan: RestorePlan, annotations, pod_ips: list[str]) -> TcpMode:
+        forced = annotations.get(TCP_ANNOTATION, "")
+        if forced:
+            try:
+                mode = TcpMode(forced)
+            except ValueError:
+                raise InvalidArgument(f"annotation {TCP_ANNOTATION}={forced!r}: use 'established' or 'close'") from None
+            if mode == TcpMode.NONE:
+                raise InvalidArgument(f"annotation {TCP_ANNOTATION}={forced!r}: use 'established' or 'close'")
+            return mode if plan.established_tcp else TcpMode.NONE
+        if not plan.established_tcp:
+            return TcpMode.NONE
+        # A connection can only live on where its local address still exists.
+        if set(plan.checkpoint_ips) & {ip for ip in pod_ips if ip}:
+            return TcpMode.ESTABLISHED
+        return TcpMode.CLOSE
+
+    # ---- StartContainer: the heavy work ------------------------------------------------------
+
+    def unpack(self, plan: RestorePlan, images_dir: Path, rootfs: Path, log_path: str, hostname: str,
+               allow_devices: bool = False) -> UnpackResult:
+        """CRIU images into `images_dir` (with the new pod's `hostname`); deleted files and the diff onto
+        the mounted `rootfs`; the old log lines into `log_path`."""
+        ms: dict[str, float] = {}
+        started = time.perf_counter()
+        try:
+            with open_archive(plan.source, self.limits) as archive:
+                ms["open"] = _ms_since(started)
+                image_bytes = archive.extract_checkpoint_images(images_dir, self.limits)
+                set_uts_hostname(images_dir, hostname)
+                ms["criu_images"] = _ms_since(started) - sum(ms.values())
+                self._apply_diff(archive, images_dir.parent, rootfs, allow_devices)
+                ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
+                if log_path:
+                    self._carry_log(archive, Path(log_path))
+        except ArchiveError as e:
+            raise _unreadable(plan.source, e) from None
+        except CritError as e:
+            raise InvalidArgument(f"checkpoint {plan.source}: {e}") from None
+        return UnpackResult(image_bytes, ms)
+
+    def _apply_diff(self, archive: CheckpointArchive, scratch: Path, rootfs: Path, allow_devices: bool) -> None:
+        diff = None
+        if archive.has_member(fmt.ROOTFS_DIFF_TAR):
+            diff = scratch / "rootfs-diff.tar"
+            archive.extract_member(fmt.ROOTFS_DIFF_TAR, diff)
+        try:
+            apply_rootfs_diff(diff, archive.deleted_files(), rootfs, self.limits, allow_devices=allow_devices)
+        finally:
+            if diff is not None:
+                diff.unlink(missing_ok=True)
+
+    @staticmethod
+    def _carry_log(archive: CheckpointArchive, log_path: Path) -> None:
+        """The lines logged before the checkpoint stay in the container's log; conmon appends after them."""
+        member = archive.log_member()
+        if member is None:
+            return
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        with os.fdopen(fd, "ab") as out, archive.open_member(member) as src:
+            shutil.copyfileobj(src, out)
+
+    @staticmethod
+    def write_criu_config(mode: TcpMode, path: Path) -> Path | None:
+        """CRIU options runc has no flag for, in the file runc names to CRIU (annotation org.criu.config)."""
+        if mode != TcpMode.CLOSE:
+            return None
+        path.write_text("tcp-close\n")
+        return path
+
+    @staticmethod
+    def runc_restore_args(mode: TcpMode) -> tuple[str, ...]:
+        # --file-locks at restore too: without it CRIU drops the locks the process held.
+        # --manage-cgroups-mode=ignore: the process joins the new pod's cgroup, never the old one.
+        args = ["--file-locks", "--manage-cgroups-mode=ignore"]
+        if mode == TcpMode.ESTABLISHED:
+            args.append("--tcp-established")
+        return tuple(args)
+
+    @staticmethod
+    def failure_message(bundle: Path, error: str) -> str:
+        return f"restore failed: {error}\nCRIU log ({RESTORE_LOG}):\n{log_excerpt(bundle / RESTORE_LOG)}"
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _podman_ips(archive: CheckpointArchive) -> list[str]:
+    """Podman records the container's addresses in network.status (a map of network name to result)."""
+    raw = archive.metadata_member(fmt.NETWORK_STATUS)
+    if not raw:
+        return []
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return []
+    ips: list[str] = []
+    networks = doc.values() if isinstance(doc, dict) else []
+    for network in networks:
+        for iface in (network.get("interfaces") or {}).values() if isinstance(network, dict) else []:
+            for subnet in iface.get("subnets") or [] if isinstance(iface, dict) else []:
+                ipnet = subnet.get("ipnet", "") if isinstance(subnet, dict) else ""
+                if ipnet:
+                    ips.append(ipnet.split("/", 1)[0])
+    return ips
