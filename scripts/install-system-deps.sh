@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system parts pyshim drives: runc, CRIU 4.2 (Debian forky), conmon, CNI plugins,
-# iptables, docker-registry (tests), busybox-static (test image). Idempotent: CI runs it every time.
+# iptables, docker-registry (tests), busybox-static (test image), and Podman 5 + checkpointctl
+# (Debian trixie; the tests use them as real producers and readers of checkpoint archives).
+# Idempotent: CI runs it every time.
 #
 # Why forky for CRIU: bookworm's 3.17 fails on kernels >= 6.x vDSO layouts, trixie's 4.1.1 cannot
 # dump TCP sockets on kernels >= 6.16. The sources are pinned low so nothing else moves.
@@ -11,6 +13,21 @@ export DEBIAN_FRONTEND=noninteractive
 
 BOOKWORM_PKGS=(runc iptables iproute2 conmon containernetworking-plugins docker-registry busybox-static util-linux)
 
+# Podman 5.4 with the containers-common/-image configs and netavark it was released with (trixie),
+# named one by one so that nothing else moves: runc, conmon, criu, iptables and python3 stay as
+# they are (apt-get install -s shows 1 upgraded, libgpg-error0; libgpg-error-dev, if present,
+# is removed). No recommends: they would bring buildah, passt, slirp4netns, libcriu2 and more.
+PODMAN_PKGS=(podman/trixie libgpg-error0/trixie libgpgme11t64/trixie
+             golang-github-containers-common/trixie golang-github-containers-image/trixie
+             netavark/trixie checkpointctl/trixie)
+# What installing PODMAN_PKGS must never upgrade, downgrade or remove.
+KEEP_PKGS_RE='^(Inst|Remv) (runc|crun|conmon|criu|iptables|python3[.0-9]*|python3[.0-9]*-minimal|libpython3[.0-9]*-(minimal|stdlib)) '
+
+podman_ok() {
+    command -v podman >/dev/null 2>&1 && podman --version 2>/dev/null | grep -qE 'version ([5-9]|[1-9][0-9])\.' &&
+        command -v checkpointctl >/dev/null 2>&1
+}
+
 criu_ok() {
     command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -qE 'Version: 4\.([2-9]|[1-9][0-9])' &&
         [ -x /usr/bin/crit ]
@@ -18,6 +35,7 @@ criu_ok() {
 
 all_present() {
     criu_ok || return 1
+    podman_ok || return 1
     for bin in runc iptables ip conmon busybox docker-registry; do
         command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/bin/$bin" ] || [ -x "/usr/sbin/$bin" ] || return 1
     done
@@ -63,6 +81,17 @@ if ! criu_ok; then
     apt-get install -y -q --no-install-recommends python3-pycriu/forky
 fi
 
+if ! podman_ok; then
+    plan=$(apt-get install -s -q --no-install-recommends "${PODMAN_PKGS[@]}")
+    if moved=$(grep -E "$KEEP_PKGS_RE" <<<"$plan"); then
+        echo "install-system-deps: installing Podman would change these, refusing:" >&2
+        echo "$moved" >&2
+        exit 1
+    fi
+    apt-get install -y -q --no-install-recommends "${PODMAN_PKGS[@]}"
+fi
+
 all_present || { echo "install-system-deps: something is still missing after install" >&2; exit 1; }
 criu --version
+podman --version
 echo "install-system-deps: done"
