@@ -7,7 +7,19 @@ On disk, under `root`:
                               from the blobs, so this file stays small and is rewritten atomically
     tmp/                      partial blobs and unpacks, renamed into place only when complete
 
-One process owns a root at a time (stale tmp/ entries are cleared at start-up); within the
+    images.lock               flock held (exclusively) around every change to images.json
+    users.lock                flock every open store holds shared for its lifetime
+
+Several processes may share a root: the daemon, and `pyshim image import` / `pyshim
+checkpoint-image build` writing the same store while it runs. Every read-modify-write of
+images.json happens under an exclusive flock on images.lock after re-reading the file, and
+every lookup first re-reads images.json if another process replaced it since, so what one
+process adds the others see at their next get()/list() without a restart. "Replaced" is
+judged by comparing the file's (st_dev, st_ino, st_size, st_mtime_ns) with those of the copy
+last read; that copy is kept open, so its inode number cannot be reused by a newer file and
+even a same-size rewrite within one clock tick is noticed. Stale tmp/ entries (a crash
+mid-download) are cleared at start-up only by a process that finds itself the root's sole
+user (an exclusive users.lock), never under another process's in-flight download. Within a
 process every method is thread-safe.
 
 Manifest and index parsing lives here too: the store is what interprets stored manifests, and
@@ -16,6 +28,8 @@ the registry client and layout importer reuse the same parser.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import io
 import json
 import logging
@@ -24,9 +38,10 @@ import re
 import shutil
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from .digest import CHUNK_SIZE, digest_of, new_hasher, split_digest, verify_digest
 from .errors import DigestMismatch, ImageError, ImageNotFound, InvalidReference
@@ -54,6 +69,11 @@ MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 16 << 20
 
 _STATE_FILE = "images.json"
+_LOCK_FILE = "images.lock"
+_USERS_FILE = "users.lock"
+# Lookups that race with another process's remove (which deletes blobs right after rewriting
+# images.json) re-read the newer images.json instead of reporting the half-removed image.
+_REFRESH_ATTEMPTS = 5
 _STATE_VERSION = 1
 _HEX_RE = re.compile(r"^[a-f0-9]+$")
 _MIN_ID_PREFIX = 12
@@ -310,12 +330,52 @@ class ImageStore:
         self._unpack_locks: dict[str, threading.Lock] = {}
         for d in (self.root, self._blobs, self._layers):
             d.mkdir(parents=True, exist_ok=True)
-        # Leftovers of a crash mid-download or mid-unpack: never renamed in, so never referenced.
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir()
         self._images: dict[str, _StoredImage] = {}
         self._records: dict[str, ImageRecord] = {}
-        self._load_state()
+        # The images.json last read or written (kept open: see the module docstring) and its
+        # signature; a signature that failed to load is remembered so it is not re-read per call.
+        self._state_fd: int | None = None
+        self._state_sig: tuple | None = None
+        self._bad_state: tuple[tuple, ImageError] | None = None
+        self._flock_depth = 0
+        self._lock_fd = _open_lock_file(self.root / _LOCK_FILE)
+        self._users_fd = _open_lock_file(self.root / _USERS_FILE)
+        try:
+            self._claim_tmp()
+            with self._lock:
+                self._refresh(strict=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the lock files and the held images.json (the store is unusable afterwards)."""
+        for name in ("_state_fd", "_lock_fd", "_users_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; the fds go with the process
+            pass
+
+    def _claim_tmp(self) -> None:
+        """Clear leftovers of a crash mid-download or mid-unpack (never renamed in, so never
+        referenced) when no other process uses this root, then stay registered as a user."""
+        try:
+            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            sole_user = True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            sole_user = False
+        if sole_user:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(exist_ok=True)
+        fcntl.flock(self._users_fd, fcntl.LOCK_SH)
 
     # ------------------------------------------------------------ blobs
 
@@ -386,9 +446,7 @@ class ImageStore:
         manifest_digest = digest_of(manifest_bytes)
         manifest = parse_manifest(manifest_bytes, f"manifest {manifest_digest}")
         verify_digest(f"config of manifest {manifest_digest}", manifest.config.digest, config_bytes)
-        missing = [layer.digest for layer in manifest.layers if not self.has_blob(layer.digest)]
-        if missing:
-            raise ImageError(f"image {manifest_digest}: layer blobs missing from the store: {missing}")
+        self._check_layers_present(manifest_digest, manifest)
         tags = [normalize_tag(t) for t in tags]
         repo_digests = [normalize_repo_digest(d) for d in repo_digests]
         image_id = "sha256:" + split_digest(manifest.config.digest)[1]
@@ -398,7 +456,14 @@ class ImageStore:
         self.write_blob_bytes(manifest_bytes, manifest_digest)
         self.write_blob_bytes(config_bytes, manifest.config.digest)
 
-        with self._lock:
+        with self._exclusive():
+            # Again under the lock: another process's remove may have collected a shared blob
+            # between our download and now.
+            self._check_layers_present(manifest_digest, manifest)
+            for digest in (manifest_digest, manifest.config.digest):
+                if not self.has_blob(digest):
+                    raise ImageError(f"image {manifest_digest}: blob {digest} was removed from "
+                                     "the store while the image was being added; try again")
             previous = self._images.get(image_id)
             if previous:
                 stored.repo_tags = list(previous.repo_tags)
@@ -423,17 +488,19 @@ class ImageStore:
         if not key:
             return None
         with self._lock:
+            self._refresh(strict=False)
             image_id = (self._find_by_id(key) or self._find_by_reference(key)
                         or self._find_by_id_prefix(key))
             return self._records.get(image_id) if image_id else None
 
     def list(self) -> list[ImageRecord]:
         with self._lock:
+            self._refresh(strict=False)
             return sorted(self._records.values(), key=lambda r: r.id)
 
     def tag(self, image_id: str, ref: str) -> ImageRecord:
         tag = normalize_tag(ref)
-        with self._lock:
+        with self._exclusive():
             record = self.get(image_id)
             if record is None:
                 raise ImageNotFound(image_id, f"cannot tag it as {tag}")
@@ -446,7 +513,7 @@ class ImageStore:
 
     def remove(self, ref_or_id: str) -> bool:
         """Forget an image with all its tags, then delete blobs and layers nothing else uses."""
-        with self._lock:
+        with self._exclusive():
             record = self.get(ref_or_id)
             if record is None:
                 return False
@@ -594,44 +661,161 @@ class ImageStore:
 
     def discard_unreferenced_blobs(self, digests: set[str] | list[str]) -> None:
         """Delete the given blobs unless an image uses them (cleanup after a failed import)."""
-        with self._lock:
+        with self._exclusive():
             used: set[str] = set()
             for record in self._records.values():
                 used |= record.blob_digests()
             for digest in set(digests) - used:
                 self.blob_path(digest).unlink(missing_ok=True)
 
-    def _load_state(self) -> None:
-        if not self._state_path.exists():
-            return
-        try:
-            doc = json.loads(self._state_path.read_bytes())
-        except ValueError as exc:
-            raise ImageError(f"image store state {self._state_path} is corrupt: {exc}") from exc
-        if doc.get("version") != _STATE_VERSION:
-            raise ImageError(f"image store state {self._state_path} has version "
-                             f"{doc.get('version')!r}, expected {_STATE_VERSION}")
-        for image_id, entry in (doc.get("images") or {}).items():
-            stored = _StoredImage.from_json(image_id, entry)
+    def _check_layers_present(self, manifest_digest: str, manifest: Manifest) -> None:
+        missing = [layer.digest for layer in manifest.layers if not self.has_blob(layer.digest)]
+        if missing:
+            raise ImageError(f"image {manifest_digest}: layer blobs missing from the store: {missing}")
+
+    # ------------------------------------------------------------ images.json across processes
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This thread alone, and this process alone among those sharing the root, with the
+        newest images.json loaded: the frame of every read-modify-write. Re-entrant."""
+        with self._lock:
+            if self._flock_depth == 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._flock_depth += 1
             try:
-                self._records[image_id] = self._build_record(stored)
+                self._refresh(strict=True)
+                yield
+            finally:
+                self._flock_depth -= 1
+                if self._flock_depth == 0:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _refresh(self, strict: bool) -> None:
+        """Re-read images.json if another process replaced it since we last read or wrote it.
+
+        strict (before a change, under the flock): a file that cannot be loaded is an error, so
+        nothing is written over a state this process does not understand. Otherwise (lookups)
+        the last good state stays in use and the failure is logged once per file version.
+        """
+        for _ in range(_REFRESH_ATTEMPTS):
+            sig = _signature_of_path(self._state_path)
+            if sig == self._state_sig:
+                return
+            if self._bad_state and self._bad_state[0] == sig:
+                if strict:
+                    raise self._bad_state[1]
+                return
+            try:
+                if self._load_state():
+                    return
             except ImageError as exc:
-                # One damaged image must not keep the daemon from starting with the others.
-                log.error("dropping image %s from %s: %s", image_id, self.root, exc)
-                continue
-            self._images[image_id] = stored
+                self._bad_state = (sig, exc)
+                if strict:
+                    raise
+                log.error("image store %s: keeping the images known so far: %s", self.root, exc)
+                return
+        log.warning("image store %s: images.json kept changing while being read", self.root)
+
+    def _load_state(self) -> bool:
+        """Load images.json; False (nothing changed here) if it was replaced while being read
+        and an image's blobs were gone, which is another process's remove: read it again."""
+        try:
+            fd = os.open(self._state_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._adopt_state(None, {}, {})
+            return True
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                raw = f.read()
+            try:
+                doc = json.loads(raw)
+            except ValueError as exc:
+                raise ImageError(f"image store state {self._state_path} is corrupt: {exc}") from exc
+            if not isinstance(doc, dict) or doc.get("version") != _STATE_VERSION:
+                version = doc.get("version") if isinstance(doc, dict) else None
+                raise ImageError(f"image store state {self._state_path} has version "
+                                 f"{version!r}, expected {_STATE_VERSION}")
+            images: dict[str, _StoredImage] = {}
+            records: dict[str, ImageRecord] = {}
+            for image_id, entry in (doc.get("images") or {}).items():
+                stored = _StoredImage.from_json(image_id, entry)
+                try:
+                    records[image_id] = self._record_for(stored)
+                except ImageError as exc:
+                    if _signature_of_path(self._state_path) != _signature_of_fd(fd):
+                        os.close(fd)
+                        return False
+                    # One damaged image must not keep the daemon from starting with the others.
+                    log.error("dropping image %s from %s: %s", image_id, self.root, exc)
+                    continue
+                images[image_id] = stored
+        except BaseException:
+            os.close(fd)
+            raise
+        self._adopt_state(fd, images, records)
+        return True
+
+    def _record_for(self, stored: _StoredImage) -> ImageRecord:
+        """The record of `stored`, reusing the one already built when only its names changed."""
+        known = self._images.get(stored.id)
+        record = self._records.get(stored.id)
+        if (known is not None and record is not None
+                and known.manifest_digest == stored.manifest_digest
+                and known.index_annotations == stored.index_annotations):
+            if known == stored:
+                return record
+            return dataclasses.replace(record, repo_tags=list(stored.repo_tags),
+                                       repo_digests=list(stored.repo_digests))
+        return self._build_record(stored)
+
+    def _adopt_state(self, fd: int | None, images: dict[str, _StoredImage],
+                     records: dict[str, ImageRecord]) -> None:
+        old = self._state_fd
+        self._state_fd = fd
+        self._state_sig = _signature_of_fd(fd) if fd is not None else None
+        self._bad_state = None
+        self._images, self._records = images, records
+        if old is not None:
+            os.close(old)
 
     def _save_state(self) -> None:
+        assert self._flock_depth > 0, "images.json is only written under the store's flock"
         doc = {"version": _STATE_VERSION,
                "images": {i: s.to_json() for i, s in sorted(self._images.items())}}
         fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".images-", suffix=".json")
         try:
-            with os.fdopen(fd, "w") as out:
+            with os.fdopen(fd, "w", closefd=False) as out:
                 json.dump(doc, out, indent=1, sort_keys=True)
                 out.flush()
                 os.fsync(out.fileno())
             os.rename(tmp_name, self._state_path)
         except BaseException:
+            os.close(fd)
             Path(tmp_name).unlink(missing_ok=True)
             raise
+        # What we wrote is what we know: keep it as the state's reference copy.
+        old = self._state_fd
+        self._state_fd, self._state_sig, self._bad_state = fd, _signature_of_fd(fd), None
+        if old is not None:
+            os.close(old)
         _fsync_dir(self.root)
+
+
+def _open_lock_file(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _signature(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _signature_of_fd(fd: int) -> tuple:
+    return _signature(os.fstat(fd))
+
+
+def _signature_of_path(path: Path) -> tuple | None:
+    try:
+        return _signature(os.stat(path))
+    except FileNotFoundError:
+        return None

@@ -259,3 +259,87 @@ def test_usage_and_mountpoint(store):
     assert after_bytes >= before_bytes + 2 * 100_000  # the blob and its unpacked copy
     assert after_inodes > before_inodes
     assert store.mountpoint == store.root
+
+
+# ---------------------------------------------------------------- several processes, one root
+
+def test_two_stores_on_one_root_see_each_others_changes(tmp_path):
+    """The daemon's store and a CLI's store: what one writes, the other sees at its next lookup."""
+    root = tmp_path / "store"
+    daemon, cli = ImageStore(root), ImageStore(root)
+    try:
+        assert daemon.list() == []
+        added = make_image(cli, [BASE], tags=["app:v1"], manifest_annotations={"m": "1"})
+        assert daemon.get("app:v1") == added
+        assert daemon.list() == [added]
+
+        # A rewrite of the same size within the same clock tick is still noticed (the held
+        # copy keeps its inode number from being reused by the new file).
+        daemon.tag(added.id, "app:v2")
+        cli.tag(added.id, "app:v3")
+        assert daemon.get("app:v3").repo_tags == [f"docker.io/library/app:{v}" for v in ("v1", "v2", "v3")]
+        assert cli.get("app:v2") is not None
+
+        # Modifications start from the newest state: neither side loses the other's image.
+        other = make_image(daemon, [{"o": b"other"}], tags=["other:1"])
+        assert {i.id for i in cli.list()} == {added.id, other.id}
+        assert cli.remove("other:1") is True
+        assert daemon.get("other:1") is None
+        assert not daemon.has_blob(other.config_digest)
+        assert [i.id for i in ImageStore(root).list()] == [added.id]
+    finally:
+        daemon.close()
+        cli.close()
+
+
+def _add_images_in_child(root: str, prefix: str, count: int) -> None:
+    store = ImageStore(Path(root))
+    for i in range(count):
+        make_image(store, [{f"{prefix}{i}": prefix.encode() * (i + 1)}], tags=[f"{prefix}:{i}"])
+    os._exit(0)
+
+
+def test_concurrent_writers_in_separate_processes_lose_no_update(tmp_path):
+    import multiprocessing
+
+    root = tmp_path / "store"
+    watcher = ImageStore(root)
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_add_images_in_child, args=(str(root), p, 15)) for p in "abc"]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    expected = {f"docker.io/library/{p}:{i}" for p in "abc" for i in range(15)}
+    assert {t for image in watcher.list() for t in image.repo_tags} == expected
+    assert {t for image in ImageStore(root).list() for t in image.repo_tags} == expected
+    assert [p.name for p in root.iterdir() if p.name.startswith(".images-")] == []
+
+
+def test_start_up_clears_tmp_only_when_no_other_process_uses_the_root(tmp_path):
+    root = tmp_path / "store"
+    first = ImageStore(root)
+    in_flight = root / "tmp" / "blob-in-flight"
+    in_flight.write_bytes(b"half a download")
+    second = ImageStore(root)
+    assert in_flight.exists(), "a second user of the root removed another's partial download"
+    second.close()
+    first.close()
+    ImageStore(root).close()
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_unreadable_state_written_by_another_process(tmp_path):
+    root = tmp_path / "store"
+    store = ImageStore(root)
+    image = make_image(store, [BASE], tags=["keep:1"])
+    (root / "images.json.new").write_text(json.dumps({"version": 99, "images": {}}))
+    os.rename(root / "images.json.new", root / "images.json")
+    # Lookups keep the last good state; changes refuse to overwrite what they do not understand.
+    assert store.get("keep:1") == image
+    with pytest.raises(ImageError, match="version 99"):
+        store.tag(image.id, "keep:2")
+    with pytest.raises(ImageError, match="version 99"):
+        ImageStore(root)
+    store.close()
