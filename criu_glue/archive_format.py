@@ -122,6 +122,11 @@ _CONFIG_TIME_KEYS = {
     "restoredTime": "restored_time_ns",
 }
 _CONFIG_REQUIRED = ("id", "name")
+# Podman's config.dump is its whole container configuration (libpod ContainerConfig), not
+# checkpointctl's: the base image is rootfsImageName (the name as pulled, e.g. "host/repo:tag")
+# plus rootfsImageID (bare hex), with no rootfsImage, rootfsImageRef or checkpointedTime.
+PODMAN_IMAGE_ID_KEY = "rootfsImageID"
+_IMAGE_ID = re.compile(r"(sha256:)?[0-9a-f]{64}")
 _CONFIG_KNOWN = (*_CONFIG_STRING_KEYS, *_CONFIG_TIME_KEYS, "restored")
 
 
@@ -144,6 +149,16 @@ class CheckpointConfig:
     restored_time_ns: int | None = None
     restored: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_id(self) -> str:
+        """The base image's ID (its config digest) as the engine wrote it, bare hex or
+        "sha256:<hex>": rootfsImageRef when it is an ID (CRI-O, containerd, pyshim), else
+        Podman's rootfsImageID; "" when the archive records no ID."""
+        if _IMAGE_ID.fullmatch(self.rootfs_image_ref):
+            return self.rootfs_image_ref
+        podman = self.extra.get(PODMAN_IMAGE_ID_KEY)
+        return podman if isinstance(podman, str) and _IMAGE_ID.fullmatch(podman) else ""
 
     def to_json(self) -> bytes:
         clash = sorted(set(self.extra) & set(_CONFIG_KNOWN))

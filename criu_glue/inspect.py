@@ -21,7 +21,6 @@ import ipaddress
 import json
 import os
 import quopri
-import re
 import shutil
 import struct
 import subprocess
@@ -69,7 +68,6 @@ PAGES_PREFIX = "pages-"
 _SKIPPED_IMAGE_PREFIXES = (PAGES_PREFIX, "amdgpu-pages-", "pages-shmem-")
 # What the unpacked metadata images of one archive may take at most.
 INSPECT_LIMITS = Limits(max_total_bytes=8 << 30, max_entries=200_000)
-_IMAGE_ID = re.compile(r"(sha256:)?[0-9a-f]{64}")
 
 
 class InspectError(ArchiveError):
@@ -90,7 +88,7 @@ class ArchiveSummary:
     image_name: str        # config.dump rootfsImageName, else rootfsImage
     image_requested: str   # rootfsImage: the image as the user asked for it
     image_ref: str         # rootfsImageRef: image ID or NAME@DIGEST
-    image_id: str          # rootfsImageRef when it is an image ID, else ""
+    image_id: str          # rootfsImageRef when it is an image ID, else Podman's rootfsImageID, else ""
     runtime: str
     created: str           # RFC 3339 ("" when unknown)
     checkpointed: str
@@ -721,7 +719,7 @@ def summary_of(archive: CheckpointArchive) -> ArchiveSummary:
     return ArchiveSummary(
         archive=str(archive.path), container_id=config.id,
         image_name=config.rootfs_image_name or config.rootfs_image, image_requested=config.rootfs_image,
-        image_ref=ref, image_id=ref if _IMAGE_ID.fullmatch(ref) else "", runtime=config.runtime,
+        image_ref=ref, image_id=config.image_id, runtime=config.runtime,
         checkpointed=_rfc3339(config.checkpointed_time_ns), created_time_ns=config.created_time_ns,
         checkpointed_time_ns=config.checkpointed_time_ns, restored=config.restored,
         checkpoint_size=archive.checkpoint_size(), memory_pages_size=pages,

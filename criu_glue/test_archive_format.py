@@ -88,6 +88,48 @@ def test_config_round_trip_keeps_instants_and_unknown_keys():
     assert list(out)[:10] == list(CRIO_CONFIG)
 
 
+# Trimmed from a real `podman container checkpoint --export` (Podman 5.4.2): libpod's whole
+# container config, with the base image as rootfsImageID + rootfsImageName and no
+# rootfsImage, rootfsImageRef or checkpointedTime.
+PODMAN_CONFIG = {
+    "spec": {"ociVersion": "1.2.0", "process": {"args": ["sh", "-c", "sleep 1000"]}},
+    "id": "b89e05be03a3f1aa057262b9b9115590271fb15decca875e593270809aeccd95",
+    "name": "counter1",
+    "lockID": 0,
+    "RawImageName": "127.0.0.1:34781/busybox:latest",
+    "rootfsImageID": "342d978248bdf51c48566a183e94196611bd7fb368361e394e6a0f60ea5b87d5",
+    "rootfsImageName": "127.0.0.1:34781/busybox:latest",
+    "mounts": ["/var/lib/containers/storage/overlay-containers/b89e/userdata/shm"],
+    "createdTime": "2026-11-21T06:59:04.871689023Z",
+    "logPath": "/var/lib/containers/storage/overlay-containers/b89e/userdata/ctr.log",
+    "logDriver": "k8s-file",
+    "runtime": "runc",
+}
+
+
+def test_config_reads_podman_layout_and_its_image_id():
+    cfg = CheckpointConfig.from_json(json.dumps(PODMAN_CONFIG))
+    assert (cfg.id, cfg.name, cfg.runtime) == (PODMAN_CONFIG["id"], "counter1", "runc")
+    assert cfg.rootfs_image == cfg.rootfs_image_ref == ""
+    assert cfg.rootfs_image_name == "127.0.0.1:34781/busybox:latest"
+    assert cfg.image_id == PODMAN_CONFIG["rootfsImageID"]
+    assert cfg.created_time_ns == 1795244344_871689023 and cfg.checkpointed_time_ns is None
+    assert cfg.extra["mounts"] == PODMAN_CONFIG["mounts"] and "image_id" not in json.loads(cfg.to_json())
+
+
+@pytest.mark.parametrize("doc,image_id", [
+    (CRIO_CONFIG, CRIO_CONFIG["rootfsImageRef"]),
+    (dict(CRIO_CONFIG, rootfsImageRef="sha256:" + "ab" * 32), "sha256:" + "ab" * 32),
+    (dict(CRIO_CONFIG, rootfsImageRef="docker.io/library/nginx@sha256:" + "ab" * 32), ""),
+    (dict(CRIO_CONFIG, rootfsImageRef="", rootfsImageID="cd" * 32), "cd" * 32),
+    (dict(PODMAN_CONFIG, rootfsImageID="not-an-id"), ""),
+    (dict(PODMAN_CONFIG, rootfsImageID=42), ""),
+    ({"id": "c", "name": "n"}, ""),
+])
+def test_config_image_id_is_an_id_or_nothing(doc, image_id):
+    assert CheckpointConfig.from_json(json.dumps(doc)).image_id == image_id
+
+
 def test_config_omits_empty_image_fields_like_go_omitempty():
     out = json.loads(CheckpointConfig(id="c1", name="web").to_json())
     assert out == {"id": "c1", "name": "web", "createdTime": GO_ZERO_TIME,

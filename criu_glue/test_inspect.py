@@ -312,6 +312,20 @@ def test_engine_detection(tmp_path):
         assert s.rootfs_diff_size > 0
 
 
+def test_podman_config_shape_gives_image_id_and_no_checkpoint_time(tmp_path):
+    # What Podman 5.4 really writes (integration/test_podman_archives.py): no rootfsImage,
+    # rootfsImageRef or checkpointedTime; the image ID is rootfsImageID, bare hex.
+    config = {"id": CONTAINER_ID, "name": "counter1", "rootfsImageID": IMAGE_ID.removeprefix("sha256:"),
+              "rootfsImageName": "127.0.0.1:5000/busybox:latest", "runtime": "runc",
+              "createdTime": "2026-11-21T06:59:04.871689023Z", "lockID": 0, "spec": {"ociVersion": "1.2.0"}}
+    s = ins.summarize(pack(tmp_path / "podman.tar", None, annotations=PODMAN_ANNOTATIONS, config=config))
+    assert s.engine == "Podman" and s.container_name == "counter1"
+    assert s.image_name == "127.0.0.1:5000/busybox:latest" and s.image_requested == s.image_ref == ""
+    assert s.image_id == IMAGE_ID.removeprefix("sha256:")
+    assert s.checkpointed == "" and s.checkpointed_time_ns is None
+    assert s.created == "2026-11-21T06:59:04Z"
+
+
 def test_no_annotations_falls_back_to_config_name(tmp_path):
     s = ins.summarize(pack(tmp_path / "a.tar", None, annotations={}, config=_config(name="plain")))
     assert s.engine == "containerd" and s.container_name == "plain"
