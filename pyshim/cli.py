@@ -69,6 +69,106 @@ def cmd_image_import(args) -> int:
     return 0
 
 
+class _CommandFailed(Exception):
+    """A one-line message for stderr; the command exits 1."""
+
+
+def _local_image_store(args):
+    """The daemon's image store (its root from --config/--root), opened beside a running daemon."""
+    from oci.store import ImageStore
+    from pyshim.config import load_config
+
+    config = load_config(args.config, {"root": args.root})
+    return config, ImageStore(config.root_path / "images")
+
+
+def _failure_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
+
+
+def _one_line_errors(func):
+    """Report the errors a user can act on as `pyshim <command>: <message>`, exit code 1."""
+    def run(args) -> int:
+        from criu_glue.errors import ArchiveError
+        from oci.errors import ImageError
+        from pyshim.errors import CRIError
+
+        try:
+            return func(args)
+        except (_CommandFailed, ArchiveError, ImageError, CRIError, OSError, ValueError) as exc:
+            name = " ".join(filter(None, (args.command, getattr(args, "checkpoint_image_command", None))))
+            print(f"pyshim {name}: {_failure_message(exc)}".replace("\n", " "), file=sys.stderr)
+            return 1
+    return run
+
+
+@_one_line_errors
+def cmd_checkpoint_image_build(args) -> int:
+    """Turn a checkpoint archive into a checkpoint image in the daemon's local store."""
+    from criu_glue.checkpoint_image import build_checkpoint_image, checkpoint_name_of
+
+    archive = Path(args.archive)
+    if not archive.is_file():
+        raise _CommandFailed(f"checkpoint archive {archive} does not exist or is not a file")
+    _, store = _local_image_store(args)
+    record = build_checkpoint_image(store, archive, args.tag, compression=args.compression)
+    print(f"{record.id} {' '.join(record.repo_tags)} (checkpoint of container "
+          f"{checkpoint_name_of(record)!r}, layer {record.layers[0].size} bytes)")
+    return 0
+
+
+@_one_line_errors
+def cmd_checkpoint_image_push(args) -> int:
+    """Push a checkpoint image from the local store to the registry its name points at."""
+    from criu_glue.checkpoint_image import is_checkpoint_image
+    from oci.reference import Reference
+    from oci.registry import RegistryClient
+
+    config, store = _local_image_store(args)
+    record = store.get(args.image)
+    if record is None:
+        raise _CommandFailed(f"no image {args.image} in the local store at {store.root} "
+                             "(build it with `pyshim checkpoint-image build`)")
+    if not is_checkpoint_image(record):
+        raise _CommandFailed(f"image {args.image} is not a checkpoint image (it has none of the "
+                             "checkpoint-name annotations)")
+    target = Reference.parse(args.image)
+    if target.digest:
+        raise _CommandFailed(f"push needs a NAME[:TAG] to push to, not the digest reference {args.image}")
+    insecure = list(config.images.insecure_registries)
+    if args.insecure:
+        insecure.append(target.registry)
+    client = RegistryClient(insecure_registries=tuple(insecure), timeout=config.images.pull_timeout)
+    digest = client.push(store, record, str(target), _push_credentials(args))
+    # Remember where it went, as a pull would: kubelet then sees the repo digest in ImageStatus.
+    store.add_image(store.manifest_bytes(record), store.config_bytes(record), (),
+                    [f"{target.name}@{digest}"])
+    print(f"{target.name}@{digest}")
+    return 0
+
+
+def _push_credentials(args):
+    from oci.registry import Credentials
+
+    username = password = ""
+    if args.creds:
+        username, sep, password = args.creds.partition(":")
+        if not sep:
+            raise _CommandFailed("--creds takes USER:PASSWORD (or use --username with --password-stdin)")
+    if args.username:
+        username = args.username
+    if args.password_stdin:
+        if not username:
+            raise _CommandFailed("--password-stdin needs --username")
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not any((username, password, args.identity_token, args.registry_token)):
+        return None
+    return Credentials(username=username, password=password, identity_token=args.identity_token or "",
+                       registry_token=args.registry_token or "")
+
+
 # ---- client commands ------------------------------------------------------------------------------
 
 def _client(args):
@@ -289,6 +389,42 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--config")
     imp.add_argument("--root")
     imp.set_defaults(func=cmd_image_import)
+
+    cpi = sub.add_parser(
+        "checkpoint-image", help="checkpoint images: build one from an archive, push it (no daemon needed)",
+        description="A checkpoint image is an OCI image whose single layer is a checkpoint archive, marked by "
+                    "the CRI-O, checkpointctl/containerd and Podman checkpoint annotations. Kubernetes restores a "
+                    "container by running a pod whose image is one. These commands work on the daemon's local "
+                    "image store (--root, as the daemon's); a running daemon sees the result at once.")
+    cpi_sub = cpi.add_subparsers(dest="checkpoint_image_command", required=True)
+    build = cpi_sub.add_parser(
+        "build", help="turn a checkpoint archive into a checkpoint image in the local store",
+        description="Validate ARCHIVE (a checkpoint archive of pyshim, CRI-O, Podman or containerd: plain, gzip "
+                    "or zstd tar) and add it to the local image store as a one-layer checkpoint image named by "
+                    "--tag. The name comes only from --tag, never from the archive.")
+    build.add_argument("archive", metavar="ARCHIVE", help="the checkpoint archive (e.g. from `pyshim checkpoint --export`)")
+    build.add_argument("--tag", "-t", required=True, metavar="NAME[:TAG]",
+                       help="name of the image, e.g. registry.example:5000/checkpoints/web:v1 (tag defaults to latest)")
+    build.add_argument("--compression", choices=("keep", "none", "gzip", "zstd"), default="keep",
+                       help="layer compression: keep the archive's own bytes (default) or recompress")
+    build.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
+    build.add_argument("--config", help="the daemon's TOML configuration file")
+    build.set_defaults(func=cmd_checkpoint_image_build)
+    push = cpi_sub.add_parser(
+        "push", help="push a checkpoint image from the local store to its registry",
+        description="Upload IMAGE (blobs the registry lacks, then the manifest) to the registry and repository "
+                    "its name says. Loopback registries use plain HTTP; others HTTPS.")
+    push.add_argument("image", metavar="NAME[:TAG]", help="the local checkpoint image, and where to push it")
+    push.add_argument("--insecure", "--plain-http", action="store_true",
+                      help="for this registry, accept HTTPS without certificate checks and fall back to plain HTTP")
+    push.add_argument("--creds", metavar="USER:PASSWORD", help="registry credentials (Basic or token auth)")
+    push.add_argument("--username", help="registry user name (with --password-stdin)")
+    push.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    push.add_argument("--identity-token", help="OAuth2 refresh token for the registry's token service")
+    push.add_argument("--registry-token", help="bearer token to present to the registry as is")
+    push.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
+    push.add_argument("--config", help="the daemon's TOML configuration file (its insecure_registries apply)")
+    push.set_defaults(func=cmd_checkpoint_image_push)
 
     def client_command(name, func, help_text):
         p = sub.add_parser(name, help=help_text)
