@@ -151,7 +151,8 @@ def build_checkpoint_image(store: ImageStore, archive_path: str | os.PathLike, t
                       ANNOTATION_POD_NAME: summary.pod_name,
                       ANNOTATION_POD_NAMESPACE: summary.namespace,
                       ANNOTATION_ROOTFS_IMAGE_NAME: config.rootfs_image_name,
-                      ANNOTATION_ROOTFS_IMAGE_ID: config.rootfs_image_ref,
+                      # checkpointctl takes rootfsImageRef; Podman records only its rootfsImageID.
+                      ANNOTATION_ROOTFS_IMAGE_ID: config.rootfs_image_ref or config.image_id,
                       ANNOTATION_ROOTFS_IMAGE_USER_REQUESTED: config.rootfs_image,
                       ANNOTATION_RUNTIME_NAME: config.runtime}
             annotations.update({k: v for k, v in extras.items() if v})

@@ -18,7 +18,7 @@ from criu_glue.checkpoint_image import (ANNOTATION_CHECKPOINTCTL_NAME, ANNOTATIO
                                         checkpoint_name_of, is_checkpoint_image)
 from criu_glue.errors import ArchiveFormatError, ArchiveLimitExceeded, UnsafeArchive
 from criu_glue.limits import Limits
-from criu_glue.test_archive import base_entries, prepare_members, tar_of
+from criu_glue.test_archive import base_entries, checkpoint_entries, prepare_members, tar_of
 from oci.image_config import ImageConfig
 from oci.store import ImageRecord, ImageStore
 
@@ -100,6 +100,25 @@ def test_build_from_an_archive_gives_a_one_layer_annotated_image(tmp_path, store
         assert cp.config() == original.config()
         assert cp.spec() == original.spec()
         assert cp.member_names() == original.member_names()
+
+
+def test_podman_archive_annotations(tmp_path, store):
+    """Podman's config.dump is libpod's container config: the image ID is rootfsImageID."""
+    image_id = "9d2a" * 16
+    entries = [*checkpoint_entries(),
+               ("config.dump", json.dumps({"id": "5e1f", "name": "web", "rootfsImageID": image_id,
+                                           "rootfsImageName": "quay.io/app:1", "runtime": "crun"}).encode()),
+               ("spec.dump", json.dumps({"annotations": {"io.container.manager": "libpod"}}).encode())]
+    archive = tmp_path / "podman.tar.zst"
+    archive.write_bytes(tar_of(entries, "zstd"))
+    image = build_checkpoint_image(store, archive, "web:ck")
+    assert image.layers[0].media_type.endswith("+zstd")
+    assert image.annotations == {ANNOTATION_CRIO_NAME: "web", ANNOTATION_CHECKPOINTCTL_NAME: "web",
+                                 ANNOTATION_PODMAN_NAME: "web",
+                                 "org.criu.checkpoint.engine.name": "Podman",
+                                 "org.criu.checkpoint.rootfsImageName": "quay.io/app:1",
+                                 "org.criu.checkpoint.rootfsImageID": image_id,
+                                 "org.criu.checkpoint.runtime.name": "crun"}
 
 
 @pytest.mark.parametrize("source", ["none", "gzip", "zstd"])
