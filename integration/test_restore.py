@@ -117,3 +117,45 @@ def test_restore_of_missing_or_corrupt_archive_is_refused_and_leaves_nothing(cli
         assert not client.runtime.ListContainers(cri.ListContainersRequest()).containers
     finally:
         cleanup(client, pod_id)
+
+
+SERVICES = ("nc -ll -p 8080 -e /bin/cat & sleep 0.3; "
+            "(while true; do echo ping; sleep 0.1; done) | nc 127.0.0.1 8080 > /tmp/client.out & "
+            "flock /tmp/held.lock sleep 1000000 & "
+            f"{COUNTER}")
+
+
+def lines_in(client, cid, path) -> int:
+    return int(client.exec_sync(cid, ["sh", "-c", f"wc -l < {path}"]).stdout)
+
+
+def test_restore_keeps_file_locks_and_listeners_and_closes_connections_to_a_lost_address(
+        client, pulled_busybox, archive_dir):
+    archive = archive_dir / "services.tar"
+    checkpointed_counter(client, pulled_busybox, archive, SERVICES)
+    _, pod_id, cid = restore_into_new_pod(client, str(archive))
+    try:
+        info = json.loads(client.status(cid, verbose=True).info["info"])
+        # The new pod has another address, so the established connection cannot live on: closed.
+        assert info["restoreTcp"] == "close"
+        held = client.exec_sync(cid, ["flock", "-n", "/tmp/held.lock", "true"])
+        assert held.exit_code != 0, "the restored process lost its flock"
+        answer = client.exec_sync(cid, ["sh", "-c", "echo hello | timeout 3 nc 127.0.0.1 8080"])
+        assert b"hello" in answer.stdout, "the restored listener does not accept connections"
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_restore_forced_established_keeps_a_connection_talking(client, pulled_busybox, archive_dir):
+    archive = archive_dir / "services.tar"
+    checkpointed_counter(client, pulled_busybox, archive, SERVICES)
+    # Loopback connections survive any address change; the annotation forces CRIU's --tcp-established.
+    _, pod_id, cid = restore_into_new_pod(client, str(archive),
+                                          annotations={"io.pyshim.restore.tcp": "established"})
+    try:
+        assert json.loads(client.status(cid, verbose=True).info["info"])["restoreTcp"] == "established"
+        before = lines_in(client, cid, "/tmp/client.out")
+        time.sleep(0.6)
+        assert lines_in(client, cid, "/tmp/client.out") > before, "the connection stopped echoing after restore"
+    finally:
+        cleanup(client, pod_id)

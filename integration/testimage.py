@@ -28,7 +28,10 @@ ESSENTIAL_APPLETS = ["bin/sh", "bin/sleep", "bin/cat", "bin/echo", "bin/ls", "bi
                      "usr/bin/env", "usr/bin/id", "bin/hostname", "usr/bin/wc", "bin/mkdir", "bin/rm",
                      "bin/touch", "bin/true", "bin/false", "usr/bin/nc", "usr/bin/wget", "bin/date",
                      "bin/dd", "usr/bin/head", "usr/bin/tail", "bin/grep", "bin/sed", "bin/kill",
-                     "usr/bin/flock", "bin/mount", "bin/stat"]
+                     "bin/mount", "bin/stat"]
+# Host programs busybox lacks, copied in with the libraries they load: util-linux flock holds file
+# locks for the restore tests (busybox has no flock applet).
+HOST_PROGRAMS = {"usr/bin/flock": Path("/usr/bin/flock")}
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
@@ -76,13 +79,40 @@ def _write_busybox_layer(path: Path) -> None:
             tar.addfile(_symlink(applet, "/bin/busybox"))
 
 
+def _shared_libraries(program: Path) -> list[Path]:
+    """The libraries (and loader) `program` needs, as ldd resolves them on this host."""
+    out = subprocess.run(["ldd", str(program)], check=True, capture_output=True, text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        path = line.split("=>")[-1].split("(")[0].strip()
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
+def _host_program_files() -> dict[str, tuple[bytes, int]]:
+    files: dict[str, tuple[bytes, int]] = {}
+    for name, program in HOST_PROGRAMS.items():
+        if not program.is_file():
+            continue
+        files[name] = (program.read_bytes(), 0o755)
+        for lib in _shared_libraries(program):
+            files[str(lib).lstrip("/")] = (lib.resolve().read_bytes(), 0o755)
+    return files
+
+
 def _write_base_files_layer(path: Path) -> None:
+    programs = _host_program_files()
     with tarfile.open(path, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for d, mode in [("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("home", 0o755),
                         ("var", 0o755), ("proc", 0o555), ("sys", 0o555), ("dev", 0o755)]:
             tar.addfile(_dir(d, mode))
         tar.addfile(*_file("etc/passwd", PASSWD.encode()))
         tar.addfile(*_file("etc/group", GROUP.encode()))
+        for d in sorted({str(p) for name in programs for p in Path(name).parents if str(p) != "."}):
+            tar.addfile(_dir(d))
+        for name, (data, mode) in sorted(programs.items()):
+            tar.addfile(*_file(name, data, mode))
 
 
 def busybox_config() -> dict:
