@@ -1,7 +1,9 @@
 """Restore through CreateContainer/StartContainer into a new pod: real runc restore + CRIU."""
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import os
 import time
 from pathlib import Path
@@ -159,3 +161,151 @@ def test_restore_forced_established_keeps_a_connection_talking(client, pulled_bu
         assert lines_in(client, cid, "/tmp/client.out") > before, "the connection stopped echoing after restore"
     finally:
         cleanup(client, pod_id)
+
+
+# ---- hostile and broken checkpoints ------------------------------------------------------------
+
+def repack(archive: Path, out: Path, replace: dict[str, bytes] | None = None) -> Path:
+    """A copy of `archive` with some members' content replaced (a crafted checkpoint from a real one)."""
+    replace = dict(replace or {})
+    with tarfile.open(archive) as src, tarfile.open(out, "w") as dst:
+        for member in src.getmembers():
+            name = member.name.lstrip("./")
+            if name in replace:
+                data = replace.pop(name)
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+            else:
+                dst.addfile(member, src.extractfile(member) if member.isreg() else None)
+        for name, data in replace.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o600
+            dst.addfile(info, io.BytesIO(data))
+    out.chmod(0o600)
+    return out
+
+
+def tar_bytes(*entries: tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for entry in entries:
+            info, data = entry if isinstance(entry, tuple) else (entry, b"")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def member(name: str, kind=tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, linkname, 0o755 if kind != tarfile.REGTYPE else 0o644
+    return info
+
+
+def expect_failed_start(client, cid, code) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        client.start(cid)
+    assert err.value.code() == code, err.value.details()
+    status = client.status(cid).status
+    assert status.state == cri.CONTAINER_EXITED and status.reason == "RestoreFailed"
+    assert status.message
+    return err.value
+
+
+@pytest.fixture
+def counter_archive(client, pulled_busybox, archive_dir) -> Path:
+    archive = archive_dir / "counter.tar"
+    checkpointed_counter(client, pulled_busybox, archive)
+    return archive
+
+
+def test_rootfs_diff_writing_through_a_symlink_is_refused(client, counter_archive, archive_dir, tmp_path):
+    target = tmp_path / "host-dir"
+    target.mkdir()
+    hostile = repack(counter_archive, archive_dir / "hostile.tar", {"rootfs-diff.tar": tar_bytes(
+        member("escape", tarfile.SYMTYPE, str(target)), (member("escape/pwned"), b"owned\n"))})
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    try:
+        cid = client.create(pod_id, container_config(str(hostile), []), pod)
+        error = expect_failed_start(client, cid, grpc.StatusCode.INVALID_ARGUMENT)
+        assert "escape" in error.details()
+        assert not list(target.iterdir()), "the archive wrote outside the container"
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_nothing_security_relevant_comes_from_the_archive(client, counter_archive, archive_dir):
+    with tarfile.open(counter_archive) as tar:
+        spec = json.loads(tar.extractfile("spec.dump").read())
+    spec["annotations"].update({"cdi.k8s.io/smuggled": "vendor.com/gpu=all",
+                                "io.kubernetes.container.hash": "from-the-archive"})
+    spec["mounts"].append({"destination": "/host", "type": "bind", "source": "/", "options": ["rbind", "rw"]})
+    spec["process"]["capabilities"] = {k: ["CAP_SYS_ADMIN", "CAP_SYS_MODULE"] for k in
+                                       ("bounding", "effective", "permitted")}
+    spec["linux"].setdefault("devices", []).append({"path": "/dev/sda", "type": "b", "major": 8, "minor": 0})
+    crafted = repack(counter_archive, archive_dir / "crafted.tar", {"spec.dump": json.dumps(spec).encode()})
+
+    _, pod_id, cid = restore_into_new_pod(client, str(crafted), annotations={"io.kubernetes.container.hash": "new"})
+    try:
+        bundle = Path(json.loads(client.status(cid, verbose=True).info["info"])["bundle"])
+        config = json.loads((bundle / "config.json").read_text())
+        assert "cdi.k8s.io/smuggled" not in config["annotations"]
+        assert config["annotations"].get("io.kubernetes.container.hash") == "new"
+        assert client.status(cid).status.annotations["io.kubernetes.container.hash"] == "new"
+        assert "/host" not in {m["destination"] for m in config["mounts"]}
+        assert "CAP_SYS_MODULE" not in config["process"]["capabilities"]["bounding"]
+        assert "/dev/sda" not in {d["path"] for d in config["linux"].get("devices", [])}
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_restore_without_a_bind_mount_the_process_expects_is_refused(client, pulled_busybox, archive_dir, tmp_path):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    archive = archive_dir / "with-volume.tar"
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sh", "-c", COUNTER],
+                                     mounts=[cri.Mount(container_path="/data", host_path=str(volume))])
+    try:
+        time.sleep(0.5)
+        checkpoint(client, cid, archive)
+    finally:
+        cleanup(client, pod_id)
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.create(pod_id, container_config(str(archive), []), pod)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "/data" in err.value.details()
+        assert not client.runtime.ListContainers(cri.ListContainersRequest()).containers
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_criu_restore_failure_reports_the_log_and_leaves_nothing(client, counter_archive, archive_dir):
+    broken = repack(counter_archive, archive_dir / "broken.tar", {"checkpoint/pstree.img": b"\0" * 64})
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    try:
+        cid = client.create(pod_id, container_config(str(broken), []), pod)
+        error = expect_failed_start(client, cid, grpc.StatusCode.FAILED_PRECONDITION)
+        assert "restore.log" in error.details() and "Error" in error.details()
+        bundle = Path(json.loads(client.status(cid, verbose=True).info["info"])["bundle"])
+        assert not (bundle / "checkpoint").exists(), "CRIU images left behind"
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_missing_base_image_is_pulled_again_by_digest(client, pulled_busybox, counter_archive):
+    client.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=pulled_busybox)))
+    try:
+        _, pod_id, cid = restore_into_new_pod(client, str(counter_archive))
+        try:
+            base = json.loads(client.status(cid, verbose=True).info["info"])["baseImage"]
+            image = client.images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=base))).image
+            assert image.repo_digests, "the base image should come back by its digest reference"
+            assert client.status(cid).status.state == cri.CONTAINER_RUNNING
+        finally:
+            cleanup(client, pod_id)
+    finally:
+        client.pull(pulled_busybox)  # later tests name it by tag

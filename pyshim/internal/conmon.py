@@ -97,7 +97,10 @@ class Conmon:
         os.close(sync_w)
         os.close(start_r)
         try:
-            os.write(start_w, b"\0")
+            try:
+                os.write(start_w, b"\0")
+            except BrokenPipeError:
+                pass  # conmon already exited (a failed restore does not wait): the sync pipe says why
             os.close(start_w)
             # The first conmon process forks the monitor and exits at once; reap it.
             proc.wait(timeout=timeout)
