@@ -6,6 +6,7 @@ import json
 import tarfile
 import os
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -309,3 +310,36 @@ def test_missing_base_image_is_pulled_again_by_digest(client, pulled_busybox, co
             cleanup(client, pod_id)
     finally:
         client.pull(pulled_busybox)  # later tests name it by tag
+
+
+def test_restore_from_a_checkpoint_image_pulled_from_a_registry(client, daemon, registry, counter_archive):
+    from integration.test_checkpoint_image import pyshim, remove_image
+
+    tag = f"{registry.address}/checkpoints/counter-{uuid.uuid4().hex[:8]}:v1"
+    root = str(daemon.settings.root)
+    built = pyshim("checkpoint-image", "build", str(counter_archive), "--tag", tag, "--root", root)
+    assert built.returncode == 0, built.stderr
+    pushed = pyshim("checkpoint-image", "push", tag, "--root", root)
+    assert pushed.returncode == 0, pushed.stderr
+    remove_image(client, tag)
+    try:
+        client.pull(tag)  # what kubelet does first with any image
+        _, pod_a, cid_a = restore_into_new_pod(client, tag)
+        try:
+            status = client.status(cid_a, verbose=True)
+            assert status.status.state == cri.CONTAINER_RUNNING and status.status.image.image == tag
+            assert json.loads(status.info["info"])["restored"] is True
+            assert counter_value(client, cid_a) > 0
+            # kubelet restarting a restored container creates a new one from the same image: it restores again.
+            _, pod_b, cid_b = restore_into_new_pod(client, tag, name="again")
+            try:
+                assert client.status(cid_b).status.state == cri.CONTAINER_RUNNING
+            finally:
+                cleanup(client, pod_b)
+            with pytest.raises(grpc.RpcError) as err:
+                remove_image(client, tag)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, "image in use was removed"
+        finally:
+            cleanup(client, pod_a)
+    finally:
+        remove_image(client, tag)

@@ -12,11 +12,7 @@ import os
 import re
 from pathlib import Path
 
-try:
-    from criu_glue.checkpoint_image import checkpoint_name_of
-except ImportError:  # TEMP until criu_glue.checkpoint_image lands
-    def checkpoint_name_of(image):
-        return None
+from criu_glue.checkpoint_image import is_checkpoint_image
 from oci.errors import ImageError
 from oci.reference import Reference
 from pyshim.errors import FailedPrecondition, InvalidArgument
@@ -33,7 +29,7 @@ def restore_source(rt: Runtime, config) -> RestoreSource | None:
         rt.restorer.check_enabled()
         return RestoreSource(rt.restorer.plan(Path(image_name), config))
     image = rt.images.get(image_name)
-    if image is None or checkpoint_name_of(image) is None:
+    if image is None or not is_checkpoint_image(image):
         return None
     rt.restorer.check_enabled()
     if len(image.layers) != 1:
