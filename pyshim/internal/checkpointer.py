@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import shutil
 import tempfile
@@ -100,33 +101,47 @@ class Checkpointer:
 
     def _checkpoint_locked(self, record, members: "ArchiveMembers", location: Path, deadline: float):
         started = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=f"{record.id[:12]}-", dir=self._work_root))
+        phases = _Phases()
         tcp = self._wants_tcp_established(record)
+        # Read before freezing: the frozen window is for CRIU and the diff only.
+        lower_dirs = overlay_lower_dirs(record.rootfs)
+        work = Path(tempfile.mkdtemp(prefix=f"{record.id[:12]}-", dir=self._work_root))
         try:
             images = work / fmt.CHECKPOINT_DIR
             images.mkdir()
+            phases.mark("prepare")
             self._runc.pause(record.id)
             frozen_at = time.monotonic()
+            phases.mark("pause")
             try:
                 self._dump(record, CheckpointRequest(images, work, leave_running=True, file_locks=True,
                                                      tcp_established=tcp), deadline)
-                deleted = write_rootfs_diff(record.upper, work / fmt.ROOTFS_DIFF_TAR, members.diff_exclusions)
+                phases.mark("dump")
+                # Past the deadline the caller has given up: thaw now rather than diff for nobody.
+                _check_deadline(deadline, f"checkpoint of {record.id} ran out of time after CRIU's dump")
+                deleted = write_rootfs_diff(record.upper, work / fmt.ROOTFS_DIFF_TAR, members.diff_exclusions,
+                                            lower_dirs=lower_dirs)
+                phases.mark("diff")
             finally:
                 self._thaw(record)
             frozen = time.monotonic() - frozen_at
+            phases.mark("resume")
+            self._log_dump_stats(record, work)  # crit takes a while: never while frozen
+            phases.mark("stats")
             members.write(work, deleted)
             self._move_criu_outputs(work)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"checkpoint of {record.id} ran out of time before the archive was written")
-            write_archive(location, work, self._settings.compression)
+            phases.mark("metadata")
+            _check_deadline(deadline, f"checkpoint of {record.id} ran out of time before the archive was written")
+            _write_archive_by_deadline(location, work, self._settings.compression, deadline,
+                                       f"checkpoint of {record.id}")
+            phases.mark("archive")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp)
         log.info("container checkpointed", extra={
             "container": record.id, "location": str(location), "frozen_ms": round(frozen * 1000, 1),
             "total_ms": round(result.total_seconds * 1000, 1), "archive_bytes": result.archive_bytes,
-            "tcp_established": tcp})
+            "tcp_established": tcp, "lower_layers": len(lower_dirs), "phases_ms": phases.report()})
         return result
 
     def _dump(self, record: ContainerRecord, req: CheckpointRequest, deadline: float) -> None:
@@ -137,18 +152,39 @@ class Checkpointer:
         except RuncError as e:
             raise FailedPrecondition(f"checkpoint of {record.id} failed: {e.message}\n"
                                      f"CRIU log ({fmt.DUMP_LOG}):\n{log_excerpt(req.work_path / fmt.DUMP_LOG)}") from None
-        stats = read_dump_stats(req.work_path / fmt.STATS_DUMP) or read_dump_stats(req.image_path / fmt.STATS_DUMP)
+
+    @staticmethod
+    def _log_dump_stats(record: ContainerRecord, work: Path) -> None:
+        stats = (read_dump_stats(work / fmt.STATS_DUMP)
+                 or read_dump_stats(work / fmt.CHECKPOINT_DIR / fmt.STATS_DUMP))
         if stats:
             log.info("CRIU dump statistics", extra={"container": record.id, **stats.as_log_fields()})
 
     def _thaw(self, record: ContainerRecord) -> None:
         try:
             self._runc.resume(record.id)
+            return
         except RuncError as e:
-            # Never leave a frozen container behind silently: this is the one failure a user must see.
-            log.error("container could not be thawed after checkpoint", extra={"container": record.id,
-                                                                                "error": e.message})
-            raise
+            error = e
+        # A CRIU stopped at the deadline thaws the freezer cgroup to run its parasite and, killed,
+        # never freezes it again: `runc resume` then fails with "not paused" on a running container.
+        try:
+            state = self._runc.state(record.id)
+        except RuncError:
+            state = None
+        if state is not None and state.status != "paused":
+            log.info("container was already thawed after checkpoint", extra={
+                "container": record.id, "status": state.status, "resume_error": error.message})
+            return
+        try:
+            self._runc.resume(record.id)  # once more: a transient failure must not leave it frozen
+            return
+        except RuncError:
+            pass
+        # Never leave a frozen container behind silently: this is the one failure a user must see.
+        log.error("container could not be thawed after checkpoint", extra={"container": record.id,
+                                                                            "error": error.message})
+        raise error
 
     def _wants_tcp_established(self, record: ContainerRecord) -> bool:
         policy = self._settings.tcp_established
@@ -163,6 +199,126 @@ class Checkpointer:
             inside = work / fmt.CHECKPOINT_DIR / name
             if inside.exists() and not (work / name).exists():
                 inside.rename(work / name)
+
+
+class _Phases:
+    """Where a checkpoint's time goes, for the log (the benchmark reads it)."""
+
+    def __init__(self):
+        self._last = time.monotonic()
+        self._spent: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self._spent[phase] = now - self._last
+        self._last = now
+
+    def report(self) -> dict[str, float]:
+        return {k: round(v * 1000, 1) for k, v in self._spent.items()}
+
+
+def _check_deadline(deadline: float, message: str) -> None:
+    if time.monotonic() >= deadline:
+        raise DeadlineExceeded(message)
+
+
+# A gRPC caller's clock started before ours: an archive finished this close to the deadline may
+# already be one the caller gave up on, and must then not appear.
+DEADLINE_MARGIN_SECONDS = 0.05
+
+
+def _write_archive_by_deadline(location: Path, work: Path, compression: str, deadline: float, what: str) -> None:
+    """write_archive, but the archive appears at `location` only if it was finished in time.
+
+    write_archive cannot be interrupted, so it writes (0600, fsynced) to a hidden staging name
+    beside `location`; past the deadline the staging file is removed and the call fails with
+    DEADLINE_EXCEEDED, so a caller that gave up never finds an archive it was told failed.
+    """
+    staging = location.parent / f".{location.name}.{os.getpid()}-{threading.get_ident()}.staging"
+    try:
+        write_archive(staging, work, compression)
+        if time.monotonic() + DEADLINE_MARGIN_SECONDS >= deadline:
+            raise DeadlineExceeded(f"{what} ran out of time while writing the archive; it was discarded")
+        os.rename(staging, location)
+    except BaseException:
+        try:
+            os.unlink(staging)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(location.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unescape_mount_field(text: str) -> str:
+    """/proc/self/mountinfo writes space, tab, newline, backslash (and in options "," and "=") as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def _split_lowerdir(value: str) -> list[str]:
+    """overlayfs separates lower layers with ':'; a ':' inside a path is written as '\\:'."""
+    parts, current, i = [], [], 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            current.append(value[i + 1])
+            i += 2
+            continue
+        if value[i] == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(value[i])
+        i += 1
+    parts.append("".join(current))
+    return [p for p in parts if p]
+
+
+def overlay_lower_dirs(rootfs: Path, mountinfo: str = "/proc/self/mountinfo") -> list[Path]:
+    """The image layer directories under the overlay mounted at `rootfs`, top layer first (the
+    order write_rootfs_diff wants, and the order overlayfs lists them in `lowerdir=`).
+
+    The container record does not keep its layers; the mount does. Returns [] (and the diff then
+    describes an opaque directory by its own path in deleted.files) when `rootfs` is not an
+    overlay mount, which only a damaged host produces.
+    """
+    target = str(rootfs)
+    found: list[Path] | None = None
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        log.warning("cannot read mountinfo for the rootfs diff", extra={"rootfs": target, "error": str(e)})
+        return []
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        fields, super_fields = head.split(), tail.split()
+        if not sep or len(fields) < 5 or len(super_fields) < 3:
+            continue
+        if _unescape_mount_field(fields[4]) != target:
+            continue
+        if super_fields[0] != "overlay":
+            found = []
+            continue
+        lowers: list[str] = []
+        for option in super_fields[2].split(","):  # a ',' inside a value is escaped as \\054
+            key, _, value = option.partition("=")
+            if key == "lowerdir":
+                lowers.extend(_split_lowerdir(_unescape_mount_field(value)))
+            elif key == "lowerdir+":  # the new mount API lists one layer per option, top first
+                lowers.append(_unescape_mount_field(value))
+        found = [Path(p) for p in lowers]  # the last mount at a path is the one processes see
+    if not found:
+        log.warning("no overlay lower layers found for the rootfs diff; opaque directories are recorded "
+                    "by their own path in deleted.files", extra={"rootfs": target})
+        return []
+    return found
 
 
 @dataclass
