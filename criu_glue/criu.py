@@ -137,3 +137,66 @@ def set_uts_hostname(images_dir: Path, hostname: str) -> int:
         encode_image(doc, image)
         changed += 1
     return changed
+
+
+# Linux capability numbers (include/uapi/linux/capability.h), as CRIU stores them: bit N of the sets.
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)
+
+# Decodes every core-*.img in one interpreter: CRIU's own pycriu, on the system python that crit uses.
+_CREDS_SCRIPT = """
+import json, sys, glob, os, pycriu
+out = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "core-*.img"))):
+    with open(path, "rb") as f:
+        entry = pycriu.images.load(f)["entries"][0]
+    creds = entry.get("thread_core", {}).get("creds") or {}
+    out.append({"image": os.path.basename(path), "creds": creds})
+json.dump(out, sys.stdout)
+"""
+
+
+@dataclass(frozen=True)
+class ProcessCredentials:
+    image: str  # core-<pid>.img
+    uids: tuple[int, ...]  # uid, euid, suid, fsuid
+    gids: tuple[int, ...]
+    capabilities: frozenset[str]  # union of the inheritable, permitted, effective, bounding and ambient sets
+
+
+def _cap_names(words: list[int]) -> set[str]:
+    names = set()
+    for word_index, word in enumerate(words or []):
+        for bit in range(32):
+            if word >> bit & 1:
+                number = word_index * 32 + bit
+                names.add(CAPABILITIES[number] if number < len(CAPABILITIES) else f"CAP_{number}")
+    return names
+
+
+def process_credentials(images_dir: Path) -> list[ProcessCredentials]:
+    """The credentials CRIU will give each restored process, read from its core image."""
+    python = Path(CRIT).read_text(errors="replace").splitlines()[0].removeprefix("#!").strip() \
+        if Path(CRIT).exists() else ""
+    if not python:
+        raise CritError(f"{CRIT} (python3-pycriu) is not installed: cannot read the checkpoint's credentials")
+    proc = subprocess.run([python, "-c", _CREDS_SCRIPT, str(images_dir)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise CritError(f"cannot decode the checkpoint's core images: {proc.stderr.strip()[-300:]}")
+    result = []
+    for item in json.loads(proc.stdout):
+        c = item["creds"]
+        caps = set()
+        for key in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb"):
+            caps |= _cap_names(c.get(key) or [])
+        result.append(ProcessCredentials(
+            image=item["image"], uids=tuple(int(c.get(k, 0)) for k in ("uid", "euid", "suid", "fsuid")),
+            gids=tuple(int(c.get(k, 0)) for k in ("gid", "egid", "sgid", "fsgid")), capabilities=frozenset(caps)))
+    return result

@@ -383,12 +383,13 @@ class ContainerManager:
             failed = undo.enter_context(contextlib.ExitStack())
             failed.callback(mounts.unmount, record.rootfs)
             phases.mark("rootfs")
+            record.base_image_id = base_image.id
+            spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
             unpacked = self._restorer.unpack(plan, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
                                              allow_devices=config.linux.security_context.privileged)
+            self._restorer.check_privileges(images_dir, spec)
             phases.mark("unpack")
-            record.base_image_id = base_image.id
-            spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
             criu_config = self._restorer.write_criu_config(mode, record.bundle / "criu.conf")
             if criu_config:
                 spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)

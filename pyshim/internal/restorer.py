@@ -21,7 +21,7 @@ from pathlib import Path
 
 from criu_glue import archive_format as fmt
 from criu_glue.archive import CheckpointArchive, open_archive
-from criu_glue.criu import CriuAvailability, CritError, log_excerpt, set_uts_hostname
+from criu_glue.criu import CriuAvailability, CritError, log_excerpt, process_credentials, set_uts_hostname
 from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
 from criu_glue.rootfs_diff import apply_rootfs_diff
@@ -185,6 +185,28 @@ class Restorer:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         with os.fdopen(fd, "ab") as out, archive.open_member(member) as src:
             shutil.copyfileobj(src, out)
+
+    @staticmethod
+    def check_privileges(images_dir: Path, spec: dict) -> None:
+        """CRIU gives each process the credentials in its core image; refuse any the new container's
+        config.json does not grant (capabilities outside its bounding set, root for a non-root container)."""
+        process = spec.get("process", {})
+        allowed = set(process.get("capabilities", {}).get("bounding", []))
+        uid = process.get("user", {}).get("uid", 0)
+        try:
+            processes = process_credentials(images_dir)
+        except CritError as e:
+            raise FailedPrecondition(f"cannot check the checkpoint's process credentials: {e}") from None
+        for proc in processes:
+            extra = sorted(proc.capabilities - allowed)
+            if extra:
+                raise FailedPrecondition(
+                    f"checkpoint process ({proc.image}) holds capabilities the new container is not granted: "
+                    f"{', '.join(extra)}; add them to the container's securityContext or restore a checkpoint "
+                    "taken with fewer privileges")
+            if uid != 0 and 0 in proc.uids:
+                raise FailedPrecondition(
+                    f"checkpoint process ({proc.image}) runs as root but the new container runs as uid {uid}")
 
     @staticmethod
     def write_criu_config(mode: TcpMode, path: Path) -> Path | None:
