@@ -181,17 +181,22 @@ def _cap_names(words: list[int]) -> set[str]:
     return names
 
 
-def process_credentials(images_dir: Path) -> list[ProcessCredentials]:
-    """The credentials CRIU will give each restored process, read from its core image."""
+def _run_pycriu(script: str, images_dir: Path):
+    """Run `script` (printing JSON) with CRIU's pycriu, on the python that crit itself runs on."""
     python = Path(CRIT).read_text(errors="replace").splitlines()[0].removeprefix("#!").strip() \
         if Path(CRIT).exists() else ""
     if not python:
-        raise CritError(f"{CRIT} (python3-pycriu) is not installed: cannot read the checkpoint's credentials")
-    proc = subprocess.run([python, "-c", _CREDS_SCRIPT, str(images_dir)], capture_output=True, text=True, timeout=120)
+        raise CritError(f"{CRIT} (python3-pycriu) is not installed: cannot read CRIU images")
+    proc = subprocess.run([python, "-c", script, str(images_dir)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        raise CritError(f"cannot decode the checkpoint's core images: {proc.stderr.strip()[-300:]}")
+        raise CritError(f"cannot decode the checkpoint's CRIU images: {proc.stderr.strip()[-300:]}")
+    return json.loads(proc.stdout)
+
+
+def process_credentials(images_dir: Path) -> list[ProcessCredentials]:
+    """The credentials CRIU will give each restored process, read from its core image."""
     result = []
-    for item in json.loads(proc.stdout):
+    for item in _run_pycriu(_CREDS_SCRIPT, images_dir):
         c = item["creds"]
         caps = set()
         for key in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb"):
@@ -200,3 +205,23 @@ def process_credentials(images_dir: Path) -> list[ProcessCredentials]:
             image=item["image"], uids=tuple(int(c.get(k, 0)) for k in ("uid", "euid", "suid", "fsuid")),
             gids=tuple(int(c.get(k, 0)) for k in ("gid", "egid", "sgid", "fsgid")), capabilities=frozenset(caps)))
     return result
+
+
+_ROOT_MODE_SCRIPT = """
+import json, sys, os, pycriu
+path = os.path.join(sys.argv[1], "files.img")
+modes = []
+if os.path.exists(path):
+    with open(path, "rb") as f:
+        for e in pycriu.images.load(f)["entries"]:
+            if e.get("type") == "REG" and e["reg"].get("name") == "/" and "mode" in e["reg"]:
+                modes.append(e["reg"]["mode"])
+json.dump(modes[:1], sys.stdout)
+"""
+
+
+def root_directory_mode(images_dir: Path) -> int | None:
+    """The mode the container's / had when dumped. CRIU refuses to restore open references to / if the
+    new root's mode differs ("File . has bad mode"), and engines differ (Podman's root is 0555)."""
+    modes = _run_pycriu(_ROOT_MODE_SCRIPT, images_dir)
+    return int(modes[0]) if modes else None

@@ -390,6 +390,7 @@ class ContainerManager:
                                              allow_devices=config.linux.security_context.privileged)
             self._restorer.check_privileges(images_dir, spec)
             phases.mark("unpack")
+            self._restorer.add_engine_placeholders(spec, plan, record.bundle)
             criu_config = self._restorer.write_criu_config(mode, record.bundle / "criu.conf")
             if criu_config:
                 spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)

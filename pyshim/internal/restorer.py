@@ -15,13 +15,15 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from criu_glue import archive_format as fmt
 from criu_glue.archive import CheckpointArchive, open_archive
-from criu_glue.criu import CriuAvailability, CritError, log_excerpt, process_credentials, set_uts_hostname
+from criu_glue.criu import (CriuAvailability, CritError, log_excerpt, process_credentials, root_directory_mode,
+                            set_uts_hostname)
 from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
 from criu_glue.rootfs_diff import apply_rootfs_diff
@@ -40,6 +42,12 @@ _TCP_STREAM_PREFIX = f"{fmt.CHECKPOINT_DIR}/tcp-stream-"
 # runc hands CRIU the options of this file (runc 1.1 has no --tcp-close flag).
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
 RESTORE_LOG = "restore.log"
+# Files and directories engines bind into every container. CRIU wants each bind mount it dumped to
+# exist at restore; where the new container has none (e.g. Podman's /run/.containerenv), an empty
+# placeholder of ours is bound there. The archive only picks destinations from this fixed list.
+ENGINE_BIND_MOUNTS = {"/etc/hosts": "file", "/etc/hostname": "file", "/etc/resolv.conf": "file",
+                      "/run/.containerenv": "file", "/dev/termination-log": "file", "/dev/shm": "dir",
+                      "/run/secrets": "dir"}
 
 
 class TcpMode(str, enum.Enum):
@@ -58,7 +66,8 @@ class RestorePlan:
     established_tcp: bool
     checkpoint_ips: tuple[str, ...]
     process_args: tuple[str, ...]
-    expected_bind_mounts: tuple[str, ...] = field(default=())
+    expected_bind_mounts: tuple[str, ...] = field(default=())  # volumes the new request must have
+    engine_bind_mounts: tuple[str, ...] = field(default=())  # from ENGINE_BIND_MOUNTS
 
 
 @dataclass(frozen=True)
@@ -107,19 +116,22 @@ class Restorer:
     @staticmethod
     def _plan_from(archive: CheckpointArchive, source: Path) -> RestorePlan:
         config = archive.config()
-        refs = [config.rootfs_image_ref, config.rootfs_image_name, config.rootfs_image]
+        # Podman records no rootfsImageRef, only its bare image ID: config.image_id covers both.
+        refs = [config.rootfs_image_ref, config.image_id, config.rootfs_image_name, config.rootfs_image]
         refs = tuple(dict.fromkeys(r for r in refs if r))
         if not refs:
             raise ArchiveFormatError(str(source), "config.dump names no base image (rootfsImage*)")
         ips = config.extra.get(POD_IPS_KEY) or _podman_ips(archive)
         args = archive.spec().get("process", {}).get("args") or []
+        binds = {m.destination for m in archive.bind_mounts()} | _spec_bind_destinations(archive.spec())
         return RestorePlan(
             source=source, checkpoint_name=config.name, base_image_refs=refs,
             checkpointed_at_ns=config.checkpointed_time_ns or 0,
             established_tcp=any(n.startswith(_TCP_STREAM_PREFIX) for n in archive.member_names()),
             checkpoint_ips=tuple(str(ip) for ip in ips if isinstance(ip, str)),
             process_args=tuple(str(a) for a in args if isinstance(a, str)),
-            expected_bind_mounts=tuple(sorted({m.destination for m in archive.bind_mounts()})),
+            expected_bind_mounts=tuple(sorted(binds - set(ENGINE_BIND_MOUNTS))),
+            engine_bind_mounts=tuple(sorted(binds & set(ENGINE_BIND_MOUNTS))),
         )
 
     @staticmethod
@@ -153,6 +165,9 @@ class Restorer:
                 ms["open"] = _ms_since(started)
                 image_bytes = archive.extract_checkpoint_images(images_dir, self.limits)
                 set_uts_hostname(images_dir, hostname)
+                root_mode = root_directory_mode(images_dir)
+                if root_mode is not None:
+                    os.chmod(rootfs, stat.S_IMODE(root_mode) & 0o777)
                 ms["criu_images"] = _ms_since(started) - sum(ms.values())
                 self._apply_diff(archive, images_dir.parent, rootfs, allow_devices)
                 ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
@@ -209,6 +224,26 @@ class Restorer:
                     f"checkpoint process ({proc.image}) runs as root but the new container runs as uid {uid}")
 
     @staticmethod
+    def add_engine_placeholders(spec: dict, plan: RestorePlan, bundle: Path) -> None:
+        """Empty stand-ins for engine files the checkpointed container had bind-mounted and the new one
+        lacks (or has as another kind, like a tmpfs /dev/shm): CRIU restores a dumped bind mount only
+        onto a bind mount, else it stops with "No mapping for ... mountpoint"."""
+        binds = _spec_bind_destinations(spec)
+        for destination in plan.engine_bind_mounts:
+            if destination in binds:
+                continue
+            spec["mounts"] = [m for m in spec.get("mounts", []) if m.get("destination") != destination]
+            source = bundle / "placeholders" / destination.strip("/").replace("/", "_")
+            source.parent.mkdir(mode=0o700, exist_ok=True)
+            if ENGINE_BIND_MOUNTS[destination] == "dir":
+                source.mkdir(mode=0o755, exist_ok=True)
+            else:
+                source.touch(mode=0o644)
+            spec.setdefault("mounts", []).append(
+                {"destination": destination, "type": "bind", "source": str(source),
+                 "options": ["rbind", "rw" if ENGINE_BIND_MOUNTS[destination] == "dir" else "ro"]})
+
+    @staticmethod
     def write_criu_config(mode: TcpMode, path: Path) -> Path | None:
         """CRIU options runc has no flag for, in the file runc names to CRIU (annotation org.criu.config)."""
         if mode != TcpMode.CLOSE:
@@ -232,6 +267,13 @@ class Restorer:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _spec_bind_destinations(spec: dict) -> set[str]:
+    mounts = spec.get("mounts") if isinstance(spec.get("mounts"), list) else []
+    return {m["destination"] for m in mounts
+            if isinstance(m, dict) and isinstance(m.get("destination"), str)
+            and (m.get("type") == "bind" or "bind" in (m.get("options") or []) or "rbind" in (m.get("options") or []))}
 
 
 def _podman_ips(archive: CheckpointArchive) -> list[str]:
