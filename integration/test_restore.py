@@ -241,11 +241,23 @@ def test_nothing_security_relevant_comes_from_the_archive(client, counter_archiv
         spec = json.loads(tar.extractfile("spec.dump").read())
     spec["annotations"].update({"cdi.k8s.io/smuggled": "vendor.com/gpu=all",
                                 "io.kubernetes.container.hash": "from-the-archive"})
-    spec["mounts"].append({"destination": "/host", "type": "bind", "source": "/", "options": ["rbind", "rw"]})
     spec["process"]["capabilities"] = {k: ["CAP_SYS_ADMIN", "CAP_SYS_MODULE"] for k in
                                        ("bounding", "effective", "permitted")}
     spec["linux"].setdefault("devices", []).append({"path": "/dev/sda", "type": "b", "major": 8, "minor": 0})
     crafted = repack(counter_archive, archive_dir / "crafted.tar", {"spec.dump": json.dumps(spec).encode()})
+    # A host bind mount named by the archive is never made: it is demanded of the new request instead.
+    spec_with_mount = dict(spec, mounts=spec["mounts"] + [
+        {"destination": "/host", "type": "bind", "source": "/", "options": ["rbind", "rw"]}])
+    with_mount = repack(counter_archive, archive_dir / "mount.tar", {"spec.dump": json.dumps(spec_with_mount).encode()})
+    pod = pod_config()
+    refused_pod = client.run_pod(pod)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.create(refused_pod, container_config(str(with_mount), []), pod)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "/host" in err.value.details()
+    finally:
+        cleanup(client, refused_pod)
+
 
     _, pod_id, cid = restore_into_new_pod(client, str(crafted), annotations={"io.kubernetes.container.hash": "new"})
     try:
