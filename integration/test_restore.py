@@ -167,12 +167,14 @@ def test_restore_forced_established_keeps_a_connection_talking(client, pulled_bu
 
 # ---- hostile and broken checkpoints ------------------------------------------------------------
 
-def repack(archive: Path, out: Path, replace: dict[str, bytes] | None = None) -> Path:
-    """A copy of `archive` with some members' content replaced (a crafted checkpoint from a real one)."""
+def repack(archive: Path, out: Path, replace: dict[str, bytes] | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of `archive` with some members' content replaced or dropped (a crafted checkpoint from a real one)."""
     replace = dict(replace or {})
     with tarfile.open(archive) as src, tarfile.open(out, "w") as dst:
         for member in src.getmembers():
             name = member.name.lstrip("./")
+            if name in drop:
+                continue
             if name in replace:
                 data = replace.pop(name)
                 member.size = len(data)
