@@ -1,0 +1,130 @@
+"""Restorer's decisions: TCP mode, bind mounts the archive expects, engine stand-ins, the gate."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from cri_api import api_pb2 as cri
+from criu_glue.criu import CriuAvailability
+from pyshim.config import CheckpointSettings
+from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
+from pyshim.internal.restorer import TCP_ANNOTATION, Restorer, RestorePlan, TcpMode
+
+USABLE = CriuAvailability(True, "4.2.1", "")
+
+
+def plan(**kwargs) -> RestorePlan:
+    values = dict(source=Path("/x.tar"), checkpoint_name="main", base_image_refs=("busybox",), checkpointed_at_ns=1,
+                  established_tcp=True, checkpoint_ips=("10.85.0.5",), process_args=("sh",))
+    values.update(kwargs)
+    return RestorePlan(**values)
+
+
+@pytest.mark.parametrize("established, annotations, pod_ips, expected", [
+    (False, {}, ["10.85.0.5"], TcpMode.NONE),
+    (True, {}, ["10.85.0.5"], TcpMode.ESTABLISHED),      # the address lives on: keep connections
+    (True, {}, ["10.85.0.9"], TcpMode.CLOSE),            # another address: close them, keep listeners
+    (True, {}, [""], TcpMode.CLOSE),
+    (True, {TCP_ANNOTATION: "established"}, ["10.85.0.9"], TcpMode.ESTABLISHED),
+    (True, {TCP_ANNOTATION: "close"}, ["10.85.0.5"], TcpMode.CLOSE),
+    (False, {TCP_ANNOTATION: "established"}, ["10.85.0.5"], TcpMode.NONE),  # nothing to keep
+])
+def test_tcp_mode(established, annotations, pod_ips, expected):
+    assert Restorer.tcp_mode(plan(established_tcp=established), annotations, pod_ips) == expected
+
+
+@pytest.mark.parametrize("value", ["none", "keep", "ESTABLISHED"])
+def test_tcp_annotation_values_other_than_established_or_close_are_refused(value):
+    with pytest.raises(InvalidArgument, match=TCP_ANNOTATION):
+        Restorer.tcp_mode(plan(), {TCP_ANNOTATION: value}, [])
+
+
+def test_runc_restore_args_always_keep_locks_and_ignore_old_cgroups():
+    assert Restorer.runc_restore_args(TcpMode.NONE) == ("--file-locks", "--manage-cgroups-mode=ignore")
+    assert "--tcp-established" in Restorer.runc_restore_args(TcpMode.ESTABLISHED)
+    assert "--tcp-established" not in Restorer.runc_restore_args(TcpMode.CLOSE)
+
+
+def test_tcp_close_goes_through_a_criu_config_file(tmp_path):
+    assert Restorer.write_criu_config(TcpMode.ESTABLISHED, tmp_path / "c.conf") is None
+    path = Restorer.write_criu_config(TcpMode.CLOSE, tmp_path / "c.conf")
+    assert path.read_text().split() == ["tcp-close"]
+
+
+def test_engine_placeholders_replace_missing_or_non_bind_mounts(tmp_path):
+    spec = {"mounts": [{"destination": "/dev/shm", "type": "tmpfs", "source": "shm"},
+                       {"destination": "/etc/hosts", "type": "bind", "source": "/pod/hosts", "options": ["rbind"]}]}
+    p = plan(engine_bind_mounts=("/dev/shm", "/etc/hosts", "/run/.containerenv"))
+    Restorer.add_engine_placeholders(spec, p, tmp_path)
+    by_dest = {m["destination"]: m for m in spec["mounts"]}
+    assert by_dest["/etc/hosts"]["source"] == "/pod/hosts", "the new pod's own file must win"
+    assert by_dest["/dev/shm"]["type"] == "bind" and Path(by_dest["/dev/shm"]["source"]).is_dir()
+    env = Path(by_dest["/run/.containerenv"]["source"])
+    assert env.is_file() and env.is_relative_to(tmp_path) and "ro" in by_dest["/run/.containerenv"]["options"]
+    assert len(spec["mounts"]) == 3
+
+
+def _archive(path: Path, spec_mounts=(), bind_mounts=()) -> Path:
+    members = {
+        "config.dump": json.dumps({"id": "c1", "name": "main", "rootfsImageName": "busybox:latest",
+                                   "rootfsImageRef": "sha256:" + "a" * 64,
+                                   "checkpointedTime": "2026-11-21T06:00:00Z"}).encode(),
+        "spec.dump": json.dumps({"process": {"args": ["sh", "-c", "x"]}, "mounts": list(spec_mounts)}).encode(),
+        "bind.mounts": json.dumps(list(bind_mounts)).encode(),
+        "checkpoint/inventory.img": b"\0" * 8,
+    }
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("checkpoint")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _config(*mount_paths: str):
+    return cri.ContainerConfig(mounts=[cri.Mount(container_path=p, host_path="/srv" + p) for p in mount_paths])
+
+
+def test_plan_reads_what_restore_needs(tmp_path):
+    archive = _archive(tmp_path / "a.tar", spec_mounts=[
+        {"destination": "/etc/hosts", "type": "bind", "source": "/old/hosts"},
+        {"destination": "/proc", "type": "proc", "source": "proc"}])
+    p = Restorer(CheckpointSettings(), USABLE).plan(archive, _config())
+    assert p.base_image_refs[0] == "sha256:" + "a" * 64 and "busybox:latest" in p.base_image_refs
+    assert p.process_args == ("sh", "-c", "x") and p.checkpointed_at_ns > 0
+    assert p.engine_bind_mounts == ("/etc/hosts",) and p.expected_bind_mounts == ()
+    assert not p.established_tcp
+
+
+def test_plan_refuses_when_the_request_lacks_a_volume_the_process_had(tmp_path):
+    archive = _archive(tmp_path / "a.tar", spec_mounts=[{"destination": "/data", "type": "bind", "source": "/x"}],
+                       bind_mounts=[{"source": "/x", "destination": "/cache", "file_type": "directory",
+                                     "permissions": 0o755}])
+    restorer = Restorer(CheckpointSettings(), USABLE)
+    with pytest.raises(InvalidArgument, match="/cache, /data"):
+        restorer.plan(archive, _config())
+    assert restorer.plan(archive, _config("/data", "/cache")).expected_bind_mounts == ("/cache", "/data")
+
+
+def test_plan_of_missing_or_broken_archives(tmp_path):
+    restorer = Restorer(CheckpointSettings(), USABLE)
+    with pytest.raises(NotFound):
+        restorer.plan(tmp_path / "missing.tar", _config())
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
+    with pytest.raises(InvalidArgument, match="junk.tar"):
+        restorer.plan(tmp_path / "junk.tar", _config())
+
+
+def test_restore_gate():
+    with pytest.raises(FailedPrecondition, match="enable_restore"):
+        Restorer(CheckpointSettings(enable_restore=False), USABLE).check_enabled()
+    with pytest.raises(FailedPrecondition, match="too old"):
+        Restorer(CheckpointSettings(), CriuAvailability(False, "3.17", "CRIU 3.17 is too old")).check_enabled()
+    Restorer(CheckpointSettings(), USABLE).check_enabled()
