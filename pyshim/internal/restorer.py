@@ -10,6 +10,7 @@ connections and from which pod address, and which bind mounts the process expect
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
@@ -160,16 +161,17 @@ class Restorer:
         the mounted `rootfs`; the old log lines into `log_path`."""
         ms: dict[str, float] = {}
         started = time.perf_counter()
+        limits = self._limits_for(images_dir.parent)
         try:
-            with open_archive(plan.source, self.limits) as archive:
+            with open_archive(plan.source, limits) as archive:
                 ms["open"] = _ms_since(started)
-                image_bytes = archive.extract_checkpoint_images(images_dir, self.limits)
+                image_bytes = archive.extract_checkpoint_images(images_dir, limits)
                 set_uts_hostname(images_dir, hostname)
                 root_mode = root_directory_mode(images_dir)
                 if root_mode is not None:
                     os.chmod(rootfs, stat.S_IMODE(root_mode) & 0o777)
                 ms["criu_images"] = _ms_since(started) - sum(ms.values())
-                self._apply_diff(archive, images_dir.parent, rootfs, allow_devices)
+                self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, limits)
                 ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
                 if log_path:
                     self._carry_log(archive, Path(log_path))
@@ -179,13 +181,20 @@ class Restorer:
             raise InvalidArgument(f"checkpoint {plan.source}: {e}") from None
         return UnpackResult(image_bytes, ms)
 
-    def _apply_diff(self, archive: CheckpointArchive, scratch: Path, rootfs: Path, allow_devices: bool) -> None:
+    def _limits_for(self, directory: Path) -> Limits:
+        """An archive never gets to fill the disk: what it may unpack is bounded by the free space too."""
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        return dataclasses.replace(self.limits, max_total_bytes=min(self.limits.max_total_bytes, free))
+
+    def _apply_diff(self, archive: CheckpointArchive, scratch: Path, rootfs: Path, allow_devices: bool,
+                    limits: Limits) -> None:
         diff = None
         if archive.has_member(fmt.ROOTFS_DIFF_TAR):
             diff = scratch / "rootfs-diff.tar"
             archive.extract_member(fmt.ROOTFS_DIFF_TAR, diff)
         try:
-            apply_rootfs_diff(diff, archive.deleted_files(), rootfs, self.limits, allow_devices=allow_devices)
+            apply_rootfs_diff(diff, archive.deleted_files(), rootfs, limits, allow_devices=allow_devices)
         finally:
             if diff is not None:
                 diff.unlink(missing_ok=True)
