@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit bench deps install clean
+.PHONY: run test unit bench bench-restore deps install clean
 
 deps:
 	bash scripts/install-system-deps.sh
@@ -30,6 +30,9 @@ unit: $(STAMP)
 
 bench: install
 	$(PY) -m bench.lifecycle
+
+bench-restore: install
+	$(PY) -m bench.restore $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info cri_api/*_pb2*.py cri_api/*_pb2.pyi
