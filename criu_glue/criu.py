@@ -99,46 +99,6 @@ class CritError(Exception):
     """crit could not decode or encode a CRIU image."""
 
 
-def decode_image(image: Path) -> dict:
-    """One CRIU image as crit's JSON (CRIU's own decoder, so no image format is parsed by hand)."""
-    proc = subprocess.run([CRIT, "decode", "-i", str(image)], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise CritError(f"crit cannot decode {image.name}: {proc.stderr.strip()[-300:]}")
-    try:
-        return json.loads(proc.stdout)
-    except ValueError as e:
-        raise CritError(f"crit gave no JSON for {image.name}: {e}") from None
-
-
-def encode_image(doc: dict, image: Path) -> None:
-    """Write `doc` (crit's JSON) back as a CRIU image, replacing `image` only once encoded."""
-    tmp = image.with_name(image.name + ".json")
-    out = image.with_name(image.name + ".new")
-    try:
-        tmp.write_text(json.dumps(doc))
-        proc = subprocess.run([CRIT, "encode", "-i", str(tmp), "-o", str(out)], capture_output=True, text=True,
-                              timeout=60)
-        if proc.returncode != 0:
-            raise CritError(f"crit cannot encode {image.name}: {proc.stderr.strip()[-300:]}")
-        out.replace(image)
-    finally:
-        tmp.unlink(missing_ok=True)
-        out.unlink(missing_ok=True)
-
-
-def set_uts_hostname(images_dir: Path, hostname: str) -> int:
-    """Give the restored UTS namespace the new pod's hostname. CRIU writes the dumped hostname into the
-    namespace it joins at restore, which would rename the new pod after the old one. Returns images changed."""
-    changed = 0
-    for image in sorted(images_dir.glob("utsns-*.img")):
-        doc = decode_image(image)
-        for entry in doc.get("entries", []):
-            entry["nodename"] = hostname
-        encode_image(doc, image)
-        changed += 1
-    return changed
-
-
 # Linux capability numbers (include/uapi/linux/capability.h), as CRIU stores them: bit N of the sets.
 CAPABILITIES = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
@@ -149,19 +109,6 @@ CAPABILITIES = (
     "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
     "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
 )
-
-# Decodes every core-*.img in one interpreter: CRIU's own pycriu, on the system python that crit uses.
-_CREDS_SCRIPT = """
-import json, sys, glob, os, pycriu
-out = []
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "core-*.img"))):
-    with open(path, "rb") as f:
-        entry = pycriu.images.load(f)["entries"][0]
-    creds = entry.get("thread_core", {}).get("creds") or {}
-    out.append({"image": os.path.basename(path), "creds": creds})
-json.dump(out, sys.stdout)
-"""
-
 
 @dataclass(frozen=True)
 class ProcessCredentials:
@@ -181,47 +128,61 @@ def _cap_names(words: list[int]) -> set[str]:
     return names
 
 
-def _run_pycriu(script: str, images_dir: Path):
-    """Run `script` (printing JSON) with CRIU's pycriu, on the python that crit itself runs on."""
+@dataclass(frozen=True)
+class RestoreImageFacts:
+    credentials: list[ProcessCredentials]
+    root_mode: int | None  # mode of the container's / when dumped
+
+
+# One interpreter, CRIU's own pycriu: give the UTS namespace the new hostname (CRIU writes the dumped
+# one into the namespace it joins, which would rename the new pod after the old one), and report each
+# process's credentials and the mode of / (CRIU refuses open references to a / of another mode).
+_PREPARE_SCRIPT = """
+import glob, json, os, sys, pycriu
+images, hostname = sys.argv[1], sys.argv[2]
+def load(path):
+    with open(path, "rb") as f:
+        return pycriu.images.load(f)
+for path in sorted(glob.glob(os.path.join(images, "utsns-*.img"))):
+    doc = load(path)
+    for entry in doc["entries"]:
+        entry["nodename"] = hostname
+    with open(path + ".new", "wb") as f:
+        pycriu.images.dump(doc, f)
+    os.replace(path + ".new", path)
+creds = []
+for path in sorted(glob.glob(os.path.join(images, "core-*.img"))):
+    entry = load(path)["entries"][0]
+    creds.append({"image": os.path.basename(path), "creds": entry.get("thread_core", {}).get("creds") or {}})
+modes = []
+if os.path.exists(os.path.join(images, "files.img")):
+    for e in load(os.path.join(images, "files.img"))["entries"]:
+        if e.get("type") == "REG" and e["reg"].get("name") == "/" and "mode" in e["reg"]:
+            modes.append(e["reg"]["mode"])
+json.dump({"creds": creds, "root_mode": modes[0] if modes else None}, sys.stdout)
+"""
+
+
+def prepare_restore_images(images_dir: Path, hostname: str) -> RestoreImageFacts:
+    """Set the restored hostname in the images and read what restore must check in them."""
     python = Path(CRIT).read_text(errors="replace").splitlines()[0].removeprefix("#!").strip() \
         if Path(CRIT).exists() else ""
     if not python:
         raise CritError(f"{CRIT} (python3-pycriu) is not installed: cannot read CRIU images")
-    proc = subprocess.run([python, "-c", script, str(images_dir)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([python, "-c", _PREPARE_SCRIPT, str(images_dir), hostname], capture_output=True,
+                          text=True, timeout=120)
     if proc.returncode != 0:
         raise CritError(f"cannot decode the checkpoint's CRIU images: {proc.stderr.strip()[-300:]}")
-    return json.loads(proc.stdout)
+    doc = json.loads(proc.stdout)
+    return RestoreImageFacts([_credentials(item) for item in doc["creds"]],
+                             int(doc["root_mode"]) if doc["root_mode"] is not None else None)
 
 
-def process_credentials(images_dir: Path) -> list[ProcessCredentials]:
-    """The credentials CRIU will give each restored process, read from its core image."""
-    result = []
-    for item in _run_pycriu(_CREDS_SCRIPT, images_dir):
-        c = item["creds"]
-        caps = set()
-        for key in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb"):
-            caps |= _cap_names(c.get(key) or [])
-        result.append(ProcessCredentials(
-            image=item["image"], uids=tuple(int(c.get(k, 0)) for k in ("uid", "euid", "suid", "fsuid")),
-            gids=tuple(int(c.get(k, 0)) for k in ("gid", "egid", "sgid", "fsgid")), capabilities=frozenset(caps)))
-    return result
-
-
-_ROOT_MODE_SCRIPT = """
-import json, sys, os, pycriu
-path = os.path.join(sys.argv[1], "files.img")
-modes = []
-if os.path.exists(path):
-    with open(path, "rb") as f:
-        for e in pycriu.images.load(f)["entries"]:
-            if e.get("type") == "REG" and e["reg"].get("name") == "/" and "mode" in e["reg"]:
-                modes.append(e["reg"]["mode"])
-json.dump(modes[:1], sys.stdout)
-"""
-
-
-def root_directory_mode(images_dir: Path) -> int | None:
-    """The mode the container's / had when dumped. CRIU refuses to restore open references to / if the
-    new root's mode differs ("File . has bad mode"), and engines differ (Podman's root is 0555)."""
-    modes = _run_pycriu(_ROOT_MODE_SCRIPT, images_dir)
-    return int(modes[0]) if modes else None
+def _credentials(item: dict) -> ProcessCredentials:
+    c = item["creds"]
+    caps: set[str] = set()
+    for key in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb"):
+        caps |= _cap_names(c.get(key) or [])
+    return ProcessCredentials(
+        image=item["image"], uids=tuple(int(c.get(k, 0)) for k in ("uid", "euid", "suid", "fsuid")),
+        gids=tuple(int(c.get(k, 0)) for k in ("gid", "egid", "sgid", "fsgid")), capabilities=frozenset(caps))

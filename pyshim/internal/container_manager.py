@@ -388,7 +388,7 @@ class ContainerManager:
             unpacked = self._restorer.unpack(plan, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
                                              allow_devices=config.linux.security_context.privileged)
-            self._restorer.check_privileges(images_dir, spec)
+            self._restorer.check_privileges(unpacked.credentials, spec)
             phases.mark("unpack")
             self._restorer.add_engine_placeholders(spec, plan, record.bundle)
             criu_config = self._restorer.write_criu_config(mode, record.bundle / "criu.conf")

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from criu_glue import archive_format as fmt
 from criu_glue.archive import CheckpointArchive, open_archive
-from criu_glue.criu import (CriuAvailability, CritError, log_excerpt, process_credentials, root_directory_mode,
-                            set_uts_hostname)
+from criu_glue.criu import CriuAvailability, CritError, ProcessCredentials, log_excerpt, prepare_restore_images
 from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
 from criu_glue.rootfs_diff import apply_rootfs_diff
@@ -75,6 +74,7 @@ class RestorePlan:
 class UnpackResult:
     image_bytes: int
     milliseconds: dict[str, float]
+    credentials: list[ProcessCredentials]  # what CRIU will give each process
 
 
 def _unreadable(source: Path, exc: Exception) -> Exception:
@@ -166,10 +166,9 @@ class Restorer:
             with open_archive(plan.source, limits) as archive:
                 ms["open"] = _ms_since(started)
                 image_bytes = archive.extract_checkpoint_images(images_dir, limits)
-                set_uts_hostname(images_dir, hostname)
-                root_mode = root_directory_mode(images_dir)
-                if root_mode is not None:
-                    os.chmod(rootfs, stat.S_IMODE(root_mode) & 0o777)
+                facts = prepare_restore_images(images_dir, hostname)
+                if facts.root_mode is not None:
+                    os.chmod(rootfs, stat.S_IMODE(facts.root_mode) & 0o777)
                 ms["criu_images"] = _ms_since(started) - sum(ms.values())
                 self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, limits)
                 ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
@@ -179,7 +178,7 @@ class Restorer:
             raise _unreadable(plan.source, e) from None
         except CritError as e:
             raise InvalidArgument(f"checkpoint {plan.source}: {e}") from None
-        return UnpackResult(image_bytes, ms)
+        return UnpackResult(image_bytes, ms, facts.credentials)
 
     def _limits_for(self, directory: Path) -> Limits:
         """An archive never gets to fill the disk: what it may unpack is bounded by the free space too."""
@@ -211,16 +210,12 @@ class Restorer:
             shutil.copyfileobj(src, out)
 
     @staticmethod
-    def check_privileges(images_dir: Path, spec: dict) -> None:
+    def check_privileges(processes: list[ProcessCredentials], spec: dict) -> None:
         """CRIU gives each process the credentials in its core image; refuse any the new container's
         config.json does not grant (capabilities outside its bounding set, root for a non-root container)."""
         process = spec.get("process", {})
         allowed = set(process.get("capabilities", {}).get("bounding", []))
         uid = process.get("user", {}).get("uid", 0)
-        try:
-            processes = process_credentials(images_dir)
-        except CritError as e:
-            raise FailedPrecondition(f"cannot check the checkpoint's process credentials: {e}") from None
         for proc in processes:
             extra = sorted(proc.capabilities - allowed)
             if extra:
