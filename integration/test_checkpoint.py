@@ -185,6 +185,20 @@ class CheckpointDaemonSettings(DaemonSettings):
             f.write(f"\n[checkpoint]\n{self.checkpoint_toml}\n")
 
 
+def remove_cgroup_tree(cgroup_parent: str) -> list[str]:
+    """rmdir the daemon's cgroup parent, leaves first, in every hierarchy (unified included: on this
+    hybrid host runc makes each container's cgroup there too); returns what could not be removed."""
+    rel = cgroup_parent.strip("/")
+    bases = list(Path("/sys/fs/cgroup").glob(f"*/{rel}")) if rel else []
+    for base in bases:
+        for dirpath, _, _ in sorted(os.walk(base), key=lambda t: -t[0].count("/")):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+    return [str(b) for b in bases if b.exists()]
+
+
 @pytest.fixture(scope="module")
 def tcp_never_daemon(registry, busybox_ref):
     """A second daemon whose checkpoint.tcp_established is "never": CRIU must refuse live TCP."""
@@ -206,6 +220,9 @@ def tcp_never_daemon(registry, busybox_ref):
         d.stop()
         found = leftovers(settings)
         discard(settings)
+        # The daemon's own cgroup parent outlives its pods (and pyshim leaves their unified-hierarchy
+        # cgroups behind): it is this fixture's own, so it goes too.
+        found += remove_cgroup_tree(settings.cgroup_parent)
     assert not found, f"the tcp_established=never daemon left these behind: {found}"
 
 
