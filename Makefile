@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit bench bench-restore deps install clean
+.PHONY: run test unit bench bench-checkpoint bench-restore deps install clean
 
 deps:
 	bash scripts/install-system-deps.sh
@@ -30,6 +30,10 @@ unit: $(STAMP)
 
 bench: install
 	$(PY) -m bench.lifecycle
+
+# Checkpoint time, frozen time and archive size next to bare runc checkpoint (ARGS="--sizes 16,256 --runs 3").
+bench-checkpoint: install
+	$(PY) -m bench.checkpoint $(ARGS)
 
 bench-restore: install
 	$(PY) -m bench.restore $(ARGS)
