@@ -220,7 +220,9 @@ def _log_dump_stats_later(container_id: str, work: Path) -> None:
         except Exception:  # noqa: BLE001 - statistics must never disturb a checkpoint
             log.exception("cannot decode CRIU dump statistics", extra={"container": container_id})
 
-    threading.Thread(target=decode, name=f"criu-stats-{container_id[:12]}", daemon=True).start()
+    # Not a daemon thread: a daemon shutting down right after a checkpoint waits the few ms for it
+    # rather than leave its temporary file behind.
+    threading.Thread(target=decode, name=f"criu-stats-{container_id[:12]}", daemon=False).start()
 
 
 class _Phases:
