@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cri_api import api_pb2 as cri
-from criu_glue.criu import set_uts_hostname
+from criu_glue.criu import prepare_restore_images
 from criu_glue.rootfs_diff import apply_rootfs_diff
 from integration.conftest import container_config, discard, new_settings
 from integration.daemon import Daemon, DaemonSettings, leftovers
@@ -217,7 +217,7 @@ class BareRunc:
         extract = time.perf_counter() - t
         images = size_dir / "checkpoint"
         t = time.perf_counter()
-        set_uts_hostname(images, HOSTNAME)
+        prepare_restore_images(images, HOSTNAME)
         uts = time.perf_counter() - t
         with tarfile.open(archive) as tar:
             names = set(tar.getnames())
