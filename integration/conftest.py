@@ -16,6 +16,7 @@ import pytest
 
 from cri_api import api_pb2 as cri
 from integration.daemon import Daemon, DaemonSettings, leftovers
+from pyshim.internal import cgroups
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +53,8 @@ def new_settings(tag: str, subnet: str) -> DaemonSettings:
 
 
 # Pod log directories of all tests, removed at the end of the session.
-LOG_ROOT = Path(tempfile.gettempdir()) / "pyshim-test-logs"
+# One per test session: concurrent sessions on one machine must not delete each other's pod logs.
+LOG_ROOT = Path(tempfile.gettempdir()) / f"pyshim-test-logs-{os.getpid()}"
 
 
 def discard(settings: DaemonSettings) -> None:
@@ -61,6 +63,7 @@ def discard(settings: DaemonSettings) -> None:
     if log.exists():
         shutil.copy(log, Path(tempfile.gettempdir()) / f"pyshim-last-{settings.base.name.split('-')[1]}-daemon.log")
     subprocess.run(["ip", "link", "del", settings.bridge], capture_output=True)
+    cgroups.remove(settings.cgroup_parent)  # the daemon's parent, in every hierarchy (pods removed theirs)
     shutil.rmtree(settings.base, ignore_errors=True)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb",
-                "net_cls", "net_prio", "perf_event", "systemd")
+                "net_cls", "net_prio", "perf_event", "systemd",
+                "unified")  # hybrid layout: runc makes each container's cgroup in the v2 tree too
 
 
 @dataclass(frozen=True)
