@@ -30,7 +30,7 @@ from .archive_format import (BIND_MOUNTS, CHECKPOINT_DIR, CONFIG_DUMP, DELETED_F
                              bind_mounts_from_json, deleted_files_from_json, json_object_from)
 from .errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from .limits import Budget, Limits
-from .tarstream import (COMPRESSIONS, COPY_CHUNK, copy_exactly, copy_file_range_exactly,
+from .tarstream import (COMPRESSIONS, COPY_CHUNK, copy_exactly,
                         corrupt_stream_errors, decompressed, detect_compression, member_name, members,
                         open_tar, safe_member_path, set_exact_mtime)
 
@@ -291,16 +291,10 @@ class CheckpointArchive:
             return
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      _PRIVATE)
-        what = f"{self._label} member {member.name!r}"
-        if self.compression == "none":
-            # The member's bytes sit at a known offset of the archive file: copy them in the kernel.
-            try:
-                copy_file_range_exactly(self._raw.fileno(), member.offset_data, fd, member.size, what)
-            finally:
-                os.close(fd)
-            return
+        # Not copy_file_range: measured, CRIU then read a 1 GiB image set ~5x slower at restore.
         with os.fdopen(fd, "wb") as out:
-            copy_exactly(tar.extractfile(member), out, member.size, what)
+            copy_exactly(tar.extractfile(member), out, member.size,
+                         f"{self._label} member {member.name!r}")
 
     def extract_member(self, name: str, dest_file: Path) -> None:
         """Copy one regular-file member (e.g. rootfs-diff.tar) to `dest_file` (mode 0600)."""

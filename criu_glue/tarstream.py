@@ -234,14 +234,3 @@ def copy_exactly(src: BinaryIO, dst: BinaryIO, size: int, what: str) -> None:
         dst.write(chunk)
         remaining -= len(chunk)
 
-
-def copy_file_range_exactly(src_fd: int, offset: int, dst_fd: int, size: int, what: str) -> None:
-    """Copy `size` bytes at `offset` of a plain file in the kernel (no trip through Python's buffers:
-    CRIU page images are as large as the container's memory); a short source is an error."""
-    remaining = size
-    while remaining:
-        copied = os.copy_file_range(src_fd, dst_fd, min(remaining, 1 << 30), offset)
-        if copied == 0:
-            raise CorruptTar(f"{what}: data ends {remaining} bytes early (truncated)")
-        offset += copied
-        remaining -= copied
