@@ -47,7 +47,7 @@ from pathlib import Path
 from cri_api import api_pb2 as cri
 from criu_glue.criu import read_dump_stats
 from integration.conftest import container_config, discard, new_settings, pod_config
-from integration.daemon import Daemon, DaemonSettings, leftovers
+from integration.daemon import Daemon, DaemonSettings, leftovers, remove_cgroup_tree
 from integration.registry_server import RegistryServer
 from integration.testimage import push_busybox
 
@@ -83,20 +83,6 @@ class Subject:
     bare_criu_frozen: list = field(default_factory=list)
     disk_write: list = field(default_factory=list)
     compressed: dict = field(default_factory=dict)  # compression -> (MiB, call ms)
-
-
-def remove_cgroup_tree(cgroup_parent: str) -> list[str]:
-    """rmdir the daemon's cgroup parent, leaves first, in every hierarchy (unified included: on this
-    hybrid host runc makes each container's cgroup there too); returns what could not be removed."""
-    rel = cgroup_parent.strip("/")
-    bases = list(Path("/sys/fs/cgroup").glob(f"*/{rel}")) if rel else []
-    for base in bases:
-        for dirpath, _, _ in sorted(os.walk(base), key=lambda t: -t[0].count("/")):
-            try:
-                os.rmdir(dirpath)
-            except OSError:
-                pass
-    return [str(b) for b in bases if b.exists()]
 
 
 def _hold_command(size_mib: int, content: str) -> list[str]:

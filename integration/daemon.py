@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyshim.client import Client
+from pyshim.internal import cgroups
 
 
 @dataclass
@@ -131,3 +132,10 @@ def leftovers(settings: DaemonSettings) -> list[str]:
         if cmdline and cmdline[0].endswith(b"conmon") and any(base.encode() in a for a in cmdline):
             found.append(f"conmon process {proc.name}")
     return found
+
+
+def remove_cgroup_tree(cgroup_parent: str) -> list[str]:
+    """Remove a daemon's cgroup parent in every hierarchy (empty cgroups only); returns what remains."""
+    cgroups.remove(cgroup_parent)
+    rel = cgroup_parent.strip("/")
+    return [str(b) for b in Path("/sys/fs/cgroup").glob(f"*/{rel}")] if rel else []

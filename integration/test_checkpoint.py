@@ -17,7 +17,7 @@ import pytest
 
 from cri_api import api_pb2 as cri
 from integration.conftest import discard, new_settings, pod_config
-from integration.daemon import Daemon, DaemonSettings, leftovers
+from integration.daemon import Daemon, DaemonSettings, leftovers, remove_cgroup_tree
 from integration.test_lifecycle import cleanup, run_container, wait_for_state
 
 COUNTER = "i=0; while true; do echo $i > /tmp/counter; echo tick $i; i=$((i+1)); sleep 0.1; done"
@@ -183,20 +183,6 @@ class CheckpointDaemonSettings(DaemonSettings):
         super().write_config()
         with open(self.config_file, "a") as f:
             f.write(f"\n[checkpoint]\n{self.checkpoint_toml}\n")
-
-
-def remove_cgroup_tree(cgroup_parent: str) -> list[str]:
-    """rmdir the daemon's cgroup parent, leaves first, in every hierarchy (unified included: on this
-    hybrid host runc makes each container's cgroup there too); returns what could not be removed."""
-    rel = cgroup_parent.strip("/")
-    bases = list(Path("/sys/fs/cgroup").glob(f"*/{rel}")) if rel else []
-    for base in bases:
-        for dirpath, _, _ in sorted(os.walk(base), key=lambda t: -t[0].count("/")):
-            try:
-                os.rmdir(dirpath)
-            except OSError:
-                pass
-    return [str(b) for b in bases if b.exists()]
 
 
 @pytest.fixture(scope="module")
