@@ -506,10 +506,10 @@ def report(memory_rows: list[MemoryRow], slow: SlowRow | None) -> str:
         out.append("")
         out.append("Where StartContainer's time goes (daemon log 'container restored', medians, ms)"
                    " and the bare side's untimed preparation")
-        names = ["rootfs", "unpack", "unpack_open", "unpack_criu_images", "unpack_rootfs_diff", "spec", "runc_restore"]
+        names = ["rootfs", "unpack", "unpack_criu_images", "unpack_rootfs_diff", "spec", "runc_restore"]
         rows = []
         for r in memory_rows:
-            unpack_rest = _median([p["unpack"] - p.get("unpack_open", 0) - p.get("unpack_criu_images", 0)
+            unpack_rest = _median([p["unpack"] - p.get("unpack_criu_images", 0)
                                    - p.get("unpack_rootfs_diff", 0) for p in r.phases]) / 1000
             in_phases = sum(r.phase(n) for n in ("rootfs", "unpack", "spec", "runc_restore"))
             rows.append([f"{r.size_mib}", *[f"{_ms(r.phase(n))}" for n in names], f"{_ms(unpack_rest)}",

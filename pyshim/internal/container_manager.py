@@ -26,7 +26,7 @@ from pyshim.internal import cgroups, mounts
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
-from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, Restorer, RestorePlan
+from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, OpenCheckpoint, Restorer, RestorePlan
 from pyshim.internal.runc import ExecResult, Runc, RuncError
 from pyshim.internal.sysctls import normalize_sysctl_name
 from pyshim.internal.state import (ContainerRecord, ContainerState, RecordStore, SandboxRecord,
@@ -353,7 +353,7 @@ class ContainerManager:
         return self.refresh(record)
 
     def start_restore(self, container_id: str, sandbox: SandboxContext, base_image,
-                      plan: RestorePlan) -> ContainerRecord:
+                      checkpoint: OpenCheckpoint) -> ContainerRecord:
         """Restore the checkpoint into the new pod: rootfs from the base image plus the checkpoint's
         diff, config.json built fresh from the new request, then `runc restore` under conmon.
         On failure the container is EXITED with reason RestoreFailed and nothing is left mounted."""
@@ -362,7 +362,7 @@ class ContainerManager:
             if record.state != ContainerState.CREATED or not record.pending_restore:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}, not a CREATED restore")
             try:
-                self._restore_locked(record, sandbox, base_image, plan)
+                self._restore_locked(record, sandbox, base_image, checkpoint)
             except Exception as e:
                 message = getattr(e, "message", str(e))
                 record.message = message
@@ -372,8 +372,9 @@ class ContainerManager:
         return self.refresh(record)
 
     def _restore_locked(self, record: ContainerRecord, sandbox: SandboxContext, base_image,
-                        plan: RestorePlan) -> None:
+                        checkpoint: OpenCheckpoint) -> None:
         config = self.config_of(record)
+        plan = checkpoint.plan
         mode = self._restorer.tcp_mode(plan, config.annotations, [sandbox.record.ip, *sandbox.record.additional_ips])
         images_dir = record.bundle / "checkpoint"
         phases = _PhaseTimer()
@@ -385,7 +386,7 @@ class ContainerManager:
             phases.mark("rootfs")
             record.base_image_id = base_image.id
             spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
-            unpacked = self._restorer.unpack(plan, images_dir, record.rootfs, record.log_path,
+            unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
                                              allow_devices=config.linux.security_context.privileged)
             self._restorer.check_privileges(unpacked.credentials, spec)

@@ -10,6 +10,7 @@ connections and from which pod address, and which bind mounts the process expect
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -20,6 +21,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from criu_glue import archive_format as fmt
 from criu_glue.archive import CheckpointArchive, open_archive
@@ -71,6 +73,13 @@ class RestorePlan:
 
 
 @dataclass(frozen=True)
+class OpenCheckpoint:
+    """A checked archive, open for the one restore that reads it (see Restorer.open)."""
+    plan: RestorePlan
+    archive: CheckpointArchive
+
+
+@dataclass(frozen=True)
 class UnpackResult:
     image_bytes: int
     milliseconds: dict[str, float]
@@ -100,19 +109,31 @@ class Restorer:
 
     def plan(self, source: Path, config) -> RestorePlan:
         """Open and validate the archive; refuse it if the new request lacks a bind mount it expects."""
+        with self.open(source, config) as checkpoint:
+            return checkpoint.plan
+
+    @contextlib.contextmanager
+    def open(self, source: Path, config) -> Iterator[OpenCheckpoint]:
+        """The archive, checked as plan() checks it and kept open, so StartContainer reads it once more
+        only to unpack (opening indexes the whole archive, decompressing it if compressed)."""
         if not source.is_file():
             raise NotFound(f"checkpoint archive {source} not found")
         try:
-            with open_archive(source, self.limits) as archive:
-                plan = self._plan_from(archive, source)
+            archive = open_archive(source, self.limits)
         except ArchiveError as e:
             raise _unreadable(source, e) from None
-        missing = sorted(set(plan.expected_bind_mounts) - {m.container_path for m in config.mounts})
-        if missing:
-            raise InvalidArgument(
-                f"checkpoint {source} expects bind mounts the new container does not have: {', '.join(missing)}; "
-                "add them to the container's mounts (the restored process has files open there)")
-        return plan
+        with archive:
+            try:
+                plan = self._plan_from(archive, source)
+            except ArchiveError as e:
+                raise _unreadable(source, e) from None
+            missing = sorted(set(plan.expected_bind_mounts) - {m.container_path for m in config.mounts})
+            if missing:
+                raise InvalidArgument(
+                    f"checkpoint {source} expects bind mounts the new container does not have: "
+                    f"{', '.join(missing)}; add them to the container's mounts (the restored process has "
+                    "files open there)")
+            yield OpenCheckpoint(plan, archive)
 
     @staticmethod
     def _plan_from(archive: CheckpointArchive, source: Path) -> RestorePlan:
@@ -155,29 +176,28 @@ class Restorer:
 
     # ---- StartContainer: the heavy work ------------------------------------------------------
 
-    def unpack(self, plan: RestorePlan, images_dir: Path, rootfs: Path, log_path: str, hostname: str,
+    def unpack(self, checkpoint: OpenCheckpoint, images_dir: Path, rootfs: Path, log_path: str, hostname: str,
                allow_devices: bool = False) -> UnpackResult:
         """CRIU images into `images_dir` (with the new pod's `hostname`); deleted files and the diff onto
         the mounted `rootfs`; the old log lines into `log_path`."""
+        archive, source = checkpoint.archive, checkpoint.plan.source
         ms: dict[str, float] = {}
         started = time.perf_counter()
         limits = self._limits_for(images_dir.parent)
         try:
-            with open_archive(plan.source, limits) as archive:
-                ms["open"] = _ms_since(started)
-                image_bytes = archive.extract_checkpoint_images(images_dir, limits)
-                facts = prepare_restore_images(images_dir, hostname)
-                if facts.root_mode is not None:
-                    os.chmod(rootfs, stat.S_IMODE(facts.root_mode) & 0o777)
-                ms["criu_images"] = _ms_since(started) - sum(ms.values())
-                self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, limits)
-                ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
-                if log_path:
-                    self._carry_log(archive, Path(log_path))
+            image_bytes = archive.extract_checkpoint_images(images_dir, limits)
+            facts = prepare_restore_images(images_dir, hostname)
+            if facts.root_mode is not None:
+                os.chmod(rootfs, stat.S_IMODE(facts.root_mode) & 0o777)
+            ms["criu_images"] = _ms_since(started)
+            self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, limits)
+            ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
+            if log_path:
+                self._carry_log(archive, Path(log_path))
         except ArchiveError as e:
-            raise _unreadable(plan.source, e) from None
+            raise _unreadable(source, e) from None
         except CritError as e:
-            raise InvalidArgument(f"checkpoint {plan.source}: {e}") from None
+            raise InvalidArgument(f"checkpoint {source}: {e}") from None
         return UnpackResult(image_bytes, ms, facts.credentials)
 
     def _limits_for(self, directory: Path) -> Limits:

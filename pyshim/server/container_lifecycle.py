@@ -50,8 +50,9 @@ def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
         config = rt.containers.config_of(record)
         context = _sandbox_context(rt, record.sandbox_id, config)
         # Checked again: the archive may have changed since CreateContainer.
-        plan = rt.restorer.plan(Path(record.restore_from), config)
-        rt.containers.start_restore(record.id, context, base_image(rt, plan.base_image_refs), plan)
+        with rt.restorer.open(Path(record.restore_from), config) as checkpoint:
+            rt.containers.start_restore(record.id, context, base_image(rt, checkpoint.plan.base_image_refs),
+                                        checkpoint)
     else:
         rt.containers.start(record.id)
     return cri.StartContainerResponse()
