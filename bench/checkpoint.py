@@ -47,7 +47,7 @@ from pathlib import Path
 from cri_api import api_pb2 as cri
 from criu_glue.criu import read_dump_stats
 from integration.conftest import container_config, discard, new_settings, pod_config
-from integration.daemon import Daemon, DaemonSettings, leftovers, remove_cgroup_tree
+from integration.daemon import Daemon, DaemonSettings, leftovers, remove_everything
 from integration.registry_server import RegistryServer
 from integration.testimage import push_busybox
 
@@ -264,19 +264,11 @@ def run(sizes: list[int], runs: int, random_mib: int) -> tuple[list[Subject], st
                 if daemon.process is None or daemon.process.poll() is not None:
                     daemon.start()
                 with daemon.client() as client:
-                    for ctr in client.runtime.ListContainers(cri.ListContainersRequest()).containers:
-                        client.stop(ctr.id, timeout=0)
-                        client.remove(ctr.id)
-                    for pod in client.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
-                        client.stop_pod(pod.id)
-                        client.remove_pod(pod.id)
+                    remove_everything(client)
             finally:
                 daemon.stop()
                 found = leftovers(settings)
-                discard(settings)
-                # The daemon's cgroup parent outlives its pods (and pyshim leaves their unified-hierarchy
-                # cgroups behind): it is this run's own, so it goes too.
-                found += remove_cgroup_tree(settings.cgroup_parent)
+                found += discard(settings)
                 if found:
                     problems = f"LEFT BEHIND: {found}"
     return subjects, problems

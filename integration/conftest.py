@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from cri_api import api_pb2 as cri
-from integration.daemon import Daemon, DaemonSettings, leftovers
-from pyshim.internal import cgroups
+from integration.daemon import Daemon, DaemonSettings, leftovers, remove_cgroup_tree, remove_everything
 
 pytestmark = pytest.mark.integration
 
@@ -57,14 +56,15 @@ def new_settings(tag: str, subnet: str) -> DaemonSettings:
 LOG_ROOT = Path(tempfile.gettempdir()) / f"pyshim-test-logs-{os.getpid()}"
 
 
-def discard(settings: DaemonSettings) -> None:
+def discard(settings: DaemonSettings) -> list[str]:
     # Keep the last daemon log for a human to read after a failed run.
     log = settings.base / "daemon.log"
     if log.exists():
         shutil.copy(log, Path(tempfile.gettempdir()) / f"pyshim-last-{settings.base.name.split('-')[1]}-daemon.log")
     subprocess.run(["ip", "link", "del", settings.bridge], capture_output=True)
-    cgroups.remove(settings.cgroup_parent)  # the daemon's parent, in every hierarchy (pods removed theirs)
     shutil.rmtree(settings.base, ignore_errors=True)
+    # The daemon's cgroup parent, in every hierarchy (its pods removed theirs); what remains is a leak.
+    return remove_cgroup_tree(settings.cgroup_parent)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -99,13 +99,7 @@ def client(daemon):
         yield c
     # Leave-nothing-behind check: the test removed what it made, and that removed everything.
     with daemon.client() as c:
-        pods = c.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items
-        containers = c.runtime.ListContainers(cri.ListContainersRequest()).containers
-        for ctr in containers:
-            c.remove(ctr.id)
-        for pod in pods:
-            c.stop_pod(pod.id)
-            c.remove_pod(pod.id)
+        pods, containers = remove_everything(c)
     assert not pods and not containers, \
         f"test left {len(pods)} pod(s) and {len(containers)} container(s) in the daemon"
     assert not leftovers(daemon.settings), f"leaked: {leftovers(daemon.settings)}"

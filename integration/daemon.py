@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cri_api import api_pb2 as cri
 from pyshim.client import Client
 from pyshim.internal import cgroups
 
@@ -132,6 +133,18 @@ def leftovers(settings: DaemonSettings) -> list[str]:
         if cmdline and cmdline[0].endswith(b"conmon") and any(base.encode() in a for a in cmdline):
             found.append(f"conmon process {proc.name}")
     return found
+
+
+def remove_everything(client) -> tuple[list, list]:
+    """Remove every container and pod a daemon has; returns what was there (pods, containers)."""
+    pods = list(client.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items)
+    containers = list(client.runtime.ListContainers(cri.ListContainersRequest()).containers)
+    for ctr in containers:
+        client.remove(ctr.id)
+    for pod in pods:
+        client.stop_pod(pod.id)
+        client.remove_pod(pod.id)
+    return pods, containers
 
 
 def remove_cgroup_tree(cgroup_parent: str) -> list[str]:

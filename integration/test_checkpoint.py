@@ -17,7 +17,7 @@ import pytest
 
 from cri_api import api_pb2 as cri
 from integration.conftest import discard, new_settings, pod_config
-from integration.daemon import Daemon, DaemonSettings, leftovers, remove_cgroup_tree
+from integration.daemon import Daemon, DaemonSettings, leftovers, remove_everything
 from integration.test_lifecycle import cleanup, run_container, wait_for_state
 
 COUNTER = "i=0; while true; do echo $i > /tmp/counter; echo tick $i; i=$((i+1)); sleep 0.1; done"
@@ -197,18 +197,11 @@ def tcp_never_daemon(registry, busybox_ref):
             c.pull(busybox_ref)
         yield d
         with d.client() as c:
-            for ctr in c.runtime.ListContainers(cri.ListContainersRequest()).containers:
-                c.remove(ctr.id)
-            for pod in c.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
-                c.stop_pod(pod.id)
-                c.remove_pod(pod.id)
+            remove_everything(c)
     finally:
         d.stop()
         found = leftovers(settings)
-        discard(settings)
-        # The daemon's own cgroup parent outlives its pods (and pyshim leaves their unified-hierarchy
-        # cgroups behind): it is this fixture's own, so it goes too.
-        found += remove_cgroup_tree(settings.cgroup_parent)
+        found += discard(settings)
     assert not found, f"the tcp_established=never daemon left these behind: {found}"
 
 

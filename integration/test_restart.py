@@ -7,7 +7,7 @@ import pytest
 
 from cri_api import api_pb2 as cri
 from integration.conftest import container_config, discard, new_settings, pod_config
-from integration.daemon import Daemon, leftovers
+from integration.daemon import Daemon, leftovers, remove_everything
 
 
 @pytest.fixture
@@ -19,14 +19,10 @@ def own_daemon(registry, busybox_ref):
         c.pull(busybox_ref)
     yield d
     with d.client() as c:
-        for ctr in c.runtime.ListContainers(cri.ListContainersRequest()).containers:
-            c.remove(ctr.id)
-        for pod in c.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
-            c.stop_pod(pod.id)
-            c.remove_pod(pod.id)
+        remove_everything(c)
     d.stop()
     found = leftovers(settings)
-    discard(settings)
+    found += discard(settings)
     assert not found, f"left behind: {found}"
 
 
