@@ -128,7 +128,7 @@ def main() -> None:
                 loaded_rss = daemon.rss_kib
                 conmon_rss = [_rss_kib(pid) for pid in _conmon_pids(settings.base)]
                 record = settings.root / "containers" / containers[0]
-                lowerdirs = [Path(p) for p in _lowerdirs_of(record / "rootfs")]
+                lowerdirs = list(reversed(mounts.overlay_lower_dirs(record / "rootfs")))
                 bare_create_start, bare_stop_remove = bench_bare_runc(record, lowerdirs, settings.base / "bare",
                                                                       args.runs)
                 stop_remove = []
@@ -161,16 +161,6 @@ def main() -> None:
     width = max(len(k) for k in report)
     for key, value in report.items():
         print(f"{key:<{width}}  {value}")
-
-
-def _lowerdirs_of(rootfs: Path) -> list[str]:
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == str(rootfs):
-                options = dict(o.split("=", 1) for o in fields[3].split(",") if "=" in o)
-                return list(reversed(options["lowerdir"].split(":")))
-    raise RuntimeError(f"{rootfs} is not mounted")
 
 
 if __name__ == "__main__":

@@ -133,16 +133,6 @@ def _holder_rss_kib(cgroups_path: str) -> int:
     return max((_rss_kib(p) for p in _cgroup_pids(cgroups_path) if _comm(p) == "sort"), default=0)
 
 
-def _lowerdirs_of(rootfs: Path) -> list[Path]:
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == str(rootfs):
-                options = dict(o.split("=", 1) for o in fields[3].split(",") if "=" in o)
-                return [Path(p) for p in reversed(options["lowerdir"].split(":"))]
-    raise RuntimeError(f"{rootfs} is not mounted")
-
-
 def _settle() -> None:
     """Before every timed call: write back what earlier steps wrote (1 GiB archives, extracted images),
     so that neither side pays for the other's or a previous step's writeback."""
@@ -396,7 +386,7 @@ class RestoreBench:
                 row.phases.append(self.restored_log_line(cid)["ms"])
                 spec = self.container_spec(cid)
                 row.restored_rss_kib.append(_holder_rss_kib(spec["linux"]["cgroupsPath"]))
-                lowerdirs = _lowerdirs_of(self.settings.root / "containers" / cid / "rootfs")
+                lowerdirs = list(reversed(mounts.overlay_lower_dirs(self.settings.root / "containers" / cid / "rootfs")))
                 # The bare restore takes the pod's namespaces (and PIDs) once pyshim's container is gone.
                 self.client.stop(cid, timeout=0)
                 self.client.remove(cid)

@@ -22,7 +22,7 @@ import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from .archive_format import (BIND_MOUNTS, CHECKPOINT_DIR, CONFIG_DUMP, DELETED_FILES,
                              LOG_MEMBERS, MAX_METADATA_BYTES, METADATA_MEMBERS, ROOTFS_DIFF_TAR,
@@ -44,12 +44,14 @@ ZSTD_LEVEL = 3
 # ================================================================ writing
 
 def write_archive(out_path: Path, members_dir: Path, compression: str = "none",
-                  mode: int = _PRIVATE) -> None:
+                  mode: int = _PRIVATE, before_rename: Callable[[], None] | None = None) -> None:
     """Pack `members_dir` (checkpoint/, config.dump, spec.dump, ...) into `out_path`.
 
     The checkpoint/ directory entry comes first (checkpointctl requires a real one), then its
     images, then the other members in name order. Only regular files and directories are
-    packed. On any error the temporary file is removed and `out_path` is left as it was.
+    packed. On any error the temporary file is removed and `out_path` is left as it was;
+    `before_rename` may raise to refuse the finished archive at the last moment (a caller's
+    deadline passed while it was written).
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
@@ -69,6 +71,8 @@ def write_archive(out_path: Path, members_dir: Path, compression: str = "none",
             raw.flush()
             os.fchmod(raw.fileno(), mode)
             os.fsync(raw.fileno())
+        if before_rename is not None:
+            before_rename()
         os.rename(tmp, out_path)
     except BaseException:
         try:

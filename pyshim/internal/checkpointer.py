@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 import shutil
 import tempfile
@@ -25,6 +24,8 @@ from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, 
 from criu_glue.rootfs_diff import write_rootfs_diff
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from pyshim.internal import mounts
+from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout
 from pyshim.internal.state import ContainerRecord, ContainerState
 
@@ -101,10 +102,10 @@ class Checkpointer:
 
     def _checkpoint_locked(self, record, members: "ArchiveMembers", location: Path, deadline: float):
         started = time.monotonic()
-        phases = _Phases()
+        phases = PhaseTimer()
         tcp = self._wants_tcp_established(record)
         # Read before freezing: the frozen window is for CRIU and the diff only.
-        lower_dirs = overlay_lower_dirs(record.rootfs)
+        lower_dirs = mounts.overlay_lower_dirs(record.rootfs)
         work = Path(tempfile.mkdtemp(prefix=f"{record.id[:12]}-", dir=self._work_root))
         try:
             images = work / fmt.CHECKPOINT_DIR
@@ -225,22 +226,6 @@ def _log_dump_stats_later(container_id: str, work: Path) -> None:
     threading.Thread(target=decode, name=f"criu-stats-{container_id[:12]}", daemon=False).start()
 
 
-class _Phases:
-    """Where a checkpoint's time goes, for the log (the benchmark reads it)."""
-
-    def __init__(self):
-        self._last = time.monotonic()
-        self._spent: dict[str, float] = {}
-
-    def mark(self, phase: str) -> None:
-        now = time.monotonic()
-        self._spent[phase] = now - self._last
-        self._last = now
-
-    def report(self) -> dict[str, float]:
-        return {k: round(v * 1000, 1) for k, v in self._spent.items()}
-
-
 def _check_deadline(deadline: float, message: str) -> None:
     if time.monotonic() >= deadline:
         raise DeadlineExceeded(message)
@@ -252,97 +237,13 @@ DEADLINE_MARGIN_SECONDS = 0.05
 
 
 def _write_archive_by_deadline(location: Path, work: Path, compression: str, deadline: float, what: str) -> None:
-    """write_archive, but the archive appears at `location` only if it was finished in time.
-
-    write_archive cannot be interrupted, so it writes (0600, fsynced) to a hidden staging name
-    beside `location`; past the deadline the staging file is removed and the call fails with
-    DEADLINE_EXCEEDED, so a caller that gave up never finds an archive it was told failed.
-    """
-    staging = location.parent / f".{location.name}.{os.getpid()}-{threading.get_ident()}.staging"
-    try:
-        write_archive(staging, work, compression)
+    """write_archive, but the archive appears at `location` only if it was finished in time: a caller
+    that gave up must never find an archive it was told failed."""
+    def in_time() -> None:
         if time.monotonic() + DEADLINE_MARGIN_SECONDS >= deadline:
             raise DeadlineExceeded(f"{what} ran out of time while writing the archive; it was discarded")
-        os.rename(staging, location)
-    except BaseException:
-        try:
-            os.unlink(staging)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(location.parent)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unescape_mount_field(text: str) -> str:
-    """/proc/self/mountinfo writes space, tab, newline, backslash (and in options "," and "=") as \\ooo."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def _split_lowerdir(value: str) -> list[str]:
-    """overlayfs separates lower layers with ':'; a ':' inside a path is written as '\\:'."""
-    parts, current, i = [], [], 0
-    while i < len(value):
-        if value[i] == "\\" and i + 1 < len(value):
-            current.append(value[i + 1])
-            i += 2
-            continue
-        if value[i] == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(value[i])
-        i += 1
-    parts.append("".join(current))
-    return [p for p in parts if p]
-
-
-def overlay_lower_dirs(rootfs: Path, mountinfo: str = "/proc/self/mountinfo") -> list[Path]:
-    """The image layer directories under the overlay mounted at `rootfs`, top layer first (the
-    order write_rootfs_diff wants, and the order overlayfs lists them in `lowerdir=`).
-
-    The container record does not keep its layers; the mount does. Returns [] (and the diff then
-    describes an opaque directory by its own path in deleted.files) when `rootfs` is not an
-    overlay mount, which only a damaged host produces.
-    """
-    target = str(rootfs)
-    found: list[Path] | None = None
-    try:
-        with open(mountinfo) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        log.warning("cannot read mountinfo for the rootfs diff", extra={"rootfs": target, "error": str(e)})
-        return []
-    for line in lines:
-        head, sep, tail = line.partition(" - ")
-        fields, super_fields = head.split(), tail.split()
-        if not sep or len(fields) < 5 or len(super_fields) < 3:
-            continue
-        if _unescape_mount_field(fields[4]) != target:
-            continue
-        if super_fields[0] != "overlay":
-            found = []
-            continue
-        lowers: list[str] = []
-        for option in super_fields[2].split(","):  # a ',' inside a value is escaped as \\054
-            key, _, value = option.partition("=")
-            if key == "lowerdir":
-                lowers.extend(_split_lowerdir(_unescape_mount_field(value)))
-            elif key == "lowerdir+":  # the new mount API lists one layer per option, top first
-                lowers.append(_unescape_mount_field(value))
-        found = [Path(p) for p in lowers]  # the last mount at a path is the one processes see
-    if not found:
-        log.warning("no overlay lower layers found for the rootfs diff; opaque directories are recorded "
-                    "by their own path in deleted.files", extra={"rootfs": target})
-        return []
-    return found
+    write_archive(location, work, compression, before_rename=in_time)
 
 
 @dataclass

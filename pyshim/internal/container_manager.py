@@ -25,6 +25,7 @@ from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, I
 from pyshim.internal import cgroups, mounts
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
+from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
 from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, OpenCheckpoint, Restorer, RestorePlan
 from pyshim.internal.runc import ExecResult, Runc, RuncError
@@ -36,22 +37,6 @@ log = logging.getLogger(__name__)
 
 # Exit code we report when a container vanished without conmon recording one (e.g. host reboot).
 UNKNOWN_EXIT_CODE = 255
-
-
-class _PhaseTimer:
-    """Milliseconds spent in each phase of an operation, for the logs (where does create time go?)."""
-
-    def __init__(self):
-        self._last = time.perf_counter()
-        self._phases: dict[str, float] = {}
-
-    def mark(self, phase: str) -> None:
-        now = time.perf_counter()
-        self._phases[phase] = round((now - self._last) * 1000, 2)
-        self._last = now
-
-    def report(self) -> dict[str, float]:
-        return self._phases
 
 
 @dataclass(frozen=True)
@@ -267,7 +252,7 @@ class ContainerManager:
             cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
             stop_signal=image.config.stop_signal or "TERM",
         )
-        phases = _PhaseTimer()
+        phases = PhaseTimer()
         with contextlib.ExitStack() as undo:
             cdir.mkdir(mode=0o700)
             undo.callback(shutil.rmtree, cdir, ignore_errors=True)
@@ -377,7 +362,7 @@ class ContainerManager:
         plan = checkpoint.plan
         mode = self._restorer.tcp_mode(plan, config.annotations, [sandbox.record.ip, *sandbox.record.additional_ips])
         images_dir = record.bundle / "checkpoint"
-        phases = _PhaseTimer()
+        phases = PhaseTimer()
         with contextlib.ExitStack() as undo:
             undo.callback(shutil.rmtree, images_dir, ignore_errors=True)  # CRIU is done with them either way
             mounts.mount_overlay(self._images.layer_paths(base_image), record.upper, record.work, record.rootfs)
