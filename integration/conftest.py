@@ -116,3 +116,27 @@ def pod_config(name: str = None, **kwargs) -> "cri.PodSandboxConfig":
 def container_config(image: str, command: list[str], name: str = "main", **kwargs) -> "cri.ContainerConfig":
     return cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name, attempt=0), image=cri.ImageSpec(image=image),
                                command=command, log_path=kwargs.pop("log_path", f"{name}/0.log"), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """Two nodes on this machine (integration/nodes.py): `.a`, `.b` (each `.daemon`, `.netns`, `.wire_ip`,
+    `.pod_subnet`, `.client()`, `.run()`, `.tcp_exchange()`), `.registry` on the wire, `.busybox_ref`.
+
+    Session-wide; a test that uses it directly must remove its pods itself (or use `two_nodes_clean`).
+    At the end everything is removed, and whatever was left fails the session."""
+    _require_root_and_tools()
+    from integration.nodes import two_nodes_up
+
+    with two_nodes_up() as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def two_nodes_clean(two_nodes):
+    """`two_nodes`, with the leave-nothing-behind check of `client` on both nodes after the test."""
+    yield two_nodes
+    found = two_nodes.remove_everything()
+    left = {name: (len(p), len(c)) for name, (p, c) in found.items() if p or c}
+    assert not left, f"test left (pods, containers) per node: {left}"
+    assert not two_nodes.leftovers(), f"leaked: {two_nodes.leftovers()}"

@@ -1,6 +1,7 @@
 """Start a real pyshim daemon on a temporary socket and root, as the tests and benchmarks need."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,12 @@ class DaemonSettings:
     bridge: str
     subnet: str
     netns_prefix: str
+    # Registries the daemon may reach over plain HTTP though they are not on loopback.
+    insecure_registries: tuple[str, ...] = ()
+    # Put before `python -m pyshim serve`, e.g. ("nsenter", "--net=/run/netns/NODE") to run the
+    # daemon in a node's network namespace (not `ip netns exec`: it remounts /sys, which hides
+    # the cgroup mounts from runc).
+    command_prefix: tuple[str, ...] = ()
 
     @property
     def socket(self) -> Path:
@@ -45,7 +52,9 @@ class DaemonSettings:
         self.config_file.write_text(
             f'cgroup_parent = "{self.cgroup_parent}"\n\n'
             f'[network]\nname = "{self.netns_prefix}net"\nbridge = "{self.bridge}"\n'
-            f'subnet = "{self.subnet}"\nnetns_prefix = "{self.netns_prefix}"\n')
+            f'subnet = "{self.subnet}"\nnetns_prefix = "{self.netns_prefix}"\n'
+            + (f'\n[images]\ninsecure_registries = {json.dumps(list(self.insecure_registries))}\n'
+               if self.insecure_registries else ""))
 
 
 class Daemon:
@@ -60,7 +69,7 @@ class Daemon:
         s = self.settings
         s.base.mkdir(parents=True, exist_ok=True)
         s.write_config()
-        cmd = [sys.executable, "-m", "pyshim", "serve", "--config", str(s.config_file), "--socket", str(s.socket),
+        cmd = [*s.command_prefix, sys.executable, "-m", "pyshim", "serve", "--config", str(s.config_file), "--socket", str(s.socket),
                "--root", str(s.root), "--state-dir", str(s.state_dir), "--log-level", "debug"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

@@ -18,10 +18,10 @@ from pathlib import Path
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 
 
-def free_loopback_port() -> int:
+def free_loopback_port(host: str = "127.0.0.1") -> int:
     # The port may be taken again before the registry binds it; start() retries on that.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -30,11 +30,15 @@ class RegistryServer:
 
     `auth_yaml` is an optional YAML block placed under `auth:` (e.g. an htpasswd or token
     section), indented by the caller's lines as they should appear below `auth:`.
+
+    `host` is the address to listen on: loopback by default; the two-node tests put it on the
+    wire bridge's address so that daemons in other network namespaces reach it too.
     """
 
     def __init__(self, binary: str = REGISTRY_BINARY, auth_yaml: str = "",
-                 startup_timeout: float = 20.0):
+                 startup_timeout: float = 20.0, host: str = "127.0.0.1"):
         self.binary = binary
+        self.host = host
         self.auth_yaml = auth_yaml
         self.startup_timeout = startup_timeout
         self.workdir: Path | None = None
@@ -46,7 +50,7 @@ class RegistryServer:
     def address(self) -> str:
         if self.port is None:
             raise RuntimeError("registry server is not running")
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def storage_dir(self) -> Path:
@@ -71,7 +75,7 @@ class RegistryServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="pyshim-registry-"))
         try:
             for attempt in range(attempts):
-                self.port = free_loopback_port()
+                self.port = free_loopback_port(self.host)
                 config = self._write_config()
                 self._log_file = open(self.log_path, "ab")
                 self._proc = subprocess.Popen(
@@ -107,7 +111,7 @@ class RegistryServer:
             "  delete:",
             "    enabled: true",
             "http:",
-            f"  addr: 127.0.0.1:{self.port}",
+            f"  addr: {self.host}:{self.port}",
         ]
         if self.auth_yaml:
             lines.append("auth:")
@@ -122,7 +126,7 @@ class RegistryServer:
             if self._proc.poll() is not None:
                 return False  # exited: most likely the port was taken meanwhile
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
                 conn.request("GET", "/v2/")
                 status = conn.getresponse().status
                 conn.close()

@@ -142,11 +142,13 @@ def build_busybox_layout(dest_dir: Path, ref_name: str = "busybox:latest") -> Pa
 
 def push_busybox(registry_address: str, repo: str = "busybox", tag: str = "latest",
                  auth: Credentials | None = None) -> str:
-    """Build the busybox image and push it to registry_address/repo:tag; returns that reference."""
+    """Build the busybox image and push it to registry_address/repo:tag; returns that reference.
+
+    The registry is a test registry: plain HTTP is allowed even when it is not on loopback."""
     ref = f"{registry_address}/{repo}:{tag}"
     with tempfile.TemporaryDirectory(prefix="pyshim-busybox-push-") as tmp:
         layout = build_busybox_layout(Path(tmp) / "layout", ref)
         store = ImageStore(Path(tmp) / "store")
         [image] = import_oci_archive(store, layout)
-        RegistryClient().push(store, image, ref, auth=auth)
+        RegistryClient(insecure_registries=(registry_address,)).push(store, image, ref, auth=auth)
     return ref
