@@ -32,6 +32,10 @@ ESSENTIAL_APPLETS = ["bin/sh", "bin/sleep", "bin/cat", "bin/echo", "bin/ls", "bi
 # Host programs busybox lacks, copied in with the libraries they load: util-linux flock holds file
 # locks for the restore tests (busybox has no flock applet).
 HOST_PROGRAMS = {"usr/bin/flock": Path("/usr/bin/flock")}
+# Test tools built from integration/tools/*.c with `gcc -static -O2` (no libraries to copy):
+# locker holds and probes flock, POSIX and OFD locks (the file-lock restore tests).
+TOOLS_DIR = Path(__file__).resolve().parent / "tools"
+BUILT_TOOLS = {"usr/bin/locker": TOOLS_DIR / "locker.c"}
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
@@ -101,8 +105,25 @@ def _host_program_files() -> dict[str, tuple[bytes, int]]:
     return files
 
 
+def _built_tool_files() -> dict[str, tuple[bytes, int]]:
+    files: dict[str, tuple[bytes, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="pyshim-tools-") as tmp:
+        for name, source in BUILT_TOOLS.items():
+            out = Path(tmp) / Path(name).name
+            try:
+                subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(source)], check=True,
+                               capture_output=True, text=True)
+            except FileNotFoundError:
+                raise RuntimeError("gcc is missing: run `make deps` (scripts/install-system-deps.sh)") from None
+            except subprocess.CalledProcessError as exc:
+                raise RuntimeError(f"building {source} failed (gcc + libc6-dev from `make deps`?):\n"
+                                   f"{exc.stderr}") from None
+            files[name] = (out.read_bytes(), 0o755)
+    return files
+
+
 def _write_base_files_layer(path: Path) -> None:
-    programs = _host_program_files()
+    programs = {**_host_program_files(), **_built_tool_files()}
     with tarfile.open(path, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for d, mode in [("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("home", 0o755),
                         ("var", 0o755), ("proc", 0o555), ("sys", 0o555), ("dev", 0o755)]:

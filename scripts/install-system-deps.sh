@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system parts pyshim drives: runc, CRIU 4.2 (Debian forky), conmon, CNI plugins,
-# iptables, docker-registry (tests), busybox-static (test image), and Podman 5 + checkpointctl
-# (Debian trixie; the tests use them as real producers and readers of checkpoint archives).
+# iptables, docker-registry (tests), busybox-static (test image), gcc + libc6-dev (static test tools
+# for the test image), and Podman 5 + checkpointctl (Debian trixie; the tests use them as real
+# producers and readers of checkpoint archives).
 # Idempotent: CI runs it every time.
 #
 # Why forky for CRIU: bookworm's 3.17 fails on kernels >= 6.x vDSO layouts, trixie's 4.1.1 cannot
@@ -33,8 +34,18 @@ criu_ok() {
         [ -x /usr/bin/crit ]
 }
 
+# gcc with the C library's headers and static libc (integration/tools/*.c are built `gcc -static`
+# into the test image). libc6-dev must be exactly the installed libc6, which is trixie's once CRIU
+# is in (see below).
+toolchain_ok() {
+    command -v gcc >/dev/null 2>&1 &&
+        [ "$(dpkg-query -W -f='${db:Status-Abbrev}${Version}' libc6-dev 2>/dev/null)" = \
+          "ii $(dpkg-query -W -f='${Version}' libc6)" ]
+}
+
 all_present() {
     criu_ok || return 1
+    toolchain_ok || return 1
     podman_ok || return 1
     for bin in runc iptables ip conmon busybox docker-registry; do
         command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/bin/$bin" ] || [ -x "/usr/sbin/$bin" ] || return 1
@@ -89,6 +100,24 @@ if ! podman_ok; then
         exit 1
     fi
     apt-get install -y -q --no-install-recommends "${PODMAN_PKGS[@]}"
+fi
+
+if ! toolchain_ok; then
+    libc_version=$(dpkg-query -W -f='${Version}' libc6)
+    TOOLCHAIN_PKGS=(gcc "libc6-dev=$libc_version" "libc-dev-bin=$libc_version")
+    plan=$(apt-get install -s -q --no-install-recommends "${TOOLCHAIN_PKGS[@]}")
+    # Trixie's libc6-dev breaks bookworm's libdpkg-perl: an installed dpkg-dev moves to trixie's
+    # (two perl packages) rather than being removed.
+    if grep -qE '^Remv (dpkg-dev|libdpkg-perl) ' <<<"$plan"; then
+        TOOLCHAIN_PKGS+=(dpkg-dev/trixie libdpkg-perl/trixie)
+        plan=$(apt-get install -s -q --no-install-recommends "${TOOLCHAIN_PKGS[@]}")
+    fi
+    if moved=$(grep -E "$KEEP_PKGS_RE|^Remv " <<<"$plan"); then
+        echo "install-system-deps: installing the C toolchain would change these, refusing:" >&2
+        echo "$moved" >&2
+        exit 1
+    fi
+    apt-get install -y -q --no-install-recommends "${TOOLCHAIN_PKGS[@]}"
 fi
 
 all_present || { echo "install-system-deps: something is still missing after install" >&2; exit 1; }
