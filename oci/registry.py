@@ -156,6 +156,14 @@ class RegistryClient:
         media_type = image.manifest_media_type or detect_media_type(manifest_raw)
         return session.put_manifest(target.tag or target.digest, manifest_raw, media_type)
 
+    def check_push_access(self, target_ref: str, auth: Credentials | None = None) -> None:
+        """Raise RegistryError unless the registry takes uploads to `target_ref`'s repository.
+
+        Starts an upload and cancels it, so that a move can learn before it stops anything that
+        the registry is unreachable or refuses its credentials."""
+        session = _Session(self, Reference.parse(target_ref), auth, actions="pull,push")
+        session.probe_upload()
+
     # ------------------------------------------------------------ endpoints
 
     def endpoint_for(self, registry: str) -> _Endpoint:
@@ -301,6 +309,20 @@ class _Session:
                            "Content-Length": str(descriptor.size)},
                           body=lambda: open(path, "rb"), expected=(201, 204)):
             pass
+
+    def probe_upload(self) -> None:
+        step = "start a test upload (push access check)"
+        with self.request("POST", f"/v2/{self.repository}/blobs/uploads/", step,
+                          {"Content-Length": "0"}, body=b"", expected=(202,)) as resp:
+            location = resp.header("Location")
+        if location:
+            url = urllib.parse.urljoin(self._base_url(), location)
+            # Cancelling is a courtesy: a registry that keeps the empty upload until it expires is fine.
+            try:
+                with self.request("DELETE", url, "cancel the test upload", expected=(204, 200, 202, 404, 405)):
+                    pass
+            except RegistryError:
+                pass
 
     def put_manifest(self, ref: str, raw: bytes, media_type: str) -> str:
         step = f"put manifest {ref}"

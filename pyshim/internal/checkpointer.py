@@ -1,9 +1,10 @@
 """CheckpointContainer's machinery: freeze, `runc checkpoint`, rootfs diff, thaw, archive.
 
 The container is frozen (cgroup freezer) before CRIU runs and thawed only after the writable-layer
-diff is taken, so memory and files are one instant. The archive holds every memory page of the
-process, secrets included: it is written 0600 to a temporary name beside the target and renamed
-into place only when complete. Whatever fails, the container ends up running and thawed, and no
+diff is taken, so memory and files are one instant. A checkpoint that stops the container (to move
+it) keeps it frozen until the archive is complete and then kills it. The archive holds every memory
+page of the process, secrets included: it is written 0600 to a temporary name beside the target and
+renamed into place only when complete. Whatever fails, the container ends up running and thawed, and no
 archive or temporary file is left.
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ class CheckpointResult:
     total_seconds: float
     archive_bytes: int
     tcp_established: bool
+    stopped: bool
+    phases_ms: dict
 
 
 def validate_location(location: str) -> Path:
@@ -85,8 +88,11 @@ class Checkpointer:
             raise FailedPrecondition(f"cannot checkpoint: {self.criu.reason}")
 
     def checkpoint(self, record: ContainerRecord, members: "ArchiveMembers", location: Path,
-                   deadline: float) -> CheckpointResult:
-        """Checkpoint a running container to `location`; it keeps running. `deadline` is time.monotonic()."""
+                   deadline: float, stop: bool = False) -> CheckpointResult:
+        """Checkpoint a running container to `location`. `deadline` is time.monotonic().
+
+        It keeps running, or with `stop` (a move to another node) it is killed once the archive
+        is complete; if anything fails it keeps running either way."""
         self.check_enabled()
         lock = self._lock_for(record.id)
         # A second checkpoint of the same container waits for the first, within its own deadline.
@@ -96,17 +102,19 @@ class Checkpointer:
             if record.state != ContainerState.RUNNING:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}: only a running "
                                          "container can be checkpointed")
-            return self._checkpoint_locked(record, members, location, deadline)
+            return self._checkpoint_locked(record, members, location, deadline, stop)
         finally:
             lock.release()
 
-    def _checkpoint_locked(self, record, members: "ArchiveMembers", location: Path, deadline: float):
+    def _checkpoint_locked(self, record, members: "ArchiveMembers", location: Path, deadline: float,
+                           stop: bool) -> CheckpointResult:
         started = time.monotonic()
         phases = PhaseTimer()
         tcp = self._wants_tcp_established(record)
         # Read before freezing: the frozen window is for CRIU and the diff only.
         lower_dirs = mounts.overlay_lower_dirs(record.rootfs)
         work = Path(tempfile.mkdtemp(prefix=f"{record.id[:12]}-", dir=self._work_root))
+        stopped = False
         try:
             images = work / fmt.CHECKPOINT_DIR
             images.mkdir()
@@ -115,35 +123,71 @@ class Checkpointer:
             frozen_at = time.monotonic()
             phases.mark("pause")
             try:
-                self._dump(record, CheckpointRequest(images, work, leave_running=True, file_locks=True,
-                                                     tcp_established=tcp), deadline)
-                phases.mark("dump")
-                # Past the deadline the caller has given up: thaw now rather than diff for nobody.
-                _check_deadline(deadline, f"checkpoint of {record.id} ran out of time after CRIU's dump")
-                deleted = write_rootfs_diff(record.upper, work / fmt.ROOTFS_DIFF_TAR, members.diff_exclusions,
-                                            lower_dirs=lower_dirs)
-                phases.mark("diff")
+                deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
+                if stop:
+                    # Stopping for a move: the process must not run on after its image was taken, or
+                    # its restored copy would repeat what it did meanwhile. It stays frozen until the
+                    # archive is safe, and dies only then; any failure before that thaws it instead.
+                    self._package(record, work, members, deleted, location, deadline, phases)
+                    self._kill_frozen(record, location)
+                    stopped = True
+                    phases.mark("kill")
             finally:
-                self._thaw(record)
+                if not stopped:
+                    self._thaw(record)
             frozen = time.monotonic() - frozen_at
-            phases.mark("resume")
-            # Decoding them takes a crit process (~70 ms): never while frozen, nor on the caller's time.
-            _log_dump_stats_later(record.id, work)
-            members.write(work, deleted)
-            self._move_criu_outputs(work)
-            phases.mark("metadata")
-            _check_deadline(deadline, f"checkpoint of {record.id} ran out of time before the archive was written")
-            _write_archive_by_deadline(location, work, self._settings.compression, deadline,
-                                       f"checkpoint of {record.id}")
-            phases.mark("archive")
+            if not stop:
+                phases.mark("resume")
+                self._package(record, work, members, deleted, location, deadline, phases)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp)
+        result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp,
+                                  stopped, phases.report())
         log.info("container checkpointed", extra={
             "container": record.id, "location": str(location), "frozen_ms": round(frozen * 1000, 1),
             "total_ms": round(result.total_seconds * 1000, 1), "archive_bytes": result.archive_bytes,
-            "tcp_established": tcp, "lower_layers": len(lower_dirs), "phases_ms": phases.report()})
+            "tcp_established": tcp, "stopped": stopped, "lower_layers": len(lower_dirs),
+            "phases_ms": result.phases_ms})
         return result
+
+    def _dump_and_diff(self, record, work: Path, members: "ArchiveMembers", lower_dirs: list, tcp: bool,
+                       deadline: float, phases: PhaseTimer) -> list[str]:
+        """CRIU's images and the writable-layer diff of a frozen container; returns the deleted paths."""
+        self._dump(record, CheckpointRequest(work / fmt.CHECKPOINT_DIR, work, leave_running=True,
+                                             file_locks=True, tcp_established=tcp), deadline)
+        phases.mark("dump")
+        # Past the deadline the caller has given up: thaw now rather than diff for nobody.
+        _check_deadline(deadline, f"checkpoint of {record.id} ran out of time after CRIU's dump")
+        deleted = write_rootfs_diff(record.upper, work / fmt.ROOTFS_DIFF_TAR, members.diff_exclusions,
+                                    lower_dirs=lower_dirs)
+        phases.mark("diff")
+        return deleted
+
+    def _package(self, record, work: Path, members: "ArchiveMembers", deleted: list[str], location: Path,
+                 deadline: float, phases: PhaseTimer) -> None:
+        """Metadata members, then the archive at `location` (complete or not at all)."""
+        # Decoding them takes a crit process (~70 ms): never while frozen, nor on the caller's time.
+        _log_dump_stats_later(record.id, work)
+        members.write(work, deleted)
+        self._move_criu_outputs(work)
+        phases.mark("metadata")
+        _check_deadline(deadline, f"checkpoint of {record.id} ran out of time before the archive was written")
+        _write_archive_by_deadline(location, work, self._settings.compression, deadline,
+                                   f"checkpoint of {record.id}")
+        phases.mark("archive")
+
+    def _kill_frozen(self, record: ContainerRecord, location: Path) -> None:
+        """SIGKILL every process of a frozen container, then thaw it so that they die at once.
+
+        Frozen tasks cannot run a signal handler: nothing happens between the image and the end.
+        If the kill fails the container lives on, and the archive, now stale, goes."""
+        try:
+            self._runc.kill(record.id, "KILL", all_processes=True)
+        except RuncError:
+            location.unlink(missing_ok=True)
+            raise
+        finally:
+            self._thaw(record)
 
     def _dump(self, record: ContainerRecord, req: CheckpointRequest, deadline: float) -> None:
         try:

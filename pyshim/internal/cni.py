@@ -242,11 +242,16 @@ class CNINetwork:
         pod_namespace: str,
         pod_uid: str,
         port_mappings: list[PortMapping] = (),
+        ip: str = "",
+        mac: str = "",
     ) -> NetworkAttachment:
-        """ADD the sandbox's network namespace to the network; undo it all on failure."""
+        """ADD the sandbox's network namespace to the network; undo it all on failure.
+
+        `ip` / `mac` ask for a fixed address (host-local's and bridge's IP= and MAC= CNI_ARGS):
+        a pod restored after a host restart comes back where its peers knew it."""
         _check_sandbox_id(sandbox_id)
         mappings = _effective_mappings(port_mappings)
-        cni_args = _cni_args(sandbox_id, pod_name, pod_namespace, pod_uid)
+        cni_args = _cni_args(sandbox_id, pod_name, pod_namespace, pod_uid, ip=ip, mac=mac)
         ok, reason = self.ready()
         if not ok:
             raise CNIConfigError(reason)
@@ -513,7 +518,7 @@ def _effective_mappings(port_mappings) -> list[PortMapping]:
     return [m for m in validated if m.host_port != 0]
 
 
-def _cni_args(sandbox_id: str, pod_name: str, pod_namespace: str, pod_uid: str) -> str:
+def _cni_args(sandbox_id: str, pod_name: str, pod_namespace: str, pod_uid: str, ip: str = "", mac: str = "") -> str:
     # The keys kubelet-era runtimes pass; IgnoreUnknown lets plugins that don't know
     # them accept the call.
     pairs = [
@@ -522,6 +527,8 @@ def _cni_args(sandbox_id: str, pod_name: str, pod_namespace: str, pod_uid: str) 
         ("K8S_POD_NAME", pod_name),
         ("K8S_POD_INFRA_CONTAINER_ID", sandbox_id),
         ("K8S_POD_UID", pod_uid),
+        ("IP", ip),
+        ("MAC", mac),
     ]
     for key, value in pairs:
         if any(c in str(value) for c in ";=\n\x00"):

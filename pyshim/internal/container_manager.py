@@ -23,6 +23,7 @@ from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_containe
 from oci.spec_schema import InvalidSpec, validate_spec
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, mounts
+from pyshim.internal.checkpointer import CheckpointResult
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
 from pyshim.internal.phases import PhaseTimer
@@ -132,11 +133,23 @@ class ContainerManager:
         """The OCI config the container runs with (updated by UpdateContainerResources)."""
         return json.loads((record.bundle / "config.json").read_text())
 
-    def note_checkpoint(self, container_id: str, location: str) -> None:
+    def note_checkpoint(self, container_id: str, result: CheckpointResult) -> None:
+        """Record a finished checkpoint; a stopping one also records the container's end."""
         record = self.get(container_id)
-        record.checkpointed_at = time.time_ns()
-        record.checkpoint_location = location
-        self._records.save(record)
+        with self._lock_for(record.id):
+            record.checkpointed_at = time.time_ns()
+            record.checkpoint_location = str(result.location)
+            record.last_checkpoint = {
+                "frozenMs": round(result.frozen_seconds * 1000, 1), "totalMs": round(result.total_seconds * 1000, 1),
+                "archiveBytes": result.archive_bytes, "tcpEstablished": result.tcp_established,
+                "stopped": result.stopped, "phasesMs": result.phases_ms}
+            if result.stopped:
+                self._wait_exit(record, 30)
+                if record.state == ContainerState.EXITED:
+                    # Not an error and not a completion: kubelet and people should see why it ended.
+                    record.reason = "Checkpointed"
+                    record.message = f"stopped after a checkpoint to {result.location}"
+            self._records.save(record)
 
     # ---- exit tracking -----------------------------------------------------------------------
 
@@ -394,12 +407,13 @@ class ContainerManager:
             record.started_at = time.time_ns()
             record.restored = True
             record.restore_tcp = mode.value
+            record.restore_phases_ms = {**phases.report(), **{f"unpack_{k}": v for k, v in
+                                                              unpacked.milliseconds.items()}}
             self._records.save(record)
             failed.pop_all()
         log.info("container restored", extra={"container": record.id, "checkpoint": record.restore_from,
                                                "tcp": mode.value, "image_bytes": unpacked.image_bytes,
-                                               "ms": {**phases.report(), **{f"unpack_{k}": v for k, v in
-                                                                            unpacked.milliseconds.items()}}})
+                                               "ms": record.restore_phases_ms})
 
     def stop(self, container_id: str, timeout: float) -> None:
         """SIGTERM (or the image's stop signal), then SIGKILL when `timeout` seconds pass. Idempotent."""

@@ -6,7 +6,9 @@ RunPodSandbox leaves nothing behind and RemovePodSandbox leaves nothing at all.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import re
 import secrets
 import shutil
 import threading
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 from cri_api import api_pb2 as cri
+from pyshim.annotations import POD_IP_ANNOTATION, POD_MAC_ANNOTATION
 from pyshim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, netns, pod_files, pod_namespaces
 from pyshim.internal.cni import CNINetwork, NetworkAttachment, PortMapping
@@ -28,9 +31,27 @@ CONTAINER = cri.NamespaceMode.CONTAINER
 TARGET = cri.NamespaceMode.TARGET
 
 
+_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
 def sandbox_name_key(config) -> str:
     m = config.metadata
     return f"k8s_POD_{m.name}_{m.namespace}_{m.uid}_{m.attempt}"
+
+
+def requested_address(config) -> tuple[str, str]:
+    """The fixed IP and MAC a pod asks for by annotation ("" = any): pyshim's host restart gives
+    restored pods their old addresses this way, so that their TCP peers never notice the move."""
+    ip = config.annotations.get(POD_IP_ANNOTATION, "")
+    mac = config.annotations.get(POD_MAC_ANNOTATION, "")
+    if ip:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise InvalidArgument(f"annotation {POD_IP_ANNOTATION}={ip!r} is not an IP address") from None
+    if mac and not _MAC_RE.fullmatch(mac):
+        raise InvalidArgument(f"annotation {POD_MAC_ANNOTATION}={mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+    return ip, mac.lower()
 
 
 def _namespace_options(config):
@@ -109,6 +130,7 @@ class SandboxManager:
         for pm in config.port_mappings:
             if not 0 < pm.container_port < 65536 or not 0 <= pm.host_port < 65536:
                 raise InvalidArgument(f"port mapping {pm.host_port}->{pm.container_port} is out of range")
+        requested_address(config)
 
     def _run_reserved(self, sandbox_id: str, key: str, config, runtime_handler: str) -> SandboxRecord:
         ns = _namespace_options(config)
@@ -150,7 +172,9 @@ class SandboxManager:
         path = netns.create_netns(record.netns_name)
         undo.callback(netns.remove_netns, record.netns_name)
         m = config.metadata
-        attachment = self._network.attach(record.id, path, m.name, m.namespace, m.uid, self._port_mappings(config))
+        ip, mac = requested_address(config)
+        attachment = self._network.attach(record.id, path, m.name, m.namespace, m.uid, self._port_mappings(config),
+                                          ip=ip, mac=mac)
         undo.callback(self._network.detach, record.id, path, self._port_mappings(config))
         record.ip = attachment.ip
         record.network = attachment.to_dict()

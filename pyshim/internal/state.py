@@ -82,12 +82,15 @@ class ContainerRecord:
     message: str = ""
     checkpointed_at: int = 0  # ns; 0 = never checkpointed
     checkpoint_location: str = ""
+    # The last checkpoint's figures (frozenMs, archiveBytes, stopped, phasesMs) for ContainerStatus.
+    last_checkpoint: dict = field(default_factory=dict)
     # Restores: the archive (or checkpoint image layer) to restore from at StartContainer; "" = a cold start.
     restore_from: str = ""
     base_image_id: str = ""  # the image the restored rootfs is built on (image_id is the checkpoint's)
     restored: bool = False
     restore_tcp: str = ""  # restorer.TcpMode value chosen at restore
     restored_checkpoint_time: int = 0  # ns; when the checkpoint restored from was taken
+    restore_phases_ms: dict = field(default_factory=dict)
 
     kind = "container"
 

@@ -2,6 +2,12 @@
 
 kubelet's checkpoint API (POST /checkpoint/{namespace}/{pod}/{container}) calls this with
 `location` = <kubelet root>/checkpoints/checkpoint-<pod>_<namespace>-<container>-<time>.tar.
+
+pyshim's own option, as gRPC metadata on the standard call (`pyshim migrate` and the host-restart
+commands send it; kubelet never does): `pyshim-checkpoint-mode: stop` stops the container once its
+archive is complete, as Podman's checkpoint without --leave-running does, so that a move never runs
+the same process in two places. ContainerStatus (verbose) then shows reason "Checkpointed" and the
+checkpoint's figures under `lastCheckpoint`.
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from google.protobuf import json_format
 
 from cri_api import api_pb2 as cri
 from criu_glue import archive_format as fmt
+from pyshim.annotations import CHECKPOINT_MODE_KEY, CHECKPOINT_MODES
+from pyshim.errors import InvalidArgument
 from pyshim.internal.restorer import POD_IPS_KEY
 from pyshim.internal.checkpointer import ArchiveMembers, bind_mount_of, diff_exclusions, validate_location
 from pyshim.server import convert
@@ -45,8 +53,17 @@ def _base_image_fields(rt: Runtime, record) -> dict:
     return {"rootfs_image": name, "rootfs_image_ref": ref, "rootfs_image_name": name}
 
 
-def checkpoint_container(rt: Runtime, request, time_remaining: float | None) -> "cri.CheckpointContainerResponse":
+def _stop_requested(metadata: dict[str, str]) -> bool:
+    mode = metadata.get(CHECKPOINT_MODE_KEY, "leave-running")
+    if mode not in CHECKPOINT_MODES:
+        raise InvalidArgument(f"gRPC metadata {CHECKPOINT_MODE_KEY}={mode!r}: want one of {CHECKPOINT_MODES}")
+    return mode == "stop"
+
+
+def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
+                         metadata: dict[str, str]) -> "cri.CheckpointContainerResponse":
     rt.checkpointer.check_enabled()
+    stop = _stop_requested(metadata)
     record = rt.containers.get(request.container_id)
     location = validate_location(request.location)
     deadline = _deadline(request.timeout, time_remaining)
@@ -66,6 +83,6 @@ def checkpoint_container(rt: Runtime, request, time_remaining: float | None) -> 
         log_path=record.log_path,
         diff_exclusions=diff_exclusions([m.container_path for m in config.mounts]),
     )
-    result = rt.checkpointer.checkpoint(record, members, location, deadline)
-    rt.containers.note_checkpoint(record.id, str(result.location))
+    result = rt.checkpointer.checkpoint(record, members, location, deadline, stop=stop)
+    rt.containers.note_checkpoint(record.id, result)
     return cri.CheckpointContainerResponse()

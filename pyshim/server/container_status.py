@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import time
 
+from google.protobuf import json_format
+
 from cri_api import api_pb2 as cri
 from pyshim.server import convert
 from pyshim.server.runtime import Runtime
@@ -19,6 +21,10 @@ def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
             "cgroupsPath": record.cgroups_path, "imageRef": record.image_ref,
             "checkpointedAt": _rfc3339(record.checkpointed_at) if record.checkpointed_at else "",
             "checkpointLocation": record.checkpoint_location,
+            "lastCheckpoint": record.last_checkpoint,
+            # What the container was created with, as containerd shows it: tools that move a
+            # container (pyshim migrate, host restart) recreate it from this.
+            "config": json_format.MessageToDict(config),
             **_restore_info(record),
         })
     return cri.ContainerStatusResponse(status=convert.container_status(record, config), info=info)
@@ -34,6 +40,7 @@ def _restore_info(record) -> dict:
         # "established": connections kept; "close": closed at restore (listeners kept); "none": there were none.
         "restoreTcp": record.restore_tcp,
         "baseImage": record.base_image_id,
+        "restorePhasesMs": record.restore_phases_ms,
     }
 
 

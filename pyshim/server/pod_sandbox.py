@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import time
 
+from google.protobuf import json_format
+
 from cri_api import api_pb2 as cri
 from pyshim.errors import InvalidArgument
 from pyshim.server import convert
@@ -53,6 +55,7 @@ def pod_sandbox_status(rt: Runtime, request) -> "cri.PodSandboxStatusResponse":
         info["info"] = json.dumps({
             "netns": record.netns_name, "cgroupParent": record.cgroup_parent, "hostname": record.hostname,
             "pidInfra": record.pid_infra, "network": record.network,
+            "config": json_format.MessageToDict(config),
         })
     return cri.PodSandboxStatusResponse(status=convert.pod_sandbox_status(record, config), info=info,
                                         timestamp=time.time_ns())

@@ -45,19 +45,22 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
 
 
-def unary(handler, with_deadline: bool = False):
+def unary(handler, with_deadline: bool = False, with_metadata: bool = False):
     """A unary CRI method from a handler(runtime, request), or (runtime, request, seconds_remaining)
-    for handlers that must honour the caller's deadline."""
+    for handlers that must honour the caller's deadline; `with_metadata` adds the call's `pyshim-*`
+    gRPC metadata as a dict (pyshim's own options on a standard call, which kubelet never sends)."""
     name = handler.__name__
 
     @functools.wraps(handler)
     def method(self, request, context):
         started = time.monotonic()
         try:
+            args = [self.runtime, request]
             if with_deadline:
-                response = handler(self.runtime, request, context.time_remaining())
-            else:
-                response = handler(self.runtime, request)
+                args.append(context.time_remaining())
+            if with_metadata:
+                args.append(pyshim_metadata(context))
+            response = handler(*args)
         except Exception as e:  # noqa: BLE001 - every failure must reach the client as a status
             code, message = status_of(e)
             level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
@@ -68,6 +71,11 @@ def unary(handler, with_deadline: bool = False):
         return response
 
     return method
+
+
+def pyshim_metadata(context) -> dict[str, str]:
+    return {key: value for key, value in (context.invocation_metadata() or ())
+            if key.startswith("pyshim-") and isinstance(value, str)}
 
 
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
@@ -99,7 +107,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     Attach = unary(container_ops.attach)
     PortForward = unary(container_ops.port_forward)
 
-    CheckpointContainer = unary(container_checkpoint.checkpoint_container, with_deadline=True)
+    CheckpointContainer = unary(container_checkpoint.checkpoint_container, with_deadline=True,
+                                with_metadata=True)
 
     ContainerStats = unary(stats.container_stats)
     ListContainerStats = unary(stats.list_container_stats)

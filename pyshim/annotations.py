@@ -1,0 +1,12 @@
+"""pyshim's own keys on standard CRI objects, in one place for the daemon and the tools that use them."""
+from __future__ import annotations
+
+# Pod annotations asking the network for a fixed address; the host-restart commands set them so
+# that restored pods come back where their TCP peers knew them.
+POD_IP_ANNOTATION = "io.pyshim.network.ip"
+POD_MAC_ANNOTATION = "io.pyshim.network.mac"
+
+# gRPC metadata on CheckpointContainer: "stop" ends the container once its archive is complete
+# (a move); "leave-running" (kubelet's forensic checkpoint, the default) keeps it running.
+CHECKPOINT_MODE_KEY = "pyshim-checkpoint-mode"
+CHECKPOINT_MODES = ("leave-running", "stop")
