@@ -49,6 +49,17 @@ class CheckpointSettings:
 
 
 @dataclass
+class StreamingConfig:
+    """The server behind the URLs of Exec, Attach and PortForward. Its URLs give a shell in containers,
+    so it listens on the loopback by default; port 0 picks a free port at each start (as CRI-O's
+    default). Kubelet (or crictl) connects to it on the node."""
+    address: str = "127.0.0.1"
+    port: int = 0
+    # How long a URL stays valid before its client connects (the CRI default is one minute).
+    token_ttl: float = 60.0
+
+
+@dataclass
 class Config:
     socket: str = "/run/pyshim/pyshim.sock"
     root: str = "/var/lib/pyshim"
@@ -61,6 +72,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
     @property
     def root_path(self) -> Path:
@@ -79,7 +91,8 @@ class Config:
         return found
 
 
-_SECTIONS = {"network": NetworkConfig, "images": ImageConfig, "checkpoint": CheckpointSettings}
+_SECTIONS = {"network": NetworkConfig, "images": ImageConfig, "checkpoint": CheckpointSettings,
+             "streaming": StreamingConfig}
 
 
 def _apply(target, values: dict, where: str) -> None:

@@ -103,6 +103,19 @@ def _watch_exits(runtime: Runtime, stop: threading.Event) -> None:
             log.exception("exit watcher failed")
 
 
+def _start_streaming(config: Config, runtime: Runtime):
+    """The server behind the URLs of Exec, Attach and PortForward."""
+    from pyshim.internal.streaming_backend import StreamingBackend
+    from pyshim.streaming.server import StreamingServer
+
+    backend = StreamingBackend(runtime.containers, runtime.sandboxes,
+                               Runc(config.resolved_binary("runtime"), config.state_path / "runc"))
+    settings = config.streaming
+    streaming = StreamingServer(backend, settings.address, settings.port, settings.token_ttl).start()
+    log.info("serving streaming", extra={"url": streaming.base_url})
+    return streaming
+
+
 def serve(config: Config) -> None:
     config.root_path.mkdir(parents=True, exist_ok=True, mode=0o711)
     lock_fd = _lock_root(config.root_path)
@@ -114,6 +127,7 @@ def serve(config: Config) -> None:
     api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(runtime), server)
     socket_path = Path(config.socket)
     _bind(server, socket_path)
+    runtime.streaming = _start_streaming(config, runtime)
     server.start()
     os.chmod(socket_path, 0o660)
 
@@ -131,6 +145,7 @@ def serve(config: Config) -> None:
                                    "runc": runtime.runc_version, "conmon": runtime.conmon_version})
     stop.wait()
     server.stop(grace=5).wait()
+    runtime.streaming.stop()
     try:
         socket_path.unlink()
     except FileNotFoundError:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pyshim.internal.runc import RuncError
 
-# conmon's control fifo message type that makes it reopen the log file (CRI-O's REOPEN_LOGS_EVENT).
+# conmon's control fifo message types (CRI-O's WIN_RESIZE_EVENT and REOPEN_LOGS_EVENT).
+_WIN_RESIZE_EVENT = 1
 _REOPEN_LOGS_EVENT = 2
 
 
@@ -42,6 +43,13 @@ class MonitorPaths:
     @property
     def control_fifo(self) -> Path:
         return self.bundle / "ctl"
+
+    @property
+    def attach_socket(self) -> Path:
+        """conmon's SOCK_SEQPACKET attach socket: it links <socket-dir>/<id> to the bundle and binds
+        `attach` there. Each packet it sends is one byte of pipe (1 stdout, 2 stderr) and the data;
+        what it receives goes to the container's stdin (with --stdin)."""
+        return self.bundle / "attach"
 
 
 class Conmon:
@@ -141,6 +149,15 @@ class Conmon:
         fd = os.open(paths.control_fifo, os.O_WRONLY | os.O_NONBLOCK)
         try:
             os.write(fd, f"{_REOPEN_LOGS_EVENT} 0 0\n".encode())
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def resize_terminal(paths: MonitorPaths, width: int, height: int) -> None:
+        """Set the container's terminal size (conmon --terminal) through the control fifo."""
+        fd = os.open(paths.control_fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, f"{_WIN_RESIZE_EVENT} {height} {width}\n".encode())
         finally:
             os.close(fd)
 

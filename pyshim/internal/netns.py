@@ -160,3 +160,37 @@ def _check_name(name: str) -> None:
 def _unescape_mountinfo(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as octal (\040 ...).
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def connect_in_netns(path: Path | None, host: str, port: int, timeout: float = 10.0):
+    """A TCP connection to host:port made inside the network namespace pinned at `path` (None: the
+    host's). The socket is created by a short-lived thread that setns()es itself into the namespace
+    and ends there: no thread of the daemon's pools ever changes namespace, no process is forked.
+    Raises OSError (e.g. ECONNREFUSED) as connect does."""
+    import socket
+
+    if path is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    outcome: list = []
+
+    def connect():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            outcome.append(socket.create_connection((host, port), timeout=timeout))
+        except BaseException as exc:  # noqa: BLE001 - reported to the calling thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=connect, name="netns-connect")
+    worker.start()
+    worker.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    sock = outcome[0]
+    sock.settimeout(None)
+    return sock

@@ -161,3 +161,130 @@ class Runc:
         proc = self._run_killable(_checkpoint_args(req) + [container_id], timeout)
         if proc.returncode != 0:
             raise RuncError(f"runc checkpoint failed: {_runc_message(proc.stderr)}")
+
+    def exec_start(self, container_id: str, process: dict, stdin: bool) -> ExecProcess:
+        """Start `runc exec` for a streaming session; the caller owns the returned process's fds."""
+        import pty
+
+        workdir = Path(tempfile.mkdtemp(prefix="exec-", dir=self.root.parent))
+        (workdir / "process.json").write_text(json.dumps(process))
+        cmd = [self.binary, "--root", str(self.root), "--log", str(workdir / "log"), "--log-format", "json",
+               "exec", "--process", str(workdir / "process.json"), "--pid-file", str(workdir / "pid"), container_id]
+        try:
+            if process.get("terminal"):
+                master, slave = pty.openpty()
+                try:
+                    popen = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+                except OSError:
+                    os.close(master)
+                    raise
+                finally:
+                    os.close(slave)
+                return ExecProcess(popen, workdir, None, None, None, master)
+            popen = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as e:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise RuncError(f"cannot start runc exec: {e}") from None
+        # The fds are ours now; the Popen objects must not close them behind our back.
+        fds = [os.dup(f.fileno()) if f else None for f in (popen.stdin, popen.stdout, popen.stderr)]
+        for f in (popen.stdin, popen.stdout, popen.stderr):
+            if f:
+                f.close()
+        return ExecProcess(popen, workdir, fds[0], fds[1], fds[2], None)
+
+
+class ExecProcess:
+    """A `runc exec` with its stdio in our hands (the streaming Exec): pipes, or a terminal.
+
+    With a terminal, runc runs in the foreground with a pseudo-terminal of ours as its stdio (as
+    CRI-O does): runc allocates the container's terminal, copies between the two, and propagates our
+    terminal's size on SIGWINCH. `--console-socket` would need `--detach`, and a detached process is
+    reparented away from us, so its exit code would be lost.
+    """
+
+    def __init__(self, popen: subprocess.Popen, workdir: Path, stdin: int | None, stdout: int | None,
+                 stderr: int | None, terminal: int | None):
+        self.popen = popen
+        self.workdir = workdir
+        self.stdin_fd = stdin
+        self.stdout_fd = stdout
+        self.stderr_fd = stderr
+        self.terminal_fd = terminal
+
+    def process_pid(self) -> int | None:
+        """Host pid of the exec'd process (runc's --pid-file), once runc has started it."""
+        try:
+            text = (self.workdir / "pid").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def kill(self) -> None:
+        """SIGKILL the exec'd process, then runc. While runc lives the pid is its child's (runc exec is a
+        child subreaper), so it cannot have been reused."""
+        if self.popen.poll() is not None:
+            return
+        pid = self.process_pid()
+        if pid:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, 9)
+
+    def resize(self, width: int, height: int) -> None:
+        if self.terminal_fd is None or width <= 0 or height <= 0:
+            return
+        import fcntl
+        import signal
+        import struct
+        import termios
+
+        fcntl.ioctl(self.terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signal.SIGWINCH)  # runc copies the size to the container's terminal
+            except ProcessLookupError:
+                pass
+
+    def wait(self) -> int:
+        """The exec'd process's exit code; RuncError when runc itself failed (e.g. the container stopped)."""
+        code = self.popen.wait()
+        if code == 255:
+            message = self._runc_error()
+            if message:
+                raise RuncError(f"runc exec failed: {message}")
+        return code
+
+    def _runc_error(self) -> str:
+        try:
+            lines = (self.workdir / "log").read_text().splitlines()
+        except FileNotFoundError:
+            return ""
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("level") in ("error", "fatal"):
+                return entry.get("msg", "")
+        return ""
+
+    def close(self) -> None:
+        for fd in (self.stdin_fd, self.stdout_fd, self.stderr_fd, self.terminal_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.stdin_fd = self.stdout_fd = self.stderr_fd = self.terminal_fd = None
+        import shutil
+
+        shutil.rmtree(self.workdir, ignore_errors=True)
+

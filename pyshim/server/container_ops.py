@@ -1,8 +1,9 @@
-"""ExecSync, UpdateContainerResources, ReopenContainerLog; and the streaming calls not built yet."""
+"""ExecSync, UpdateContainerResources, ReopenContainerLog; Exec, Attach and PortForward live in
+container_streaming (re-exported here, where the servicer binds them)."""
 from __future__ import annotations
 
 from cri_api import api_pb2 as cri
-from pyshim.errors import Unimplemented
+from pyshim.server.container_streaming import attach, exec_, port_forward  # noqa: F401
 from pyshim.server.runtime import Runtime
 
 
@@ -24,14 +25,3 @@ def reopen_container_log(rt: Runtime, request) -> "cri.ReopenContainerLogRespons
     rt.containers.reopen_log(request.container_id)
     return cri.ReopenContainerLogResponse()
 
-
-def _streaming_not_built(call: str):
-    def handler(rt: Runtime, request):
-        raise Unimplemented(f"{call} needs pyshim's streaming server, which is not built yet; "
-                            "use ExecSync (crictl exec without -it) meanwhile")
-    return handler
-
-
-exec_ = _streaming_not_built("Exec")
-attach = _streaming_not_built("Attach")
-port_forward = _streaming_not_built("PortForward")

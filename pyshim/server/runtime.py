@@ -27,3 +27,4 @@ class Runtime:
     runc_version: str
     conmon_version: str
     log: object  # logging.Logger of the daemon
+    streaming: object = None  # pyshim.streaming.server.StreamingServer, once serving

@@ -1,0 +1,183 @@
+"""Exec, Attach and PortForward through pyshim's streaming server, against a real daemon, runc and conmon.
+
+Clients: pyshim's own (pyshim.streaming.client, SPDY and WebSocket), and as an independent one the
+`kubernetes` package's WebSocket client (kubernetes.stream.ws_client), when installed.
+"""
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import pytest
+
+from cri_api import api_pb2 as cri
+from integration.conftest import container_config, pod_config
+from pyshim.streaming.client import (PortForwardSession, RemoteCommand, UpgradeFailed, exit_code, upgrade)
+
+TRANSPORTS = ["spdy", "websocket"]
+
+
+def run_container(client, image, command, **kwargs):
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    cid = client.create(pod_id, container_config(image, command, **kwargs), pod)
+    client.start(cid)
+    return pod_id, cid
+
+
+def remove_pod(client, pod_id):
+    client.stop_pod(pod_id)
+    client.remove_pod(pod_id)
+
+
+def exec_url(client, cid, cmd, tty=False, stdin=False, stdout=True, stderr=True) -> str:
+    return client.runtime.Exec(cri.ExecRequest(container_id=cid, cmd=cmd, tty=tty, stdin=stdin, stdout=stdout,
+                                               stderr=stderr and not tty), timeout=30).url
+
+
+@pytest.fixture
+def sleeper(client, pulled_busybox):
+    pod_id, cid = run_container(client, pulled_busybox, ["sleep", "3600"])
+    yield cid
+    remove_pod(client, pod_id)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_separates_stdout_and_stderr_and_reports_exit_code(client, sleeper, transport):
+    url = exec_url(client, sleeper, ["sh", "-c", "echo to-out; echo to-err >&2; exit 3"])
+    assert url.startswith("http://127.0.0.1:")
+    rc = RemoteCommand(url, transport)
+    status = rc.wait()
+    assert rc.stdout == b"to-out\n"
+    assert rc.stderr == b"to-err\n"
+    assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+    assert exit_code(status) == 3
+
+    rc = RemoteCommand(exec_url(client, sleeper, ["true"]), transport)
+    assert rc.wait() == {"metadata": {}, "status": "Success"}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_stdin_is_echoed_until_eof(client, sleeper, transport):
+    rc = RemoteCommand(exec_url(client, sleeper, ["cat"], stdin=True), transport, stdin=True)
+    rc.write_stdin(b"hello through the pipe\n")
+    rc.wait_stdout(b"hello through the pipe\n")
+    rc.write_stdin(b"second line\n")
+    rc.close_stdin()
+    status = rc.wait()
+    assert exit_code(status) == 0
+    assert rc.stdout == b"hello through the pipe\nsecond line\n"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_with_tty_echoes_input_and_follows_resize(client, sleeper, transport):
+    url = exec_url(client, sleeper, ["sh", "-c", "read line; echo got:$line; stty size; exit 5"], tty=True,
+                   stdin=True)
+    rc = RemoteCommand(url, transport, stdin=True, tty=True)
+    rc.resize(101, 33)
+    time.sleep(0.3)
+    rc.write_stdin(b"abc\r")
+    status = rc.wait()
+    out = rc.stdout
+    assert b"got:abc\r\n" in out, out  # the terminal turns \n into \r\n
+    assert b"33 101\r\n" in out, out
+    assert rc.stderr == b""
+    assert exit_code(status) == 5
+
+
+def test_exec_tty_resize_after_start(client, sleeper):
+    url = exec_url(client, sleeper, ["sh", "-c", "stty size; read x; stty size"], tty=True, stdin=True)
+    rc = RemoteCommand(url, "spdy", stdin=True, tty=True)
+    rc.resize(80, 24)
+    time.sleep(0.3)
+    rc.resize(120, 40)
+    time.sleep(0.3)
+    rc.write_stdin(b"\r")
+    assert exit_code(rc.wait()) == 0
+    assert b"40 120" in rc.stdout, rc.stdout
+
+
+def test_token_is_single_use_and_expires(client, sleeper, daemon, tmp_path):
+    url = exec_url(client, sleeper, ["sh", "-c", "echo ran >> /tmp/ran-marker"])
+    assert exit_code(RemoteCommand(url, "spdy").wait()) == 0
+    for transport in TRANSPORTS:
+        with pytest.raises(UpgradeFailed) as failed:
+            upgrade(url, transport, ["v4.channel.k8s.io"])
+        assert failed.value.status == 404
+    bogus = url.rsplit("/", 1)[0] + "/not-a-token"
+    with pytest.raises(UpgradeFailed) as failed:
+        upgrade(bogus, "spdy", ["v4.channel.k8s.io"])
+    assert failed.value.status == 404
+    # The command ran exactly once.
+    assert client.exec_sync(sleeper, ["cat", "/tmp/ran-marker"]).stdout == b"ran\n"
+
+
+def test_exec_in_stopped_container_fails_precondition(client, pulled_busybox):
+    pod_id, cid = run_container(client, pulled_busybox, ["true"])
+    try:
+        deadline = time.monotonic() + 15
+        while client.status(cid).status.state != cri.CONTAINER_EXITED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as failed:
+            exec_url(client, cid, ["true"])
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as failed:
+            client.runtime.Attach(cri.AttachRequest(container_id=cid, stdout=True), timeout=30)
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        remove_pod(client, pod_id)
+
+
+def test_bad_exec_requests_are_refused(client, sleeper):
+    for request in (cri.ExecRequest(container_id=sleeper, cmd=[], stdout=True),
+                    cri.ExecRequest(container_id=sleeper, cmd=["true"], tty=True, stderr=True),
+                    cri.ExecRequest(container_id=sleeper, cmd=["true"])):
+        with pytest.raises(grpc.RpcError) as failed:
+            client.runtime.Exec(request, timeout=30)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as failed:
+        exec_url(client, "no-such-container", ["true"])
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _processes(client, cid) -> str:
+    return client.exec_sync(cid, ["ps", "-o", "pid,args"]).stdout.decode()
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_client_that_disconnects_leaves_no_exec_process(client, sleeper, tty):
+    url = exec_url(client, sleeper, ["sh", "-c", "echo started; exec sleep 4242"], tty=tty, stdin=tty)
+    rc = RemoteCommand(url, "spdy", stdin=tty, tty=tty)
+    rc.wait_stdout(b"started")
+    assert "sleep 4242" in _processes(client, sleeper)
+    rc.abort()
+    deadline = time.monotonic() + 10
+    while "sleep 4242" in _processes(client, sleeper):
+        assert time.monotonic() < deadline, _processes(client, sleeper)
+        time.sleep(0.1)
+
+
+def test_exec_with_the_kubernetes_websocket_client(client, sleeper):
+    """An independent implementation of the v4/v5 channel protocol: the kubernetes package's WSClient."""
+    ws_client = pytest.importorskip("kubernetes.stream.ws_client")
+    from kubernetes.client import Configuration
+
+    url = exec_url(client, sleeper, ["sh", "-c", "echo k8s-out; echo k8s-err >&2; exit 7"])
+    k = ws_client.WSClient(Configuration(), url.replace("http://", "ws://"), headers=None, capture_all=True)
+    k.run_forever(timeout=30)
+    assert k.read_channel(1) == "k8s-out\n"
+    assert k.read_channel(2) == "k8s-err\n"
+    assert k.returncode == 7
+
+    url = exec_url(client, sleeper, ["cat"], stdin=True)
+    k = ws_client.WSClient(Configuration(), url.replace("http://", "ws://"), headers=None, capture_all=True)
+    k.write_stdin("from kubernetes\n")
+    deadline = time.monotonic() + 10
+    out = ""
+    while "from kubernetes" not in out and time.monotonic() < deadline:
+        k.update(timeout=1)
+        out += k.read_stdout() if k.peek_stdout() else ""
+    assert "from kubernetes\n" in out
+    k.close()
