@@ -110,13 +110,26 @@ class Daemon:
         except FileNotFoundError:
             return "(no daemon log)"
 
-    @property
-    def rss_kib(self) -> int:
+    def _status_kib(self, field: str) -> int:
         with open(f"/proc/{self.process.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
         return 0
+
+    @property
+    def rss_kib(self) -> int:
+        return self._status_kib("VmRSS")
+
+    @property
+    def hwm_kib(self) -> int:
+        """Peak RSS (VmHWM) since start or since the last reset_peak_rss()."""
+        return self._status_kib("VmHWM")
+
+    def reset_peak_rss(self) -> None:
+        """Set VmHWM back to the current RSS (clear_refs 5), to measure the peak of one call."""
+        with open(f"/proc/{self.process.pid}/clear_refs", "w") as f:
+            f.write("5")
 
 
 def leftovers(settings: DaemonSettings) -> list[str]:
