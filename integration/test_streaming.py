@@ -181,3 +181,155 @@ def test_exec_with_the_kubernetes_websocket_client(client, sleeper):
         out += k.read_stdout() if k.peek_stdout() else ""
     assert "from kubernetes\n" in out
     k.close()
+
+
+# ---- attach -------------------------------------------------------------------------------------
+
+READ_LOOP = ('echo ready; while read l; do [ "$l" = quit ] && { echo bye; exit 0; }; '
+             'echo "got:$l"; echo "err:$l" >&2; done')
+
+
+def attach_url(client, cid, stdin=True, tty=False) -> str:
+    return client.runtime.Attach(cri.AttachRequest(container_id=cid, stdin=stdin, stdout=True, stderr=not tty,
+                                                   tty=tty), timeout=30).url
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_attach_sees_output_takes_input_and_ends_when_the_container_exits(client, pulled_busybox, transport):
+    pod_id, cid = run_container(client, pulled_busybox, ["sh", "-c", READ_LOOP], stdin=True)
+    try:
+        rc = RemoteCommand(attach_url(client, cid), transport, stdin=True)
+        rc.write_stdin(b"hello\n")
+        rc.wait_stdout(b"got:hello\n")
+        deadline = time.monotonic() + 10
+        while b"err:hello\n" not in rc.stderr:
+            assert time.monotonic() < deadline, rc.stderr
+            time.sleep(0.05)
+        rc.write_stdin(b"quit\n")
+        status = rc.wait(20)  # the container's exit ends the attach
+        assert exit_code(status) == 0, status
+        assert rc.stdout.endswith(b"bye\n")
+        deadline = time.monotonic() + 10
+        while client.status(cid).status.state != cri.CONTAINER_EXITED:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        remove_pod(client, pod_id)
+
+
+def test_attach_client_leaving_keeps_the_container_running(client, pulled_busybox):
+    pod_id, cid = run_container(client, pulled_busybox, ["sh", "-c", READ_LOOP], stdin=True)
+    try:
+        rc = RemoteCommand(attach_url(client, cid), "spdy", stdin=True)
+        rc.write_stdin(b"one\n")
+        rc.wait_stdout(b"got:one\n")
+        rc.abort()
+        time.sleep(0.5)
+        assert client.status(cid).status.state == cri.CONTAINER_RUNNING
+        rc = RemoteCommand(attach_url(client, cid), "websocket", stdin=True)
+        rc.write_stdin(b"two\n")
+        rc.wait_stdout(b"got:two\n")
+        rc.close()
+    finally:
+        remove_pod(client, pod_id)
+
+
+# ---- port-forward -------------------------------------------------------------------------------
+
+ECHO_SERVERS = ["sh", "-c", "nc -ll -p 8080 -e cat & nc -ll -p 8081 -e cat & wait"]
+
+
+def port_forward_url(client, pod_id, ports=()) -> str:
+    return client.runtime.PortForward(cri.PortForwardRequest(pod_sandbox_id=pod_id, port=list(ports)),
+                                      timeout=30).url
+
+
+def _echo(conn, payload: bytes) -> bytes:
+    conn.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = conn.recv(10)
+        assert chunk, f"connection ended after {got!r}"
+        got += chunk
+    return got
+
+
+def _wait_listening(client, cid, ports):
+    deadline = time.monotonic() + 10
+    while True:
+        out = client.exec_sync(cid, ["netstat", "-ltn"]).stdout.decode()
+        if all(f":{p} " in out for p in ports):
+            return
+        assert time.monotonic() < deadline, out
+        time.sleep(0.1)
+
+
+def test_port_forward_two_ports_at_once_and_a_closed_one_over_spdy(client, pulled_busybox):
+    pod_id, cid = run_container(client, pulled_busybox, ECHO_SERVERS)
+    try:
+        _wait_listening(client, cid, (8080, 8081))
+        session = PortForwardSession(port_forward_url(client, pod_id))
+        try:
+            a, b = session.connect(8080), session.connect(8081)
+            a2 = session.connect(8080)  # two connections to one port, concurrently
+            assert _echo(a, b"to 8080\n") == b"to 8080\n"
+            assert _echo(b, b"to 8081\n") == b"to 8081\n"
+            assert _echo(a2, b"again 8080\n") == b"again 8080\n"
+            closed = session.connect(9)
+            message = closed.error(10)
+            assert "error forwarding port 9" in message and "refused" in message, message
+            assert closed.recv(10) == b""
+            # The others keep working.
+            big = bytes(range(256)) * 4096
+            assert _echo(a, big) == big
+            assert _echo(b, b"still here\n") == b"still here\n"
+            for conn in (a, b, a2):
+                conn.shutdown_write()
+                assert conn.recv(10) == b""
+                assert conn.error(10) == ""
+        finally:
+            session.close()
+    finally:
+        remove_pod(client, pod_id)
+
+
+def test_port_forward_over_websocket(client, pulled_busybox):
+    from pyshim.streaming import ws
+    from pyshim.streaming.client import upgrade as ws_upgrade
+
+    pod_id, cid = run_container(client, pulled_busybox, ECHO_SERVERS)
+    try:
+        _wait_listening(client, cid, (8080, 8081))
+        url = port_forward_url(client, pod_id, [8080, 8081, 9])
+        sock, protocol, initial = ws_upgrade(url, "websocket", ["v4.channel.k8s.io"])
+        assert protocol == "v4.channel.k8s.io"
+        got: dict[int, bytearray] = {}
+        cond = __import__("threading").Condition()
+
+        def on_data(channel, data):
+            with cond:
+                got.setdefault(channel, bytearray()).extend(data)
+                cond.notify_all()
+
+        conn = ws.ChannelConnection(sock, client=True, protocol=protocol, initial=initial, on_data=on_data)
+        reader = __import__("threading").Thread(target=conn.run, daemon=True)
+        reader.start()
+
+        def wait(channel, predicate):
+            with cond:
+                assert cond.wait_for(lambda: predicate(bytes(got.get(channel, b""))), 10), got
+
+        # The first message on every channel is its port, two bytes little-endian.
+        for i, port in enumerate((8080, 8081, 9)):
+            wait(2 * i, lambda d, p=port: d[:2] == p.to_bytes(2, "little"))
+            wait(2 * i + 1, lambda d, p=port: d[:2] == p.to_bytes(2, "little"))
+        wait(5, lambda d: b"refused" in d)
+        conn.send(0, b"ws to 8080\n")
+        conn.send(2, b"ws to 8081\n")
+        wait(0, lambda d: d[2:] == b"ws to 8080\n")
+        wait(2, lambda d: d[2:] == b"ws to 8081\n")
+        conn.close()
+        reader.join(10)
+        sock.close()
+    finally:
+        remove_pod(client, pod_id)

@@ -47,7 +47,7 @@ class MonitorPaths:
     @property
     def attach_socket(self) -> Path:
         """conmon's SOCK_SEQPACKET attach socket: it links <socket-dir>/<id> to the bundle and binds
-        `attach` there. Each packet it sends is one byte of pipe (1 stdout, 2 stderr) and the data;
+        `attach` there. Each packet it sends is one byte of pipe (2 stdout, 3 stderr) and the data;
         what it receives goes to the container's stdin (with --stdin)."""
         return self.bundle / "attach"
 
@@ -60,7 +60,7 @@ class Conmon:
         self.log_level = "debug" if log_level == "debug" else "info"
 
     def create(self, container_id: str, name: str, paths: MonitorPaths, log_path: str,
-               stdin: bool = False, tty: bool = False, timeout: float = 60,
+               stdin: bool = False, tty: bool = False, timeout: float = 60, stdin_once: bool = False,
                restore_from: Path | None = None, restore_args: tuple[str, ...] = ()) -> int:
         """Start conmon, which runs `runc create` (or `runc restore`); returns the container's pid."""
         paths.persist_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +78,9 @@ class Conmon:
         args += ["-l", f"k8s-file:{log_path or (paths.bundle / 'container.log')}"]
         if stdin:
             args.append("--stdin")
+            if not stdin_once:
+                # Kubernetes' default: stdin stays open for the next attach when one client leaves.
+                args.append("--leave-stdin-open")
         if tty:
             args.append("--terminal")
         if restore_from is not None:

@@ -2,7 +2,7 @@
 
 - exec: `runc exec` (through the runc adapter) with pipes, or with a terminal whose size follows the
   client's resize events; a client that goes away mid-stream gets its process killed.
-- attach: conmon's attach socket (output as 1-byte-tagged packets, input as plain bytes) and its
+- attach: conmon's attach socket (output as packets tagged 2 stdout / 3 stderr, input as plain bytes) and its
   control fifo for terminal sizes; the attach ends when the container exits or the client leaves.
 - port-forward: a TCP connection to 127.0.0.1:PORT made inside the pod's network namespace.
 """
@@ -192,7 +192,8 @@ class StreamingBackend:
 
     @staticmethod
     def _attach_output(sock: socket.socket, streams: Streams) -> None:
-        outs = {1: streams.stdout, 2: streams.stderr if streams.stderr is not None else None}
+        # conmon tags each packet with its pipe: 2 stdout, 3 stderr (CRI-O's AttachPipeStdout/Stderr).
+        outs = {2: streams.stdout, 3: streams.stderr}
         broken: set[int] = set()
         try:
             while True:

@@ -24,4 +24,3 @@ def update_container_resources(rt: Runtime, request) -> "cri.UpdateContainerReso
 def reopen_container_log(rt: Runtime, request) -> "cri.ReopenContainerLogResponse":
     rt.containers.reopen_log(request.container_id)
     return cri.ReopenContainerLogResponse()
-
