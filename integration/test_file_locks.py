@@ -5,14 +5,20 @@ The test image's /usr/bin/locker (integration/tools/locker.c) holds the three ki
 """
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
 
 from cri_api import api_pb2 as cri
+from integration.conftest import container_config, pod_config
 from integration.test_checkpoint import checkpoint
 from integration.test_lifecycle import cleanup, run_container
 from integration.test_restore import log_texts, restore_into_new_pod
@@ -58,7 +64,6 @@ def wait_locked(client, cid, timeout: float = 10) -> int:
 
 
 def host_pid(client, cid) -> int:
-    import json
     return json.loads(client.status(cid, verbose=True).info["info"])["pid"]
 
 
@@ -117,3 +122,51 @@ def test_flock_posix_and_ofd_locks_in_the_writable_layer_survive_restore(client,
         assert sum(t.startswith("locked ") for t in log_texts(client, cid)) == 1
     finally:
         cleanup(client, pod_id)
+
+
+def test_locks_survive_a_move_to_the_other_node_through_the_registry(two_nodes_clean, tmp_path):
+    """Checkpoint on node A, checkpoint image pushed to the registry on the wire, pulled and restored on
+    node B (each daemon in its own network namespace): the three locks are held there."""
+    nodes = two_nodes_clean
+    archive = tmp_path / "locker.tar"
+    ref = f"{nodes.registry.address}/checkpoints/locker-{uuid.uuid4().hex[:8]}:v1"
+    with nodes.a.client() as a:
+        a.pull(nodes.busybox_ref)
+        _, pod_id, cid = run_container(a, nodes.busybox_ref, ["sh", "-c", HOLD])
+        try:
+            wait_locked(a, cid)
+            assert probes(a, cid) == {"flock": "held", "posix": "held", "ofd": "held"}
+            checkpoint(a, cid, archive)
+        finally:
+            cleanup(a, pod_id)
+    store = tmp_path / "build-store"
+    for args in (("build", str(archive), "--tag", ref, "--root", str(store)),
+                 ("push", ref, "--insecure", "--root", str(store))):
+        done = subprocess.run([sys.executable, "-m", "pyshim", "checkpoint-image", *args],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    with nodes.b.client() as b:
+        # Node B lacks the checkpoint image (and, unless another test pulled it, the base image, which
+        # restore then pulls by the digest the checkpoint records).
+        b.pull(ref)
+        pod = pod_config()
+        pod_id = b.run_pod(pod)
+        try:
+            try:
+                cid = b.create(pod_id, container_config(ref, [], name="restored"), pod)
+                b.start(cid)
+            except grpc.RpcError as err:
+                pytest.fail(f"restore on node B failed: {err.code()}: {err.details()}")
+            assert b.status(cid).status.state == cri.CONTAINER_RUNNING
+            ip = b.pod_status(pod_id).status.network.ip
+            assert ipaddress.ip_address(ip) in ipaddress.ip_network(nodes.b.pod_subnet)
+            after = probes(b, cid)
+            locks = proc_locks_of(host_pid(b, cid))
+            assert after == {"flock": "held", "posix": "held", "ofd": "held"}, \
+                f"locks after the move (probe results): {after}; /proc/locks: {locks}"
+            assert all(len(v) == 1 for v in locks.values()), locks
+            assert probes(b, cid, UNLOCKED) == {"flock": "free", "posix": "free", "ofd": "free"}
+        finally:
+            cleanup(b, pod_id)
+        b.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)), timeout=b.timeout)
