@@ -333,3 +333,49 @@ def test_port_forward_over_websocket(client, pulled_busybox):
         sock.close()
     finally:
         remove_pod(client, pod_id)
+
+
+# ---- the pyshim CLI -----------------------------------------------------------------------------
+
+def _pyshim(daemon, *args, **kwargs):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pyshim", *args[:1], "--endpoint", str(daemon.settings.socket),
+                           *args[1:]], capture_output=True, timeout=60, **kwargs)
+
+
+def test_cli_exec_interactive_and_not(client, sleeper, daemon):
+    done = _pyshim(daemon, "exec", "-i", sleeper, "--", "sh", "-c", "cat; echo err >&2; exit 4", input=b"piped\n")
+    assert (done.returncode, done.stdout, done.stderr) == (4, b"piped\n", b"err\n")
+    done = _pyshim(daemon, "exec", "-i", "--transport", "websocket", sleeper, "--", "cat", input=b"over ws\n")
+    assert (done.returncode, done.stdout) == (0, b"over ws\n")
+    done = _pyshim(daemon, "exec", "-t", sleeper, "--", "sh", "-c", "echo in-tty; exit 2")
+    assert done.returncode == 2 and done.stdout == b"in-tty\r\n"
+    done = _pyshim(daemon, "exec", sleeper, "--", "echo", "sync")  # no -i/-t: ExecSync as before
+    assert (done.returncode, done.stdout) == (0, b"sync\n")
+
+
+def test_cli_port_forward(client, pulled_busybox, daemon):
+    import subprocess
+    import sys
+
+    pod_id, cid = run_container(client, pulled_busybox, ECHO_SERVERS)
+    proc = subprocess.Popen([sys.executable, "-m", "pyshim", "port-forward", "--endpoint", str(daemon.settings.socket),
+                             pod_id, "0:8080", "0:8081"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_listening(client, cid, (8080, 8081))
+        ports = []
+        for _ in range(2):
+            line = proc.stdout.readline().decode()
+            assert line.startswith("Forwarding from 127.0.0.1:"), line
+            ports.append(int(line.split(":")[1].split()[0]))
+        for port, text in zip(ports, (b"via cli 8080\n", b"via cli 8081\n")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                assert _echo(s, text) == text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        remove_pod(client, pod_id)
+    proc.stdout.close()
+    proc.stderr.close()

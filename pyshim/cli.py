@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--exec-timeout", type=int, default=0)
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    from pyshim.cli_streaming import register as register_streaming_commands
+    register_streaming_commands(sub, client_command, p)
     client_command("pull", cmd_pull, "pull an image").add_argument("image")
     client_command("images", cmd_images, "list images")
     client_command("rmi", cmd_rmi, "remove images").add_argument("images", nargs="+")
