@@ -78,7 +78,13 @@ def _pod_log_root():
 def daemon(registry):
     settings = new_settings("it", "10.86.0.0/24")
     d = Daemon(settings)
-    d.start()
+    try:
+        d.start()
+    except BaseException:
+        # A daemon that never served (e.g. an import error) leaves its directory otherwise.
+        d.stop()
+        discard(settings)
+        raise
     yield d
     d.stop()
     found = leftovers(settings)

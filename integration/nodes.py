@@ -54,6 +54,68 @@ sys.stdout.buffer.write(b"".join(chunks))
 """
 
 
+# A long-lived line client, run inside a node netns: one connection, kept open. For each line on stdin
+# it sends the line and prints the line that comes back; on any failure it prints "ERROR <what>" and
+# exits (so a reset connection shows as "ERROR ConnectionResetError...", never as a silent reconnect).
+LINE_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+f = s.makefile("rwb")
+print("CONNECTED %s:%d" % s.getsockname(), flush=True)
+for line in sys.stdin:
+    try:
+        f.write(line.encode()); f.flush()
+        answer = f.readline()
+        if not answer:
+            print("ERROR closed by peer", flush=True); break
+        print(answer.decode().rstrip("\n"), flush=True)
+    except OSError as exc:
+        print("ERROR %s: %s" % (type(exc).__name__, exc), flush=True); break
+"""
+
+
+class LineClient:
+    """One TCP connection from a node's netns to an echo-like server, kept open across calls.
+
+        with nodes.b.line_client(pod_ip, 7000) as conn:
+            assert conn.ask("ping 1") == "ping 1"
+            ...                                  # checkpoint / move / restart meanwhile
+            assert conn.ask("ping 2") == "ping 2"  # or starts with "ERROR" once reset
+    """
+
+    def __init__(self, node: "Node", ip: str, port: int, timeout: float = 10):
+        self.proc = node.popen([sys.executable, "-u", "-c", LINE_CLIENT, ip, str(port), str(timeout)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, bufsize=1)
+        first = self.proc.stdout.readline().strip()
+        if not first.startswith("CONNECTED "):
+            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+            self.close()
+            raise RuntimeError(f"[node {node.name}] connecting to {ip}:{port}: {first or err.strip()}")
+        self.local_address = first.split()[1]  # "IP:PORT" of the client side
+
+    def ask(self, line: str) -> str:
+        """Send one line, return the answer line, or "ERROR ..." if the connection failed."""
+        if self.proc.poll() is not None:
+            return "ERROR client exited"
+        self.proc.stdin.write(line.rstrip("\n") + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().rstrip("\n") or "ERROR client exited"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+    def __enter__(self) -> "LineClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and proc.returncode != 0:
@@ -136,6 +198,10 @@ class Node:
                                        f"{proc.stderr.decode(errors='replace').strip()}")
                 return proc.stdout
             time.sleep(0.2)
+
+    def line_client(self, ip: str, port: int, timeout: float = 10) -> LineClient:
+        """A kept-open TCP connection from this node's netns (see LineClient)."""
+        return LineClient(self, ip, port, timeout)
 
 
 @dataclass

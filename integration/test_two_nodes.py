@@ -3,6 +3,7 @@ reaches the other node's pods by their pod IPs (routed, not NATed)."""
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 from pathlib import Path
 
@@ -66,6 +67,32 @@ def test_pods_get_their_nodes_subnet_and_reach_each_other_across_the_wire(two_no
             assert nodes.a.tcp_exchange(ip_a, 7000, b"local\n") == b"local\n"
         finally:
             remove_pod(nodes.b, pod_b)
+    finally:
+        remove_pod(nodes.a, pod_a)
+
+
+def test_a_kept_open_connection_from_node_b_to_a_pod_on_node_a(two_nodes_clean):
+    """The shape of the migration checks: one connection from B's host to a pod on A, asked again and
+    again; the pod sees B's wire address as the peer (routed, no NAT)."""
+    nodes = two_nodes_clean
+    with nodes.a.client() as c:
+        c.pull(nodes.busybox_ref)
+    pod_a, cid_a, ip_a = run_pod(nodes.a, nodes.busybox_ref, ECHO)
+    try:
+        nodes.b.tcp_exchange(ip_a, 7000, b"up?\n")  # waits for the listener
+        with nodes.b.line_client(ip_a, 7000) as conn:
+            assert conn.local_address.startswith(nodes.b.wire_ip + ":")
+            for i in range(5):
+                assert conn.ask(f"line {i}") == f"line {i}"
+            with nodes.a.client() as c:
+                peers = c.exec_sync(cid_a, ["netstat", "-tn"]).stdout.decode()
+            # (busybox nc listens on IPv6 too: the peer may show as ::ffff:10.97.X.3)
+            assert re.search(rf"[ :]{re.escape(conn.local_address)}\s+ESTABLISHED", peers), peers
+            # The server side of this connection goes away: the client says so instead of hanging.
+            with nodes.a.client() as c:
+                c.exec_sync(cid_a, ["killall", "cat"])
+            assert conn.ask("after").startswith("ERROR"), "a closed connection was not reported"
+        assert conn.proc.returncode is not None
     finally:
         remove_pod(nodes.a, pod_a)
 
