@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit bench bench-checkpoint bench-restore deps install clean
+.PHONY: run test unit bench bench-checkpoint bench-restore bench-streaming deps install clean
 
 deps:
 	bash scripts/install-system-deps.sh
@@ -37,6 +37,11 @@ bench-checkpoint: install
 
 bench-restore: install
 	$(PY) -m bench.restore $(ARGS)
+
+# Exec round trip (ExecSync, streaming Exec, bare runc exec) and port-forward throughput vs a direct
+# connection (ARGS="--runs 50 --mib 256").
+bench-streaming: install
+	$(PY) -m bench.streaming $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info cri_api/*_pb2*.py cri_api/*_pb2.pyi
