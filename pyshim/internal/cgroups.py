@@ -79,3 +79,12 @@ def remove(cgroups_path: str) -> None:
                 os.rmdir(dirpath)
             except OSError:
                 pass
+
+
+def processes(cgroups_path: str) -> list[int]:
+    """Host PIDs of every process in a container's cgroup (the freezer hierarchy holds them all)."""
+    try:
+        text = (CGROUP_ROOT / "freezer" / cgroups_path.strip("/") / "cgroup.procs").read_text()
+    except OSError:
+        return []
+    return [int(word) for word in text.split()]

@@ -25,7 +25,7 @@ from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, 
 from criu_glue.rootfs_diff import write_rootfs_diff
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from pyshim.internal import mounts
+from pyshim.internal import cgroups, mounts, tcp_lock
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout
 from pyshim.internal.state import ContainerRecord, ContainerState
@@ -88,11 +88,12 @@ class Checkpointer:
             raise FailedPrecondition(f"cannot checkpoint: {self.criu.reason}")
 
     def checkpoint(self, record: ContainerRecord, members: "ArchiveMembers", location: Path,
-                   deadline: float, stop: bool = False) -> CheckpointResult:
+                   deadline: float, stop: bool = False, netns_path: str = "") -> CheckpointResult:
         """Checkpoint a running container to `location`. `deadline` is time.monotonic().
 
-        It keeps running, or with `stop` (a move to another node) it is killed once the archive
-        is complete; if anything fails it keeps running either way."""
+        It keeps running, or with `stop` (a move) it is killed once the archive is complete, its
+        TCP connections locked in its pod's `netns_path` first; if anything fails it keeps running
+        either way."""
         self.check_enabled()
         lock = self._lock_for(record.id)
         # A second checkpoint of the same container waits for the first, within its own deadline.
@@ -102,12 +103,12 @@ class Checkpointer:
             if record.state != ContainerState.RUNNING:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}: only a running "
                                          "container can be checkpointed")
-            return self._checkpoint_locked(record, members, location, deadline, stop)
+            return self._checkpoint_locked(record, members, location, deadline, stop, netns_path)
         finally:
             lock.release()
 
     def _checkpoint_locked(self, record, members: "ArchiveMembers", location: Path, deadline: float,
-                           stop: bool) -> CheckpointResult:
+                           stop: bool, netns_path: str) -> CheckpointResult:
         started = time.monotonic()
         phases = PhaseTimer()
         tcp = self._wants_tcp_established(record)
@@ -129,7 +130,7 @@ class Checkpointer:
                     # its restored copy would repeat what it did meanwhile. It stays frozen until the
                     # archive is safe, and dies only then; any failure before that thaws it instead.
                     self._package(record, work, members, deleted, location, deadline, phases)
-                    self._kill_frozen(record, location)
+                    self._kill_frozen(record, location, netns_path)
                     stopped = True
                     phases.mark("kill")
             finally:
@@ -176,15 +177,28 @@ class Checkpointer:
                                    f"checkpoint of {record.id}")
         phases.mark("archive")
 
-    def _kill_frozen(self, record: ContainerRecord, location: Path) -> None:
+    def _kill_frozen(self, record: ContainerRecord, location: Path, netns_path: str) -> None:
         """SIGKILL every process of a frozen container, then thaw it so that they die at once.
 
         Frozen tasks cannot run a signal handler: nothing happens between the image and the end.
-        If the kill fails the container lives on, and the archive, now stale, goes."""
+        Their established connections are locked first, so that peers see no FIN or RST and a
+        restore at the same address picks them up. If the kill fails the container lives on, its
+        connections unlocked, and the archive, now stale, goes."""
+        locked = False
         try:
+            if netns_path:
+                connections = tcp_lock.established_connections(cgroups.processes(record.cgroups_path))
+                if connections:
+                    tcp_lock.lock(netns_path, record.id, connections)
+                    locked = True
             self._runc.kill(record.id, "KILL", all_processes=True)
-        except RuncError:
+        except (RuncError, tcp_lock.LockError) as e:
             location.unlink(missing_ok=True)
+            if locked:
+                tcp_lock.unlock_all(netns_path)
+            if isinstance(e, tcp_lock.LockError):
+                raise FailedPrecondition(f"checkpoint of {record.id}: cannot lock its TCP connections "
+                                         f"before stopping it: {e}") from None
             raise
         finally:
             self._thaw(record)

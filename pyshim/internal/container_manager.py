@@ -22,13 +22,13 @@ from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_containe
                               linux_resources_from_cri, validate_container_config)
 from oci.spec_schema import InvalidSpec, validate_spec
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal import cgroups, mounts
+from pyshim.internal import cgroups, mounts, netns, tcp_lock
 from pyshim.internal.checkpointer import CheckpointResult
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
-from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, OpenCheckpoint, Restorer, RestorePlan
+from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, OpenCheckpoint, Restorer, RestorePlan, TcpMode
 from pyshim.internal.runc import ExecResult, Runc, RuncError
 from pyshim.internal.sysctls import normalize_sysctl_name
 from pyshim.internal.state import (ContainerRecord, ContainerState, RecordStore, SandboxRecord,
@@ -390,6 +390,9 @@ class ContainerManager:
             self._restorer.check_privileges(unpacked.credentials, spec)
             phases.mark("unpack")
             self._restorer.add_engine_placeholders(spec, plan, record.bundle)
+            if mode == TcpMode.ESTABLISHED and sandbox.record.netns_name:
+                # The connections come back here: lift the lock a stopping checkpoint left on them.
+                tcp_lock.unlock_all(str(netns.netns_path(sandbox.record.netns_name)))
             criu_config = self._restorer.write_criu_config(mode, record.bundle / "criu.conf")
             if criu_config:
                 spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)

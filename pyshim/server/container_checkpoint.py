@@ -19,6 +19,7 @@ from cri_api import api_pb2 as cri
 from criu_glue import archive_format as fmt
 from pyshim.annotations import CHECKPOINT_MODE_KEY, CHECKPOINT_MODES
 from pyshim.errors import InvalidArgument
+from pyshim.internal import netns
 from pyshim.internal.restorer import POD_IPS_KEY
 from pyshim.internal.checkpointer import ArchiveMembers, bind_mount_of, diff_exclusions, validate_location
 from pyshim.server import convert
@@ -83,6 +84,7 @@ def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
         log_path=record.log_path,
         diff_exclusions=diff_exclusions([m.container_path for m in config.mounts]),
     )
-    result = rt.checkpointer.checkpoint(record, members, location, deadline, stop=stop)
+    netns_path = str(netns.netns_path(sandbox.netns_name)) if sandbox and sandbox.netns_name else ""
+    result = rt.checkpointer.checkpoint(record, members, location, deadline, stop=stop, netns_path=netns_path)
     rt.containers.note_checkpoint(record.id, result)
     return cri.CheckpointContainerResponse()
