@@ -220,13 +220,17 @@ class Restorer:
 
     @staticmethod
     def _carry_log(archive: CheckpointArchive, log_path: Path) -> None:
-        """The lines logged before the checkpoint stay in the container's log; conmon appends after them."""
+        """The lines logged before the checkpoint stay in the container's log; conmon appends after them.
+
+        The log starts as the archive's: whatever the path held belonged to the container that was
+        checkpointed (a rollback or a host restart reuses its config, and with it its log path), and
+        keeping it would repeat every line."""
         member = archive.log_member()
         if member is None:
             return
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-        with os.fdopen(fd, "ab") as out, archive.open_member(member) as src:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        with os.fdopen(fd, "wb") as out, archive.open_member(member) as src:
             shutil.copyfileobj(src, out)
 
     @staticmethod
