@@ -136,19 +136,20 @@ def _write_base_files_layer(path: Path) -> None:
             tar.addfile(*_file(name, data, mode))
 
 
-def busybox_config() -> dict:
+def busybox_config(labels: dict | None = None) -> dict:
     return {
         "architecture": _GOARCH.get(platform.machine(), "amd64"),
         "os": "linux",
         "created": "2023-11-14T22:13:20Z",
-        "config": {"Cmd": ["sh"], "Env": [PATH_ENV]},
+        "config": {"Cmd": ["sh"], "Env": [PATH_ENV], **({"Labels": labels} if labels else {})},
         "history": [{"created_by": "pyshim testimage: busybox and applet symlinks"},
                     {"created_by": "pyshim testimage: /etc/passwd, /etc/group, /tmp"}],
     }
 
 
-def build_busybox_layout(dest_dir: Path, ref_name: str = "busybox:latest") -> Path:
-    """Write an OCI image layout for the busybox test image into dest_dir; returns dest_dir."""
+def build_busybox_layout(dest_dir: Path, ref_name: str = "busybox:latest", labels: dict | None = None) -> Path:
+    """Write an OCI image layout for the busybox test image into dest_dir; returns dest_dir.
+    `labels` make an image of the same files with another digest."""
     if not BUSYBOX.is_file():
         raise RuntimeError(f"{BUSYBOX} is missing (Debian package busybox-static)")
     dest_dir = Path(dest_dir)
@@ -157,18 +158,18 @@ def build_busybox_layout(dest_dir: Path, ref_name: str = "busybox:latest") -> Pa
         busybox_layer, base_layer = Path(tmp) / "busybox.tar.gz", Path(tmp) / "base.tar"
         _write_busybox_layer(busybox_layer)
         _write_base_files_layer(base_layer)
-        write_oci_layout(dest_dir, [busybox_layer, base_layer], busybox_config(), ref_name)
+        write_oci_layout(dest_dir, [busybox_layer, base_layer], busybox_config(labels), ref_name)
     return dest_dir
 
 
 def push_busybox(registry_address: str, repo: str = "busybox", tag: str = "latest",
-                 auth: Credentials | None = None) -> str:
+                 auth: Credentials | None = None, labels: dict | None = None) -> str:
     """Build the busybox image and push it to registry_address/repo:tag; returns that reference.
 
     The registry is a test registry: plain HTTP is allowed even when it is not on loopback."""
     ref = f"{registry_address}/{repo}:{tag}"
     with tempfile.TemporaryDirectory(prefix="pyshim-busybox-push-") as tmp:
-        layout = build_busybox_layout(Path(tmp) / "layout", ref)
+        layout = build_busybox_layout(Path(tmp) / "layout", ref, labels)
         store = ImageStore(Path(tmp) / "store")
         [image] = import_oci_archive(store, layout)
         RegistryClient(insecure_registries=(registry_address,)).push(store, image, ref, auth=auth)

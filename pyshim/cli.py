@@ -469,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_inspect_checkpoint)
 
+    from pyshim.migration.commands import add_commands as add_migration_commands
+    add_migration_commands(sub)
+
     return parser
 
 

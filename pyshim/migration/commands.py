@@ -1,0 +1,118 @@
+"""The CLI of moves: `pyshim migrate`, `pyshim node checkpoint-all`, `pyshim node restore-all`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from oci.errors import ImageError
+from oci.registry import Credentials
+from pyshim.client import Client
+from pyshim.migration import host_restart
+from pyshim.migration.migrate import DEFAULT_WORK_DIR, Migration, MigrateOptions, MigrationReport
+from pyshim.migration.workload import MoveError
+
+
+def cmd_migrate(args) -> int:
+    creds = None
+    if args.creds:
+        user, sep, password = args.creds.partition(":")
+        if not sep:
+            print("pyshim migrate: --creds takes USER:PASSWORD", file=sys.stderr)
+            return 2
+        creds = Credentials(username=user, password=password)
+    options = MigrateOptions(container_id=args.container, source=args.source, target=args.target,
+                             repository=args.repository, work_dir=Path(args.work_dir), insecure=args.insecure,
+                             credentials=creds, keep_pod=args.keep_pod, verify_seconds=args.verify_seconds,
+                             timeout=args.timeout)
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    with Client(args.source, timeout=args.timeout) as source, Client(args.target, timeout=args.timeout) as target:
+        migration = Migration(options, source, target, say=say)
+        try:
+            report = migration.rollback_only() if args.rollback else migration.run()
+        except (MoveError, ImageError, OSError) as e:
+            print(f"pyshim migrate: {e}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    elif args.rollback:
+        print(f"rolled back the move of {args.container}")
+    else:
+        _print_report(report)
+    return 0
+
+
+def _print_report(report: MigrationReport) -> None:
+    print(f"moved {report.source_container} -> container {report.target_container} in pod {report.target_pod}")
+    print(f"  image     {report.image}")
+    print(f"  tcp       {report.tcp or 'none'} (established: connections kept; close: reset, listeners kept)")
+    if report.downtime_ms:
+        print(f"  downtime  {report.downtime_ms:.0f} ms (frozen on the source to running on the target)")
+    if report.archive_bytes:
+        print(f"  archive   {report.archive_bytes / (1 << 20):.1f} MiB, transfer {report.transfer_mib_per_s} MiB/s")
+    print("  phases (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in report.phases_ms.items()))
+    if report.checkpoint_phases_ms:
+        print("  checkpoint on the source (ms): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in report.checkpoint_phases_ms.items()))
+    if report.restore_phases_ms:
+        print("  restore on the target (ms): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in report.restore_phases_ms.items()))
+
+
+def cmd_node_checkpoint_all(args) -> int:
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        outcome = host_restart.checkpoint_all(client, Path(args.dir), timeout=args.timeout)
+    return _print_outcome("checkpointed", outcome)
+
+
+def cmd_node_restore_all(args) -> int:
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        outcome = host_restart.restore_all(client, Path(args.dir))
+    return _print_outcome("restored", outcome)
+
+
+def _print_outcome(verb: str, outcome: host_restart.Outcome) -> int:
+    for line in outcome.done:
+        print(f"{verb} {line}")
+    for line in outcome.failed:
+        print(f"FAILED {line}", file=sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser(
+        "migrate", help="move a running container to a new pod on another node",
+        description="Checkpoint CONTAINER on the source node (it stops there), push the checkpoint image to "
+                    "REPOSITORY, create its pod on the target node, restore it there, check that it runs, and "
+                    "remove it from the source. A failure before it runs on the target restores it on the "
+                    "source again; after a kill, run the same command again to finish or roll back. "
+                    "Run it on the source node: the archive is written to --work-dir there.")
+    m.add_argument("container", help="container id on the source node")
+    m.add_argument("--from", dest="source", required=True, metavar="ENDPOINT", help="CRI endpoint of the source node")
+    m.add_argument("--to", dest="target", required=True, metavar="ENDPOINT", help="CRI endpoint of the target node")
+    m.add_argument("--registry", dest="repository", required=True, metavar="REGISTRY/REPO",
+                   help="where the checkpoint image goes, e.g. 10.0.0.1:5000/checkpoints (both nodes must reach it)")
+    m.add_argument("--insecure", action="store_true", help="plain HTTP (or unverified HTTPS) to that registry")
+    m.add_argument("--creds", metavar="USER:PASSWORD", help="registry credentials for the push")
+    m.add_argument("--work-dir", default=DEFAULT_WORK_DIR, help="archives and the journal of unfinished moves")
+    m.add_argument("--keep-pod", action="store_true", help="keep the source pod even when it ends up empty")
+    m.add_argument("--verify-seconds", type=float, default=1.0, help="how long it must run on the target")
+    m.add_argument("--rollback", action="store_true", help="undo an unfinished move instead of finishing it")
+    m.add_argument("--json", action="store_true", help="print the report as JSON")
+    m.add_argument("--timeout", type=float, default=600, help="seconds per call")
+    m.set_defaults(func=cmd_migrate)
+
+    node = sub.add_parser("node", help="the whole node: checkpoint every container before a host restart, "
+                                       "restore them after")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    for name, func, text in (
+            ("checkpoint-all", cmd_node_checkpoint_all,
+             "checkpoint and stop every running container, record its pod, remove the saved pods"),
+            ("restore-all", cmd_node_restore_all,
+             "recreate the saved pods with their old names and addresses and restore their containers")):
+        p = node_sub.add_parser(name, help=text, description=text + ".")
+        p.add_argument("--endpoint", "-r", help="CRI endpoint (default $PYSHIM_ENDPOINT or unix:///run/pyshim/pyshim.sock)")
+        p.add_argument("--dir", default=host_restart.DEFAULT_DIR, help="archives and their manifest")
+        p.add_argument("--timeout", type=float, default=600, help="seconds per call")
+        p.set_defaults(func=func)

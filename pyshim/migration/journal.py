@@ -1,0 +1,103 @@
+"""Where a move stands, on disk, so that a killed `pyshim migrate` rerun finishes or rolls back."""
+from __future__ import annotations
+
+import enum
+import fcntl
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pyshim.migration.workload import MoveError
+
+
+class Phase(str, enum.Enum):
+    STARTED = "started"          # nothing stopped yet
+    CHECKPOINTING = "checkpointing"  # CheckpointContainer sent: the source may be stopping
+    CHECKPOINTED = "checkpointed"    # the archive is complete; the source container has ended
+    PUSHED = "pushed"                # the checkpoint image is in the registry
+    RESTORING = "restoring"          # the target pod/container may exist
+    RUNNING = "running"              # the container runs on the target; the source is still to clean
+
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+@dataclass
+class Journal:
+    path: str
+    source: str
+    target: str
+    container_id: str
+    phase: Phase = Phase.STARTED
+    workload: dict = field(default_factory=dict)
+    archive: str = ""
+    image_ref: str = ""
+    target_pod: str = ""
+    target_container: str = ""
+    started_at: float = field(default_factory=time.time)
+
+    def save(self) -> None:
+        doc = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def advance(self, phase: Phase, **changes) -> None:
+        for key, value in changes.items():
+            setattr(self, key, value)
+        self.phase = phase
+        self.save()
+
+    def discard(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+
+def journal_path(work_dir: Path, container_id: str) -> Path:
+    if not _SAFE_ID.fullmatch(container_id):
+        raise MoveError(f"invalid container id {container_id!r}")
+    return work_dir / f"{container_id}.json"
+
+
+def open_journal(work_dir: Path, source: str, target: str, container_id: str) -> Journal:
+    """The journal of an unfinished move of this container, or a new one."""
+    path = journal_path(work_dir, container_id)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return Journal(path=str(path), source=source, target=target, container_id=container_id)
+    except (OSError, ValueError) as e:
+        raise MoveError(f"cannot read the journal of an earlier move, {path}: {e}; look at it, "
+                        "then remove it to start over") from None
+    if (doc.get("source"), doc.get("target")) != (source, target):
+        raise MoveError(f"an unfinished move of {container_id} from {doc.get('source')} to {doc.get('target')} "
+                        f"is recorded in {path}: rerun that one (or `--rollback` it) first")
+    doc["phase"] = Phase(doc["phase"])
+    return Journal(**{k: v for k, v in doc.items() if k in Journal.__dataclass_fields__})
+
+
+class JournalLock:
+    """One move of a container at a time: a second `pyshim migrate` of it fails instead of racing."""
+
+    def __init__(self, work_dir: Path, container_id: str):
+        self._path = journal_path(work_dir, container_id).with_suffix(".lock")
+        self._fd = -1
+
+    def __enter__(self) -> "JournalLock":
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise MoveError(f"another `pyshim migrate` is moving this container (lock {self._path})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Unlinked while still held: whoever opens the path next gets a fresh, free lock file.
+        self._path.unlink(missing_ok=True)
+        os.close(self._fd)
