@@ -167,7 +167,9 @@ class ContainerManager:
     def _mark_exited(self, record: ContainerRecord, code: int, finished_at_ns: int, reason: str = "") -> None:
         record.state = ContainerState.EXITED
         record.exit_code = code
-        record.finished_at = finished_at_ns
+        # conmon's exit-file time and our start stamp come from two clocks reads apart: a process that
+        # exits at once may seem to end before it started.
+        record.finished_at = max(finished_at_ns, record.started_at)
         oom = (record.bundle / "persist" / "oom").exists()
         record.reason = reason or ("OOMKilled" if oom else "Completed" if code == 0 else "Error")
         record.pid = 0
