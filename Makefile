@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit bench bench-checkpoint bench-restore bench-streaming deps install clean
+.PHONY: run test unit bench bench-checkpoint bench-restore bench-streaming bench-migrate deps install clean
 
 deps:
 	bash scripts/install-system-deps.sh
@@ -42,6 +42,11 @@ bench-restore: install
 # connection (ARGS="--runs 50 --mib 256").
 bench-streaming: install
 	$(PY) -m bench.streaming $(ARGS)
+
+# pyshim migrate downtime A -> B through a registry vs bare runc checkpoint + restore + a raw TCP copy
+# (ARGS="--sizes 16,256 --runs 3").
+bench-migrate: install
+	$(PY) -m bench.migrate $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info cri_api/*_pb2*.py cri_api/*_pb2.pyi

@@ -139,6 +139,21 @@ def _settle() -> None:
     os.sync()
 
 
+def wait_for_holder(cgroups_path: str, size_mib: int, timeout: float = 300) -> int:
+    """Wait until the HOLD container's `sort` holds size_mib resident (its input done); returns its VmRSS KiB."""
+    deadline = time.monotonic() + timeout
+    while True:
+        comms = {_comm(p) for p in _cgroup_pids(cgroups_path)}
+        if _holder_rss_kib(cgroups_path) >= size_mib * 1024 and not comms & {"head", "yes"}:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{size_mib} MiB holder never got resident: {comms}, "
+                               f"{_holder_rss_kib(cgroups_path)} KiB")
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return _holder_rss_kib(cgroups_path)
+
+
 def _remove_cgroup(cgroups_path: str) -> None:
     for controller in CGROUP_ROOT.iterdir():
         d = controller / cgroups_path.lstrip("/")
@@ -360,18 +375,7 @@ class RestoreBench:
         cid = self.client.create(pod_id, container_config(
             self.image, ["sh", "-c", HOLD.format(size=size_mib * MIB)], name="hold", log_path="hold.log"), pod)
         self.client.start(cid)
-        cgroups_path = self.container_spec(cid)["linux"]["cgroupsPath"]
-        deadline = time.monotonic() + 300
-        while True:
-            comms = {_comm(p) for p in _cgroup_pids(cgroups_path)}
-            if _holder_rss_kib(cgroups_path) >= size_mib * 1024 and not comms & {"head", "yes"}:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{size_mib} MiB holder never got resident: {comms}, "
-                                   f"{_holder_rss_kib(cgroups_path)} KiB")
-            time.sleep(0.1)
-        time.sleep(0.5)
-        row.source_rss_kib = _holder_rss_kib(cgroups_path)
+        row.source_rss_kib = wait_for_holder(self.container_spec(cid)["linux"]["cgroupsPath"], size_mib)
         row.checkpoint_s = self.checkpoint(cid, archive)
         row.archive_mib = archive.stat().st_size / MIB
         self.remove_pod(pod_id)
