@@ -285,3 +285,23 @@ def test_killed_migrate_is_finished_or_rolled_back_by_a_rerun(nodes, work_dir, t
     time.sleep(0.5)
     assert_consecutive(log_ticks(*survivor))
     assert not journal.exists()
+
+
+def test_registry_refusing_our_credentials_names_it_and_the_step(nodes, work_dir, tmp_path):
+    from integration.registry_server import RegistryServer
+    from integration.test_registry_pull import _bcrypt_htpasswd_line
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(_bcrypt_htpasswd_line("alice", "s3cret"))
+    pod_id, cid = run_pod(nodes.a, nodes.busybox_ref, ["sleep", "600"])
+    with RegistryServer(host=nodes.wire_gateway,
+                        auth_yaml=f"  htpasswd:\n    realm: pyshim-test\n    path: {htpasswd}\n") as private:
+        address = private.address
+        proc = pyshim("migrate", cid, "--from", nodes.a.endpoint, "--to", nodes.b.endpoint,
+                      "--registry", f"{address}/checkpoints", "--insecure", "--creds", "alice:wrong",
+                      "--work-dir", str(work_dir), check=False)
+    assert proc.returncode == 1
+    assert address in proc.stderr and "push access check" in proc.stderr and "401" in proc.stderr, proc.stderr
+    with nodes.a.client() as c:
+        assert c.status(cid).status.state == cri.CONTAINER_RUNNING
+    assert not containers(nodes.b)
