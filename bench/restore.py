@@ -73,7 +73,7 @@ from integration.conftest import container_config, discard, new_settings
 from integration.daemon import Daemon, DaemonSettings, leftovers
 from integration.registry_server import RegistryServer
 from integration.testimage import push_busybox
-from pyshim.internal import mounts
+from pyshim.internal import cgroups, mounts
 
 MIB = 2**20
 HOSTNAME = "restored"  # every restore pod's hostname, so one UTS rewrite serves all bare runs of a size
@@ -113,14 +113,6 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def _cgroup_pids(cgroups_path: str) -> list[int]:
-    try:
-        text = (CGROUP_ROOT / "memory" / cgroups_path.lstrip("/") / "cgroup.procs").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -130,7 +122,7 @@ def _comm(pid: int) -> str:
 
 def _holder_rss_kib(cgroups_path: str) -> int:
     """VmRSS of the `sort` that holds the memory, found among the container's cgroup's processes."""
-    return max((_rss_kib(p) for p in _cgroup_pids(cgroups_path) if _comm(p) == "sort"), default=0)
+    return max((_rss_kib(p) for p in cgroups.processes(cgroups_path) if _comm(p) == "sort"), default=0)
 
 
 def _settle() -> None:
@@ -143,7 +135,7 @@ def wait_for_holder(cgroups_path: str, size_mib: int, timeout: float = 300) -> i
     """Wait until the HOLD container's `sort` holds size_mib resident (its input done); returns its VmRSS KiB."""
     deadline = time.monotonic() + timeout
     while True:
-        comms = {_comm(p) for p in _cgroup_pids(cgroups_path)}
+        comms = {_comm(p) for p in cgroups.processes(cgroups_path)}
         if _holder_rss_kib(cgroups_path) >= size_mib * 1024 and not comms & {"head", "yes"}:
             break
         if time.monotonic() > deadline:
@@ -274,7 +266,7 @@ class BareRunc:
 
     def remove(self, cid: str) -> None:
         bundle, cgroups_path, fds = self.ids.pop(cid)
-        pids = _cgroup_pids(cgroups_path)
+        pids = cgroups.processes(cgroups_path)
         if self.runc("state", cid, check=False).returncode == 0:
             self.runc("kill", "--all", cid, "KILL", check=False)
             deadline = time.monotonic() + 30
