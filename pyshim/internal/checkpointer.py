@@ -195,7 +195,7 @@ class Checkpointer:
         except (RuncError, tcp_lock.LockError) as e:
             location.unlink(missing_ok=True)
             if locked:
-                tcp_lock.unlock_all(netns_path)
+                tcp_lock.unlock_all(netns_path, record.id)
             if isinstance(e, tcp_lock.LockError):
                 raise FailedPrecondition(f"checkpoint of {record.id}: cannot lock its TCP connections "
                                          f"before stopping it: {e}") from None

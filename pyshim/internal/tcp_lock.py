@@ -116,13 +116,17 @@ def lock(netns_path: str, container_id: str, connections: list[Connection]) -> N
             raise LockError(f"{tool} in {netns_path}: {proc.stderr.strip()}")
 
 
-def unlock_all(netns_path: str) -> None:
-    """Lift every checkpoint lock in the namespace (before restoring connections into it)."""
+def unlock_all(netns_path: str, container_id: str = "") -> None:
+    """Lift every checkpoint lock in the namespace (before restoring connections into it), or only
+    the one container's (when its stop failed and it runs on)."""
     for save, tool in (("iptables-save", "iptables"), ("ip6tables-save", "ip6tables")):
         proc = _in_netns(netns_path, [save, "-t", "filter"])
         if proc.returncode != 0:
             continue
+        only = chain_name(container_id) if container_id else None
         for chain in _CHAIN_RE.findall(proc.stdout):
+            if only and chain != only:
+                continue
             for hook in ("INPUT", "OUTPUT"):
                 _in_netns(netns_path, [tool, "-w", "-D", hook, "-j", chain])
             _in_netns(netns_path, [tool, "-w", "-F", chain])

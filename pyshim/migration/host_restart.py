@@ -14,7 +14,6 @@ keeps its entry and archives in the manifest, so that restore-all can be run aga
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import grpc
 
 from cri_api import api_pb2 as cri
 from pyshim.client import Client
+from pyshim.internal.atomic import write_json_atomic
 from pyshim.migration.workload import (MoveError, Workload, capture, checkpoint_and_stop, container_config_from,
-                                       describe, pod_config_with_address, remove_quietly)
+                                       containers_in_pod, describe, pod_config_with_address, remove_quietly)
 
 DEFAULT_DIR = "/var/lib/pyshim-host-restart"
 MANIFEST = "manifest.json"
@@ -63,12 +63,7 @@ class Manifest:
 
     def save(self) -> None:
         doc = {"containers": [{"workload": s.workload.to_json(), "archive": s.archive} for s in self.saved]}
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, doc, mode=0o600)
 
     def pods(self) -> dict[str, list[SavedContainer]]:
         grouped: dict[str, list[SavedContainer]] = {}
@@ -165,6 +160,4 @@ def _ready_pod_like(client: Client, pod_config) -> str:
 
 
 def _has_containers(client: Client, pod_id: str) -> bool:
-    listed = client.runtime.ListContainers(
-        cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id)), timeout=client.timeout)
-    return any(c.state == cri.CONTAINER_RUNNING for c in listed.containers)
+    return any(c.state == cri.CONTAINER_RUNNING for c in containers_in_pod(client, pod_id))

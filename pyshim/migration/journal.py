@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pyshim.internal.atomic import write_json_atomic
 from pyshim.migration.workload import MoveError
 
 
@@ -41,12 +42,7 @@ class Journal:
 
     def save(self) -> None:
         doc = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(Path(self.path), doc, mode=0o600)
 
     def advance(self, phase: Phase, **changes) -> None:
         for key, value in changes.items():

@@ -25,7 +25,7 @@ from oci.store import ImageStore
 from pyshim.client import Client
 from pyshim.migration.journal import Journal, JournalLock, Phase, open_journal
 from pyshim.migration.workload import (MoveError, Workload, capture, checkpoint_and_stop, container_config_from,
-                                       container_info, describe, remove_quietly)
+                                       container_info, containers_in_pod, describe, remove_quietly)
 
 DEFAULT_WORK_DIR = "/var/lib/pyshim-migrate"
 
@@ -265,9 +265,7 @@ class Migration:
         journal.discard()
 
     def _other_containers(self, pod_id: str, container_id: str) -> list[str]:
-        listed = self.source.runtime.ListContainers(
-            cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id)), timeout=self.source.timeout)
-        return [c.id for c in listed.containers if c.id != container_id]
+        return [c.id for c in containers_in_pod(self.source, pod_id) if c.id != container_id]
 
     def _fail(self, journal: Journal, error: Exception) -> None:
         message = describe(error) if isinstance(error, grpc.RpcError) else str(error)

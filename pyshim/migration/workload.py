@@ -125,6 +125,11 @@ def container_config_from(config, image: str):
     return restored
 
 
+def containers_in_pod(client: Client, pod_id: str) -> list:
+    return list(client.runtime.ListContainers(
+        cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id)), timeout=client.timeout).containers)
+
+
 def remove_quietly(client: Client, container_id: str = "", pod_id: str = "") -> None:
     """Best-effort removal during a rollback: the first failure must stay the one reported."""
     try:
