@@ -1,9 +1,7 @@
-"""ExecSync, UpdateContainerResources, ReopenContainerLog; Exec, Attach and PortForward live in
-container_streaming (re-exported here, where the servicer binds them)."""
+"""ExecSync, UpdateContainerResources, ReopenContainerLog (Exec, Attach and PortForward: container_streaming)."""
 from __future__ import annotations
 
 from cri_api import api_pb2 as cri
-from pyshim.server.container_streaming import attach, exec_, port_forward  # noqa: F401
 from pyshim.server.runtime import Runtime
 
 

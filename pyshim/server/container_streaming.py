@@ -13,7 +13,7 @@ from pyshim.streaming.server import AttachRequest, ExecRequest, PortForwardReque
 
 
 def _server(rt: Runtime):
-    server = getattr(rt, "streaming", None)
+    server = rt.streaming
     if server is None:
         raise FailedPrecondition("the streaming server is not running")
     return server

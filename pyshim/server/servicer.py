@@ -16,8 +16,8 @@ from criu_glue.errors import ArchiveError, UnsafeArchive
 from oci import errors as oci_errors
 from oci.runtime_spec import SpecInputError
 from pyshim.errors import CRIError
-from pyshim.server import (container_checkpoint, container_events, container_lifecycle, container_ops, container_status, images,
-                           pod_sandbox, runtime_info, stats)
+from pyshim.server import (container_checkpoint, container_events, container_lifecycle, container_ops, container_status,
+                           container_streaming, images, pod_sandbox, runtime_info, stats)
 from pyshim.server.runtime import Runtime
 
 log = logging.getLogger("pyshim.cri")
@@ -103,9 +103,9 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     ExecSync = unary(container_ops.exec_sync)
     UpdateContainerResources = unary(container_ops.update_container_resources)
     ReopenContainerLog = unary(container_ops.reopen_container_log)
-    Exec = unary(container_ops.exec_)
-    Attach = unary(container_ops.attach)
-    PortForward = unary(container_ops.port_forward)
+    Exec = unary(container_streaming.exec_)
+    Attach = unary(container_streaming.attach)
+    PortForward = unary(container_streaming.port_forward)
 
     CheckpointContainer = unary(container_checkpoint.checkpoint_container, with_deadline=True,
                                 with_metadata=True)
