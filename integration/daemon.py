@@ -13,6 +13,7 @@ from pathlib import Path
 from cri_api import api_pb2 as cri
 from pyshim.client import Client
 from pyshim.internal import cgroups
+from pyshim.internal.crashpoints import ENV as CRASH_ENV
 
 
 @dataclass
@@ -65,14 +66,19 @@ class Daemon:
         self.process: subprocess.Popen | None = None
         self.log_path = settings.base / "daemon.log"
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, crash_at: str = "") -> None:
+        """Start and wait until it serves. `crash_at` names a crash point (pyshim/internal/crashpoints.py)
+        at which the daemon will SIGKILL itself: see `wait_crashed`."""
         s = self.settings
         s.base.mkdir(parents=True, exist_ok=True)
         s.write_config()
         cmd = [*s.command_prefix, sys.executable, "-m", "pyshim", "serve", "--config", str(s.config_file), "--socket", str(s.socket),
                "--root", str(s.root), "--state-dir", str(s.state_dir), "--log-level", "debug"]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+            if crash_at:
+                env[CRASH_ENV] = crash_at
+            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -95,6 +101,16 @@ class Daemon:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
+
+    def wait_crashed(self, timeout: float = 60) -> None:
+        """Wait for the daemon to kill itself at its crash point; fail if it exits otherwise or lives on."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the daemon did not reach its crash point within {timeout}s:\n"
+                                 f"{self.log_tail()}") from None
+        if code != -signal.SIGKILL:
+            raise AssertionError(f"the daemon exited with {code}, not at its crash point:\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
