@@ -38,6 +38,12 @@ def seccomp_status(client, cid, process: str = "self") -> str:
     return result.stdout.decode().split()[1]
 
 
+def test_status_says_what_is_enforced(client):
+    info = json.loads(client.runtime.Status(cri.StatusRequest()).info["seccomp"])
+    assert info["enabled"] is True
+    assert "moby/profiles/seccomp" in info["runtimeDefault"] and info["privileged"].startswith("unconfined")
+
+
 @pytest.mark.parametrize("linux, status, unshare_blocked", [
     (seccomp_linux(cri.SecurityProfile.RuntimeDefault), "2", True),
     (seccomp_linux(cri.SecurityProfile.Unconfined), "0", False),

@@ -29,6 +29,7 @@ DEFAULT_PROFILE_WHERE = f"the default seccomp profile ({DEFAULT_PROFILE_FILE})"
 # Where default.json comes from (README.md here says how to update it); RuntimeStatus reports it.
 DEFAULT_PROFILE_SOURCE = ("moby/profiles/seccomp v0.2.3 default.json "
                           "(moby/moby docker-v29.7.2, vendor/github.com/moby/profiles/seccomp)")
+KERNEL_SECCOMP_ACTIONS = "/proc/sys/kernel/seccomp/actions_avail"
 # A profile file on the node is read whole: Docker's default profile is 20 KiB.
 MAX_PROFILE_BYTES = 1 << 20
 
@@ -89,6 +90,23 @@ class HostPlatform:
 def host_platform() -> HostPlatform:
     native, seccomp_arch = MACHINE_ARCH.get(platform.machine(), ("", ""))
     return HostPlatform(native, seccomp_arch, kernel_version(os.uname().release))
+
+
+def kernel_filters_syscalls() -> bool:
+    """Whether this kernel has seccomp filters (CONFIG_SECCOMP_FILTER), which every profile needs."""
+    return os.path.exists(KERNEL_SECCOMP_ACTIONS)
+
+
+def enforcement_summary() -> dict:
+    """What a container's seccomp is, for RuntimeStatus and people reading it."""
+    return {
+        "enabled": kernel_filters_syscalls(),
+        "runtimeDefault": DEFAULT_PROFILE_SOURCE,
+        "localhost": "the profile file on the node that localhost_ref names (Docker or OCI JSON)",
+        "unset": "unconfined",
+        "privileged": "unconfined whatever the profile",
+        "restored": "the filters the checkpointed processes had (CRIU); exec gets the new request's profile",
+    }
 
 
 def kernel_version(release: str) -> tuple[int, int]:

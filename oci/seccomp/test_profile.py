@@ -169,3 +169,10 @@ def test_parse_profile_reports_bad_json():
     with pytest.raises(SeccompProfileError, match="not valid JSON"):
         sp.parse_profile("{", "p")
     assert sp.parse_profile(json.dumps({"defaultAction": "SCMP_ACT_ERRNO"}), "p") == {"defaultAction": "SCMP_ACT_ERRNO"}
+
+
+def test_enforcement_summary_names_the_default_profile_source():
+    summary = sp.enforcement_summary()
+    assert summary["runtimeDefault"] == sp.DEFAULT_PROFILE_SOURCE
+    assert summary["enabled"] == sp.kernel_filters_syscalls()
+    assert "v0.2.3" in sp.DEFAULT_PROFILE_SOURCE
