@@ -123,6 +123,22 @@ def test_restore_keeps_the_checkpointed_filter(client, pulled_busybox, tmp_path)
         cleanup(client, pod_id)
 
 
+def test_restore_naming_a_missing_localhost_profile_is_refused_at_create(client, pulled_busybox, tmp_path):
+    archive = tmp_path / "unconfined.tar"
+    checkpointed(client, pulled_busybox, archive, seccomp_linux(cri.SecurityProfile.Unconfined))
+    missing = tmp_path / "missing.json"
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.create(pod_id, container_config(
+                str(archive), [], linux=seccomp_linux(cri.SecurityProfile.Localhost, str(missing))), pod)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and str(missing) in err.value.details()
+        assert not client.runtime.ListContainers(cri.ListContainersRequest()).containers
+    finally:
+        cleanup(client, pod_id)
+
+
 def test_restore_of_an_unconfined_checkpoint_asking_for_a_profile_is_refused(client, pulled_busybox, tmp_path):
     archive = tmp_path / "unconfined.tar"
     checkpointed(client, pulled_busybox, archive, seccomp_linux(cri.SecurityProfile.Unconfined))

@@ -575,6 +575,16 @@ def localhost_seccomp(ref: str, where: str) -> SeccompRequest:
     return SeccompRequest(SeccompKind.LOCALHOST, path)
 
 
+def check_seccomp_profile(sc: "cri.LinuxContainerSecurityContext") -> None:
+    """Read and check a Localhost profile now, for callers that build the spec only later (restore)."""
+    request = requested_seccomp(sc)
+    if request.kind == SeccompKind.LOCALHOST and not sc.privileged:
+        try:
+            seccomp.read_localhost_profile(request.localhost_path)
+        except seccomp.SeccompProfileError as e:
+            raise SpecInputError(str(e)) from None
+
+
 def seccomp_profile(sc: "cri.LinuxContainerSecurityContext", bounding: Iterable[str]) -> dict | None:
     """linux.seccomp for the container, or None for unconfined.
 

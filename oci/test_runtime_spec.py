@@ -448,6 +448,17 @@ def test_localhost_profile_that_is_not_a_small_regular_file_is_refused(tmp_path)
             build_container_spec(spec_input(config=seccomp_config(cri.SecurityProfile.Localhost, str(path))))
 
 
+def test_check_seccomp_profile_reads_a_localhost_profile_without_building_the_spec(tmp_path):
+    profile = tmp_path / "block-chmod.json"
+    profile.write_text(json.dumps(BLOCK_CHMOD))
+    rs.check_seccomp_profile(seccomp_config(cri.SecurityProfile.Localhost, str(profile)).linux.security_context)
+    missing = seccomp_config(cri.SecurityProfile.Localhost, str(tmp_path / "missing.json")).linux.security_context
+    with pytest.raises(SpecInputError, match="missing.json: no such file"):
+        rs.check_seccomp_profile(missing)
+    privileged = seccomp_config(cri.SecurityProfile.Localhost, str(tmp_path / "missing.json"), privileged=True)
+    rs.check_seccomp_profile(privileged.linux.security_context)  # ignored: a privileged container is unconfined
+
+
 @pytest.mark.parametrize("ref, words", [("", "path is empty"), ("profiles/audit.json", "must be an absolute path"),
                                         ("localhost/", "path is empty")])
 def test_localhost_seccomp_needs_an_absolute_path_before_anything_is_done(ref, words):
