@@ -30,7 +30,7 @@ DEFAULT_PROFILE_WHERE = f"the default seccomp profile ({DEFAULT_PROFILE_FILE})"
 DEFAULT_PROFILE_SOURCE = ("moby/profiles/seccomp v0.2.3 default.json "
                           "(moby/moby docker-v29.7.2, vendor/github.com/moby/profiles/seccomp)")
 KERNEL_SECCOMP_ACTIONS = "/proc/sys/kernel/seccomp/actions_avail"
-# A profile file on the node is read whole: Docker's default profile is 20 KiB.
+# A profile file on the node is read whole: Docker's default profile is 13 KiB.
 MAX_PROFILE_BYTES = 1 << 20
 
 # The actions runc 1.1.5 implements (`runc features`), but SCMP_ACT_NOTIFY: see NOTIFY_ACTION.
