@@ -2,6 +2,7 @@
 did it take. CRIU itself is driven by runc; images are decoded with CRIU's own `crit`, never by hand."""
 from __future__ import annotations
 
+import enum
 import json
 import re
 import shutil
@@ -110,12 +111,22 @@ CAPABILITIES = (
     "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
 )
 
+class SeccompMode(enum.IntEnum):
+    """A thread's seccomp mode (linux/seccomp.h, CRIU's seccomp_mode enum)."""
+    DISABLED = 0
+    STRICT = 1
+    FILTER = 2
+
+
 @dataclass(frozen=True)
 class ProcessCredentials:
     image: str  # core-<pid>.img
     uids: tuple[int, ...]  # uid, euid, suid, fsuid
     gids: tuple[int, ...]
     capabilities: frozenset[str]  # union of the inheritable, permitted, effective, bounding and ambient sets
+    # What CRIU restores: the thread's own mode and filters (seccomp.img), never the new config.json's.
+    # None: the image holds no living thread (a zombie or a CRIU helper task).
+    seccomp_mode: SeccompMode | None = SeccompMode.DISABLED
 
 
 def _cap_names(words: list[int]) -> set[str]:
@@ -153,7 +164,12 @@ for path in sorted(glob.glob(os.path.join(images, "utsns-*.img"))):
 creds = []
 for path in sorted(glob.glob(os.path.join(images, "core-*.img"))):
     entry = load(path)["entries"][0]
-    creds.append({"image": os.path.basename(path), "creds": entry.get("thread_core", {}).get("creds") or {}})
+    thread = entry.get("thread_core", {})
+    # CRIU leaves the mode out when seccomp is disabled; older images kept it in the task core. A zombie's
+    # or a helper's image has no thread at all, hence nothing a filter could be restored to (None).
+    seccomp = thread.get("seccomp_mode", entry.get("tc", {}).get("old_seccomp_mode", "disabled")) \
+        if "thread_core" in entry else None
+    creds.append({"image": os.path.basename(path), "creds": thread.get("creds") or {}, "seccomp": seccomp})
 modes = []
 if os.path.exists(os.path.join(images, "files.img")):
     for e in load(os.path.join(images, "files.img"))["entries"]:
@@ -185,4 +201,15 @@ def _credentials(item: dict) -> ProcessCredentials:
         caps |= _cap_names(c.get(key) or [])
     return ProcessCredentials(
         image=item["image"], uids=tuple(int(c.get(k, 0)) for k in ("uid", "euid", "suid", "fsuid")),
-        gids=tuple(int(c.get(k, 0)) for k in ("gid", "egid", "sgid", "fsgid")), capabilities=frozenset(caps))
+        gids=tuple(int(c.get(k, 0)) for k in ("gid", "egid", "sgid", "fsgid")), capabilities=frozenset(caps),
+        seccomp_mode=_seccomp_mode(item.get("seccomp", "disabled"), item["image"]))
+
+
+def _seccomp_mode(value, image: str) -> SeccompMode | None:
+    """crit prints the enum's name ("filter"); a number is accepted too."""
+    if value is None:
+        return None
+    try:
+        return SeccompMode[value.upper()] if isinstance(value, str) else SeccompMode(int(value))
+    except (KeyError, ValueError, TypeError):
+        raise CritError(f"{image}: unknown seccomp mode {value!r}") from None

@@ -9,6 +9,7 @@ reads their fields, so it never imports the generated code at run time.
 """
 from __future__ import annotations
 
+import enum
 import os
 import posixpath
 import resource
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 from oci.image_config import ImageConfig
+from oci.seccomp import profile as seccomp
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cri_api import api_pb2 as cri
@@ -33,6 +35,10 @@ PROPAGATION_BIDIRECTIONAL = 2
 SECCOMP_RUNTIME_DEFAULT = 0
 SECCOMP_UNCONFINED = 1
 SECCOMP_LOCALHOST = 2
+# Values of the deprecated seccomp_profile_path, as containerd reads them.
+SECCOMP_PATHS_RUNTIME_DEFAULT = ("runtime/default", "docker/default")
+SECCOMP_PATH_UNCONFINED = "unconfined"
+SECCOMP_LOCALHOST_PREFIX = "localhost/"
 SUPPLEMENTAL_GROUPS_STRICT = 1
 
 # Annotations containerd's CRI plugin puts on every container; checkpointctl and
@@ -177,10 +183,7 @@ def check_security_context(container: str, sc: "cri.LinuxContainerSecurityContex
                 *sc.capabilities.add_ambient_capabilities]:
         if cap.strip().upper() != "ALL" and capability_name(cap) not in CAPABILITY_BITS:
             raise SpecInputError(f"{where}: unknown capability {cap!r}")
-    if sc.HasField("seccomp") and sc.seccomp.profile_type == SECCOMP_LOCALHOST:
-        raise SpecInputError(
-            f"{where}: seccomp profile Localhost/{sc.seccomp.localhost_ref} is not supported yet "
-            "(refusing to run it unconfined)")
+    requested_seccomp(sc, where)
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +231,7 @@ def build_container_spec(inp: ContainerSpecInput) -> dict:
     propagation = rootfs_propagation(config.mounts)
     if propagation:
         linux["rootfsPropagation"] = propagation
-    seccomp = seccomp_profile(sc)
+    seccomp = seccomp_profile(sc, process["capabilities"]["bounding"])
     if seccomp is not None:
         linux["seccomp"] = seccomp
 
@@ -525,14 +528,81 @@ def process_capabilities(sc: "cri.LinuxContainerSecurityContext") -> dict:
 
 # --- security profiles -----------------------------------------------------
 
-def seccomp_profile(sc: "cri.LinuxContainerSecurityContext") -> dict | None:
+class SeccompKind(enum.Enum):
+    UNCONFINED = "unconfined"
+    RUNTIME_DEFAULT = "runtime/default"
+    LOCALHOST = "localhost"
+
+
+@dataclass(frozen=True)
+class SeccompRequest:
+    """The seccomp profile a request asks for (before `privileged` overrides it)."""
+    kind: SeccompKind
+    localhost_path: str = ""  # LOCALHOST: absolute path of the profile file on the node
+
+
+def requested_seccomp(sc: "cri.LinuxContainerSecurityContext", where: str = "security_context") -> SeccompRequest:
+    """The `seccomp` field, else the deprecated `seccomp_profile_path`, else unconfined: containerd's
+    reading (a request naming neither runs unconfined, as there)."""
+    if sc.HasField("seccomp"):
+        profile = sc.seccomp
+        if profile.profile_type == SECCOMP_RUNTIME_DEFAULT:
+            return SeccompRequest(SeccompKind.RUNTIME_DEFAULT)
+        if profile.profile_type == SECCOMP_UNCONFINED:
+            return SeccompRequest(SeccompKind.UNCONFINED)
+        if profile.profile_type == SECCOMP_LOCALHOST:
+            return localhost_seccomp(profile.localhost_ref, f"{where}: seccomp Localhost localhost_ref")
+        raise SpecInputError(f"{where}: seccomp profile_type {profile.profile_type} is unknown")
+    path = sc.seccomp_profile_path
+    if not path or path == SECCOMP_PATH_UNCONFINED:
+        return SeccompRequest(SeccompKind.UNCONFINED)
+    if path in SECCOMP_PATHS_RUNTIME_DEFAULT:
+        return SeccompRequest(SeccompKind.RUNTIME_DEFAULT)
+    if path.startswith(SECCOMP_LOCALHOST_PREFIX):
+        return localhost_seccomp(path, f"{where}: seccomp_profile_path")
+    raise SpecInputError(
+        f"{where}: seccomp_profile_path {path!r} is unknown (use {', '.join(SECCOMP_PATHS_RUNTIME_DEFAULT)}, "
+        f"{SECCOMP_PATH_UNCONFINED} or {SECCOMP_LOCALHOST_PREFIX}<absolute path>)")
+
+
+def localhost_seccomp(ref: str, where: str) -> SeccompRequest:
+    # kubelet sends an absolute path; older ones (and the deprecated field) put "localhost/" before it.
+    path = ref.removeprefix(SECCOMP_LOCALHOST_PREFIX)
+    if not path:
+        raise SpecInputError(f"{where}: the profile path is empty")
+    if not path.startswith("/"):
+        raise SpecInputError(f"{where}: {path!r} must be an absolute path of a profile file on the node")
+    return SeccompRequest(SeccompKind.LOCALHOST, path)
+
+
+def check_seccomp_profile(sc: "cri.LinuxContainerSecurityContext") -> None:
+    """Read and check a Localhost profile now, for callers that build the spec only later (restore)."""
+    request = requested_seccomp(sc)
+    if request.kind == SeccompKind.LOCALHOST and not sc.privileged:
+        try:
+            seccomp.read_localhost_profile(request.localhost_path)
+        except seccomp.SeccompProfileError as e:
+            raise SpecInputError(str(e)) from None
+
+
+def seccomp_profile(sc: "cri.LinuxContainerSecurityContext", bounding: Iterable[str]) -> dict | None:
     """linux.seccomp for the container, or None for unconfined.
 
-    Not implemented yet: every container runs unconfined, including those asking
-    for RuntimeDefault. This is the one place to return a profile (e.g. the
-    containerd/Docker default) once there is one; Localhost profiles are already
-    refused by validate_container_config rather than silently ignored.
+    RuntimeDefault is Docker's default profile and Localhost a profile file on the node, both
+    evaluated against the container's final bounding set (oci/seccomp). A privileged container runs
+    unconfined whatever it asks for, as in containerd and CRI-O.
     """
+    if sc.privileged:
+        return None
+    request = requested_seccomp(sc)
+    try:
+        if request.kind == SeccompKind.RUNTIME_DEFAULT:
+            return seccomp.runtime_default_seccomp(bounding)
+        if request.kind == SeccompKind.LOCALHOST:
+            profile = seccomp.read_localhost_profile(request.localhost_path)
+            return seccomp.to_oci_seccomp(profile, bounding, f"seccomp profile {request.localhost_path}")
+    except seccomp.SeccompProfileError as e:
+        raise SpecInputError(str(e)) from None
     return None
 
 

@@ -113,7 +113,7 @@ def test_plain_request_gets_containerd_defaults():
     assert linux["cgroupsPath"] == "/pyshim/pod1/c1"
     assert linux["resources"] == {"devices": [{"allow": False, "access": "rwm"}]}
     assert linux["devices"] == []
-    assert "seccomp" not in linux  # unconfined until a profile exists
+    assert "seccomp" not in linux  # no seccomp field and no seccomp_profile_path: unconfined, as in containerd
     assert "sysctl" not in linux
     assert spec["hostname"] == "web-0"
 
@@ -367,17 +367,119 @@ def test_unknown_capability_is_rejected():
         build_container_spec(spec_input(config=config))
 
 
-def test_localhost_seccomp_is_refused_not_ignored():
-    config = container_config(linux=security_context(seccomp=cri.SecurityProfile(
-        profile_type=cri.SecurityProfile.Localhost, localhost_ref="/p.json")))
-    with pytest.raises(SpecInputError, match="seccomp profile Localhost"):
-        build_container_spec(spec_input(config=config))
+def seccomp_config(profile_type=None, localhost_ref="", path="", **kwargs) -> cri.ContainerConfig:
+    extra = dict(kwargs)
+    if profile_type is not None:
+        extra["seccomp"] = cri.SecurityProfile(profile_type=profile_type, localhost_ref=localhost_ref)
+    if path:
+        extra["seccomp_profile_path"] = path
+    return container_config(linux=security_context(**extra))
 
 
-def test_runtime_default_seccomp_is_unconfined_for_now():
-    config = container_config(linux=security_context(seccomp=cri.SecurityProfile(
-        profile_type=cri.SecurityProfile.RuntimeDefault)))
-    assert "seccomp" not in build(spec_input(config=config))["linux"]
+BLOCK_CHMOD = {"defaultAction": "SCMP_ACT_ALLOW",
+               "syscalls": [{"names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO"}]}
+
+
+def test_runtime_default_seccomp_is_the_default_profile_for_the_containers_capabilities():
+    seccomp = build(spec_input(config=seccomp_config(cri.SecurityProfile.RuntimeDefault)))["linux"]["seccomp"]
+    assert seccomp["defaultAction"] == "SCMP_ACT_ERRNO" and seccomp["defaultErrnoRet"] == 1
+    allowed = {n for rule in seccomp["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" and "args" not in rule
+               for n in rule["names"]}
+    assert {"read", "write", "execve", "chroot"} <= allowed  # chroot: the default set has CAP_SYS_CHROOT
+    assert not {"unshare", "mount", "setns", "reboot", "keyctl"} & allowed
+    assert {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38} in seccomp["syscalls"]
+
+    with_admin = build(spec_input(config=seccomp_config(
+        cri.SecurityProfile.RuntimeDefault, capabilities=cri.Capability(add_capabilities=["SYS_ADMIN"]),
+    )))["linux"]["seccomp"]
+    admin_allowed = {n for rule in with_admin["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" for n in rule["names"]}
+    assert {"unshare", "mount", "setns", "clone3"} <= admin_allowed
+    assert not [r for r in with_admin["syscalls"] if r["action"] == "SCMP_ACT_ERRNO"]
+
+    no_caps = build(spec_input(config=seccomp_config(
+        cri.SecurityProfile.RuntimeDefault, capabilities=cri.Capability(drop_capabilities=["ALL"]),
+    )))["linux"]["seccomp"]
+    assert "chroot" not in {n for rule in no_caps["syscalls"] for n in rule["names"]}
+
+
+def test_unconfined_and_privileged_containers_get_no_seccomp_filter(tmp_path):
+    profile = tmp_path / "block-chmod.json"
+    profile.write_text(json.dumps(BLOCK_CHMOD))
+    assert "seccomp" not in build(spec_input(config=seccomp_config(cri.SecurityProfile.Unconfined)))["linux"]
+    for privileged in (seccomp_config(cri.SecurityProfile.RuntimeDefault, privileged=True),
+                       seccomp_config(cri.SecurityProfile.Localhost, str(profile), privileged=True),
+                       seccomp_config(path="runtime/default", privileged=True)):
+        assert "seccomp" not in build(spec_input(config=privileged))["linux"]
+
+
+def test_localhost_seccomp_profile_is_read_from_the_node(tmp_path):
+    profile = tmp_path / "block-chmod.json"
+    profile.write_text(json.dumps(BLOCK_CHMOD))
+    for ref in (str(profile), f"localhost/{profile}"):
+        seccomp = build(spec_input(config=seccomp_config(cri.SecurityProfile.Localhost, ref)))["linux"]["seccomp"]
+        assert seccomp == {"defaultAction": "SCMP_ACT_ALLOW",
+                           "syscalls": [{"names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO"}]}
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "no such file"),
+    ("{not json", "not valid JSON"),
+    ("[]", "must be a JSON object"),
+    ('{"defaultAction": "SCMP_ACT_SOMETIMES"}', "unknown action 'SCMP_ACT_SOMETIMES'"),
+    ('{"defaultAction": "SCMP_ACT_ALLOW", "sycalls": []}', "unknown key(s) 'sycalls'"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+])
+def test_missing_or_invalid_localhost_profile_is_refused_with_its_path(tmp_path, content, words):
+    profile = tmp_path / "profile.json"
+    if content is not None:
+        profile.write_text(content)
+    with pytest.raises(SpecInputError) as err:
+        build_container_spec(spec_input(config=seccomp_config(cri.SecurityProfile.Localhost, str(profile))))
+    assert str(profile) in str(err.value) and words in str(err.value)
+
+
+def test_localhost_profile_that_is_not_a_small_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # opening it must not block CreateContainer
+    big = tmp_path / "big.json"
+    big.write_text(" " * (2 << 20) + "{}")
+    for path, words in ((tmp_path, "not a regular file"), (fifo, "not a regular file"), (big, "more than")):
+        with pytest.raises(SpecInputError, match=words):
+            build_container_spec(spec_input(config=seccomp_config(cri.SecurityProfile.Localhost, str(path))))
+
+
+def test_check_seccomp_profile_reads_a_localhost_profile_without_building_the_spec(tmp_path):
+    profile = tmp_path / "block-chmod.json"
+    profile.write_text(json.dumps(BLOCK_CHMOD))
+    rs.check_seccomp_profile(seccomp_config(cri.SecurityProfile.Localhost, str(profile)).linux.security_context)
+    missing = seccomp_config(cri.SecurityProfile.Localhost, str(tmp_path / "missing.json")).linux.security_context
+    with pytest.raises(SpecInputError, match="missing.json: no such file"):
+        rs.check_seccomp_profile(missing)
+    privileged = seccomp_config(cri.SecurityProfile.Localhost, str(tmp_path / "missing.json"), privileged=True)
+    rs.check_seccomp_profile(privileged.linux.security_context)  # ignored: a privileged container is unconfined
+
+
+@pytest.mark.parametrize("ref, words", [("", "path is empty"), ("profiles/audit.json", "must be an absolute path"),
+                                        ("localhost/", "path is empty")])
+def test_localhost_seccomp_needs_an_absolute_path_before_anything_is_done(ref, words):
+    with pytest.raises(SpecInputError, match=words):
+        rs.validate_container_config(seccomp_config(cri.SecurityProfile.Localhost, ref))
+
+
+def test_deprecated_seccomp_profile_path_is_honoured_when_the_field_is_unset(tmp_path):
+    profile = tmp_path / "block-chmod.json"
+    profile.write_text(json.dumps(BLOCK_CHMOD))
+    for path in ("runtime/default", "docker/default"):
+        seccomp = build(spec_input(config=seccomp_config(path=path)))["linux"]["seccomp"]
+        assert seccomp["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert "seccomp" not in build(spec_input(config=seccomp_config(path="unconfined")))["linux"]
+    local = build(spec_input(config=seccomp_config(path=f"localhost/{profile}")))["linux"]["seccomp"]
+    assert local["defaultAction"] == "SCMP_ACT_ALLOW"
+    # the seccomp field wins over the deprecated one
+    both = seccomp_config(cri.SecurityProfile.Unconfined, path="runtime/default")
+    assert "seccomp" not in build(spec_input(config=both))["linux"]
+    with pytest.raises(SpecInputError, match="seccomp_profile_path 'apparmor/x' is unknown"):
+        rs.validate_container_config(seccomp_config(path="apparmor/x"))
 
 
 # --- mounts ---------------------------------------------------------------
@@ -651,3 +753,44 @@ def test_runc_runs_a_privileged_spec_with_a_bidirectional_mount(tmp_path):
     assert lines[0].split()[1] == host_bounding  # every capability the host can grant
     assert lines[1] == "has-null"
     assert "(rw," in lines[2]
+
+
+@needs_runc
+@pytest.mark.parametrize("profile_type, status, unshare", [
+    (cri.SecurityProfile.RuntimeDefault, "2", "unshare: unshare(0x10000000): Operation not permitted"),
+    (cri.SecurityProfile.Unconfined, "0", "userns-made"),
+])
+def test_runc_enforces_the_runtime_default_profile(tmp_path, profile_type, status, unshare):
+    # A user namespace needs no capability, so only the profile stops unshare(CLONE_NEWUSER) here.
+    rootfs = busybox_rootfs(tmp_path)
+    container_id = f"pyshim-spec-test-{uuid.uuid4().hex[:8]}"
+    config = container_config(
+        command=["/bin/busybox", "sh", "-c",
+                 "/bin/busybox grep Seccomp: /proc/self/status; /bin/busybox unshare -U /bin/busybox true 2>&1 "
+                 "&& echo userns-made; exit 0"],
+        linux=security_context(seccomp=cri.SecurityProfile(profile_type=profile_type)))
+    inp = spec_input(config=config, rootfs=str(rootfs), image=ImageConfig(),
+                     namespaces={"pid": None, "network": None, "ipc": None, "uts": None, "mount": None},
+                     cgroups_path=f"/{TEST_CGROUP_PARENT}/{container_id}")
+    result = runc_run(tmp_path / "bundle", build(inp), container_id)
+    assert result.returncode == 0, f"runc rejected the spec: {result.stderr}\n{result.stdout}"
+    assert result.stdout.splitlines() == [f"Seccomp:\t{status}", unshare]
+
+
+@needs_runc
+def test_runc_enforces_a_localhost_profile(tmp_path):
+    profile = tmp_path / "block-chmod.json"
+    profile.write_text(json.dumps(BLOCK_CHMOD))
+    rootfs = busybox_rootfs(tmp_path)
+    container_id = f"pyshim-spec-test-{uuid.uuid4().hex[:8]}"
+    config = container_config(
+        command=["/bin/busybox", "sh", "-c", "/bin/busybox chmod 400 / 2>&1; /bin/busybox touch /tmp-file && "
+                 "echo touched"],
+        linux=security_context(seccomp=cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost,
+                                                           localhost_ref=str(profile))))
+    inp = spec_input(config=config, rootfs=str(rootfs), image=ImageConfig(),
+                     namespaces={"pid": None, "network": None, "ipc": None, "uts": None, "mount": None},
+                     cgroups_path=f"/{TEST_CGROUP_PARENT}/{container_id}")
+    result = runc_run(tmp_path / "bundle", build(inp), container_id)
+    assert result.returncode == 0, f"runc rejected the spec: {result.stderr}\n{result.stdout}"
+    assert result.stdout.splitlines() == ["chmod: /: Operation not permitted", "touched"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cri_api import api_pb2 as cri
-from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_container_spec,
+from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_container_spec, check_seccomp_profile,
                               linux_resources_from_cri, validate_container_config)
 from oci.spec_schema import InvalidSpec, validate_spec
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
@@ -232,6 +232,7 @@ class ContainerManager:
         CreateContainer two minutes, and unpacking a big checkpoint can take longer."""
         try:
             validate_container_config(config)
+            check_seccomp_profile(config.linux.security_context)  # the spec is built only at StartContainer
         except SpecInputError as e:
             raise InvalidArgument(str(e)) from None
         plan = source.plan

@@ -25,7 +25,8 @@ from typing import Iterator
 
 from criu_glue import archive_format as fmt
 from criu_glue.archive import CheckpointArchive, open_archive
-from criu_glue.criu import CriuAvailability, CritError, ProcessCredentials, log_excerpt, prepare_restore_images
+from criu_glue.criu import (CriuAvailability, CritError, ProcessCredentials, SeccompMode, log_excerpt,
+                            prepare_restore_images)
 from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
 from criu_glue.rootfs_diff import apply_rootfs_diff
@@ -235,12 +236,21 @@ class Restorer:
 
     @staticmethod
     def check_privileges(processes: list[ProcessCredentials], spec: dict) -> None:
-        """CRIU gives each process the credentials in its core image; refuse any the new container's
-        config.json does not grant (capabilities outside its bounding set, root for a non-root container)."""
+        """CRIU gives each process the credentials and seccomp filters in its core image; refuse any the new
+        container's config.json does not grant (capabilities outside its bounding set, root for a non-root
+        container, no seccomp filter at all where the new request asks for a profile)."""
         process = spec.get("process", {})
         allowed = set(process.get("capabilities", {}).get("bounding", []))
         uid = process.get("user", {}).get("uid", 0)
+        # runc restore applies no filter of config.json (its linux.seccomp confines `exec` only), so an
+        # unfiltered checkpoint would come back unfiltered whatever the request asks for.
+        wants_seccomp = bool(spec.get("linux", {}).get("seccomp"))
         for proc in processes:
+            if wants_seccomp and proc.seccomp_mode == SeccompMode.DISABLED:
+                raise FailedPrecondition(
+                    f"checkpoint process ({proc.image}) ran without a seccomp filter but the new container asks "
+                    "for a seccomp profile, and a restored process keeps the filters it was checkpointed with; "
+                    "restore it with seccomp Unconfined or restore a checkpoint taken with a profile")
             extra = sorted(proc.capabilities - allowed)
             if extra:
                 raise FailedPrecondition(

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cri_api import api_pb2 as cri
-from criu_glue.criu import CriuAvailability
+from criu_glue import criu
+from criu_glue.criu import CriuAvailability, ProcessCredentials, SeccompMode
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal.restorer import TCP_ANNOTATION, Restorer, RestorePlan, TcpMode
@@ -128,3 +129,38 @@ def test_restore_gate():
     with pytest.raises(FailedPrecondition, match="too old"):
         Restorer(CheckpointSettings(), CriuAvailability(False, "3.17", "CRIU 3.17 is too old")).check_enabled()
     Restorer(CheckpointSettings(), USABLE).check_enabled()
+
+
+def creds(seccomp_mode=SeccompMode.FILTER, image="core-1.img") -> ProcessCredentials:
+    return ProcessCredentials(image=image, uids=(0, 0, 0, 0), gids=(0, 0, 0, 0),
+                              capabilities=frozenset({"CAP_CHOWN"}), seccomp_mode=seccomp_mode)
+
+
+def restored_spec(seccomp: dict | None) -> dict:
+    spec = {"process": {"user": {"uid": 0}, "capabilities": {"bounding": ["CAP_CHOWN"]}}, "linux": {}}
+    if seccomp is not None:
+        spec["linux"]["seccomp"] = seccomp
+    return spec
+
+
+def test_a_process_without_seccomp_filter_is_refused_when_the_request_asks_for_a_profile():
+    profile = {"defaultAction": "SCMP_ACT_ERRNO"}
+    with pytest.raises(FailedPrecondition, match=r"\(core-7.img\) ran without a seccomp filter"):
+        Restorer.check_privileges([creds(), creds(SeccompMode.DISABLED, "core-7.img")], restored_spec(profile))
+    # a filtered (or strict) process, a zombie's image, or a request that is unconfined / privileged: fine
+    Restorer.check_privileges([creds(), creds(SeccompMode.STRICT), creds(None)], restored_spec(profile))
+    Restorer.check_privileges([creds(SeccompMode.DISABLED)], restored_spec(None))
+    Restorer.check_privileges([creds(SeccompMode.FILTER)], restored_spec(None))
+
+
+@pytest.mark.parametrize("raw, mode", [("filter", SeccompMode.FILTER), ("disabled", SeccompMode.DISABLED),
+                                       ("strict", SeccompMode.STRICT), (2, SeccompMode.FILTER), (None, None)])
+def test_seccomp_mode_as_crit_prints_it(raw, mode):
+    item = {"image": "core-1.img", "creds": {"uid": 0, "cap_bnd": [1]}, "seccomp": raw}
+    assert criu._credentials(item).seccomp_mode is mode
+    assert criu._credentials({"image": "core-1.img", "creds": {}}).seccomp_mode is SeccompMode.DISABLED
+
+
+def test_unknown_seccomp_mode_in_a_core_image_is_an_error():
+    with pytest.raises(criu.CritError, match="core-3.img: unknown seccomp mode 'loose'"):
+        criu._credentials({"image": "core-3.img", "creds": {}, "seccomp": "loose"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from cri_api import api_pb2 as cri
+from oci.seccomp import profile as seccomp
 from pyshim import __version__
 from pyshim.server.runtime import RUNTIME_API_VERSION, RUNTIME_NAME, Runtime
 
@@ -33,6 +34,8 @@ def status(rt: Runtime, request) -> "cri.StatusResponse":
         "restoreEnabled": rt.config.checkpoint.enable_restore,
         "criuVersion": criu.version, "criuUsable": criu.usable, "reason": criu.reason,
     })
+    # What seccomp a container gets: kubelet's SeccompDefault relies on RuntimeDefault being enforced.
+    info["seccomp"] = json.dumps(seccomp.enforcement_summary())
     return cri.StatusResponse(status=cri.RuntimeStatus(conditions=[runtime_ready, network_ready]), info=info)
 
 
