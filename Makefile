@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 unit: $(STAMP)
-	$(PY) -m pytest -ra --ignore=integration $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(or $(PYTEST_ARGS),oci pyshim criu_glue cri_api)
 
 bench: install
 	$(PY) -m bench.lifecycle
