@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf.message import Message
+
 from criu_glue import archive_format as fmt
 from criu_glue.archive import write_archive
 from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, read_dump_stats
@@ -309,7 +311,7 @@ class ArchiveMembers:
     """The archive's metadata members (everything but CRIU's images and the rootfs diff)."""
     config: "fmt.CheckpointConfig"
     spec: dict
-    status: dict
+    status: Message  # the CRI ContainerStatus
     bind_mounts: list
     log_path: str
     diff_exclusions: list[str]
