@@ -283,6 +283,83 @@ def deleted_files_from_json(data: bytes | str, archive: str = "") -> list[str]:
     return doc
 
 
+# ---------------------------------------------------------------- spec.dump
+
+# The parts of spec.dump that restores (pyshim's, CRI-O's, containerd's, Podman's) and
+# checkpointctl read, with the types the OCI runtime spec gives them. Go's json.Unmarshal
+# refuses a spec.dump where they have another type; so does open_archive, so that no reader
+# meets a string where it expects an object. "[]" marks "each element of a list", "{}" "each
+# value of an object". Fields not listed may hold anything.
+_SPEC_SHAPE: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("ociVersion", str),
+    ("process", dict),
+    ("process.args", list), ("process.args[]", str),
+    ("process.env", list), ("process.env[]", str),
+    ("process.cwd", str),
+    ("process.user", dict), ("process.user.uid", int), ("process.user.gid", int),
+    ("process.user.additionalGids", list), ("process.user.additionalGids[]", int),
+    ("process.capabilities", dict),
+    *((f"process.capabilities.{s}", list) for s in
+      ("bounding", "effective", "inheritable", "permitted", "ambient")),
+    *((f"process.capabilities.{s}[]", str) for s in
+      ("bounding", "effective", "inheritable", "permitted", "ambient")),
+    ("root", dict), ("root.path", str), ("root.readonly", bool),
+    ("hostname", str),
+    ("mounts", list), ("mounts[]", dict),
+    ("mounts[].destination", str), ("mounts[].source", str), ("mounts[].type", str),
+    ("mounts[].options", list), ("mounts[].options[]", str),
+    ("annotations", dict), ("annotations{}", str),
+    ("linux", dict),
+    ("linux.namespaces", list), ("linux.namespaces[]", dict),
+    ("linux.namespaces[].type", str), ("linux.namespaces[].path", str),
+    ("linux.maskedPaths", list), ("linux.maskedPaths[]", str),
+    ("linux.readonlyPaths", list), ("linux.readonlyPaths[]", str),
+    ("linux.sysctl", dict), ("linux.sysctl{}", str),
+    ("linux.cgroupsPath", str),
+)
+
+
+def check_spec_shape(spec: dict[str, Any], archive: str = "") -> dict[str, Any]:
+    """Refuse (ArchiveFormatError naming the field) a spec.dump whose read fields have the
+    wrong JSON type; null counts as absent, as in Go."""
+    for path, kind in _SPEC_SHAPE:
+        for where, value in _values_at(spec, path):
+            if value is None:
+                continue
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+                names = kind if isinstance(kind, tuple) else (kind,)
+                expected = " or ".join(_json_name_of(k) for k in names)
+                raise _bad(archive, SPEC_DUMP, f"{where} must be {expected}, not "
+                           f"{_json_type(value)}")
+    return spec
+
+
+def _values_at(doc: Any, path: str) -> Iterable[tuple[str, Any]]:
+    """(concrete location, value) of every value `path` names in `doc`; parents of the wrong
+    type were refused earlier in _SPEC_SHAPE's order and are skipped here."""
+    found: list[tuple[str, Any]] = [("", doc)]
+    for step in path.split("."):
+        name, each = step.rstrip("[]{}"), step[len(step.rstrip("[]{}")):]
+        deeper: list[tuple[str, Any]] = []
+        for where, value in found:
+            if not isinstance(value, dict) or value.get(name) is None:
+                continue
+            child, here = value[name], f"{where}.{name}" if where else name
+            if each == "[]" and isinstance(child, list):
+                deeper += [(f"{here}[{i}]", v) for i, v in enumerate(child)]
+            elif each == "{}" and isinstance(child, dict):
+                deeper += [(f"{here}[{k!r}]", v) for k, v in child.items()]
+            elif not each:
+                deeper.append((here, child))
+        found = deeper
+    return found
+
+
+def _json_name_of(kind: type) -> str:
+    return {dict: "an object", list: "an array", str: "a string", int: "an integer",
+            bool: "a boolean"}.get(kind, kind.__name__)
+
+
 # ---------------------------------------------------------------- status.dump
 
 # containerd writes status.dump with Go's encoding/json applied to the CRI ContainerStatus struct

@@ -127,6 +127,10 @@ class Restorer:
                 plan = self._plan_from(archive, source)
             except ArchiveError as e:
                 raise _unreadable(source, e) from None
+            except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as e:
+                # A member of a shape no engine writes: the archive's fault, never ours.
+                raise _unreadable(source, ArchiveFormatError(str(source), f"malformed metadata: "
+                                                             f"{type(e).__name__}: {e}")) from None
             missing = sorted(set(plan.expected_bind_mounts) - {m.container_path for m in config.mounts})
             if missing:
                 raise InvalidArgument(
@@ -144,7 +148,10 @@ class Restorer:
         if not refs:
             raise ArchiveFormatError(str(source), "config.dump names no base image (rootfsImage*)")
         ips = config.extra.get(POD_IPS_KEY) or _podman_ips(archive)
-        args = archive.spec().get("process", {}).get("args") or []
+        if not isinstance(ips, list):
+            raise ArchiveFormatError(str(source), f"{fmt.CONFIG_DUMP}: {POD_IPS_KEY} must be an array "
+                                     "of addresses")
+        args = (archive.spec().get("process") or {}).get("args") or []
         binds = {m.destination for m in archive.bind_mounts()} | _spec_bind_destinations(archive.spec())
         return RestorePlan(
             source=source, checkpoint_name=config.name, base_image_refs=refs,

@@ -68,12 +68,14 @@ def test_engine_placeholders_replace_missing_or_non_bind_mounts(tmp_path):
     assert len(spec["mounts"]) == 3
 
 
-def _archive(path: Path, spec_mounts=(), bind_mounts=()) -> Path:
+def _archive(path: Path, spec_mounts=(), bind_mounts=(), spec: bytes | None = None,
+             config_extra: dict | None = None) -> Path:
     members = {
         "config.dump": json.dumps({"id": "c1", "name": "main", "rootfsImageName": "busybox:latest",
                                    "rootfsImageRef": "sha256:" + "a" * 64,
-                                   "checkpointedTime": "2026-11-21T06:00:00Z"}).encode(),
-        "spec.dump": json.dumps({"process": {"args": ["sh", "-c", "x"]}, "mounts": list(spec_mounts)}).encode(),
+                                   "checkpointedTime": "2026-11-21T06:00:00Z", **(config_extra or {})}).encode(),
+        "spec.dump": spec if spec is not None else
+        json.dumps({"process": {"args": ["sh", "-c", "x"]}, "mounts": list(spec_mounts)}).encode(),
         "bind.mounts": json.dumps(list(bind_mounts)).encode(),
         "checkpoint/inventory.img": b"\0" * 8,
     }
@@ -120,6 +122,32 @@ def test_plan_of_missing_or_broken_archives(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
     with pytest.raises(InvalidArgument, match="junk.tar"):
         restorer.plan(tmp_path / "junk.tar", _config())
+
+
+@pytest.mark.parametrize("spec, where", [
+    (b'{"process": "sh"}', "process must be an object"),
+    (b'{"process": {"args": "sh -c x"}}', "process.args must be an array"),
+    (b'{"process": {"args": ["sh", 1]}}', r"process.args\[1\] must be a string"),
+    (b'{"process": {"user": {"uid": "0"}}}', "process.user.uid must be an integer"),
+    (b'{"mounts": {"/data": "x"}}', "mounts must be an array"),
+    (b'{"mounts": ["/data"]}', r"mounts\[0\] must be an object"),
+    (b'{"mounts": [{"destination": 5}]}', r"mounts\[0\].destination must be a string"),
+    (b'{"annotations": ["a"]}', "annotations must be an object"),
+    (b'{"linux": {"readonlyPaths": "/proc/sys"}}', "linux.readonlyPaths must be an array"),
+    (b'{"a": ' * 100_000 + b'1' + b'}' * 100_000, "too deeply"),
+    (b'[' * 100_000 + b']' * 100_000, "too deeply"),
+])
+def test_spec_dump_of_the_wrong_shape_is_invalid_argument(tmp_path, spec, where):
+    archive = _archive(tmp_path / "a.tar", spec=spec)
+    with pytest.raises(InvalidArgument, match=f"spec.dump: .*{where}"):
+        Restorer(CheckpointSettings(), USABLE).plan(archive, _config())
+
+
+@pytest.mark.parametrize("extra", [{"podIPs": 7}, {"podIPs": "10.0.0.1"}, {"podIPs": {"a": 1}}])
+def test_config_dump_of_the_wrong_shape_is_invalid_argument(tmp_path, extra):
+    archive = _archive(tmp_path / "a.tar", config_extra=extra)
+    with pytest.raises(InvalidArgument, match="podIPs"):
+        Restorer(CheckpointSettings(), USABLE).plan(archive, _config())
 
 
 def test_restore_gate():
