@@ -25,6 +25,7 @@ from criu_glue import archive_format as fmt
 from criu_glue.archive import write_archive
 from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, read_dump_stats
 from criu_glue.rootfs_diff import write_rootfs_diff
+from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.internal import cgroups, mounts, tcp_lock
@@ -143,7 +144,7 @@ class Checkpointer:
                 phases.mark("resume")
                 self._package(record, work, members, deleted, location, deadline, phases)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work, ignore_errors=True)
         result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp,
                                   stopped, phases.report())
         log.info("container checkpointed", extra={
