@@ -388,7 +388,9 @@ class ContainerManager:
             spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
             unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
-                                             allow_devices=config.linux.security_context.privileged)
+                                             allow_devices=config.linux.security_context.privileged,
+                                             keep_setid=self._restorer.keeps_setid_bits(
+                                                 spec, config.linux.security_context.privileged))
             self._restorer.check_privileges(unpacked.credentials, spec)
             phases.mark("unpack")
             self._restorer.add_engine_placeholders(spec, plan, record.bundle)

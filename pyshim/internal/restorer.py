@@ -184,9 +184,10 @@ class Restorer:
     # ---- StartContainer: the heavy work ------------------------------------------------------
 
     def unpack(self, checkpoint: OpenCheckpoint, images_dir: Path, rootfs: Path, log_path: str, hostname: str,
-               allow_devices: bool = False) -> UnpackResult:
+               allow_devices: bool = False, keep_setid: bool = False) -> UnpackResult:
         """CRIU images into `images_dir` (with the new pod's `hostname`); deleted files and the diff onto
-        the mounted `rootfs`; the old log lines into `log_path`."""
+        the mounted `rootfs` (set-id bits and file capabilities only with `keep_setid`, see
+        keeps_setid_bits); the old log lines into `log_path`."""
         archive, source = checkpoint.archive, checkpoint.plan.source
         ms: dict[str, float] = {}
         started = time.perf_counter()
@@ -197,7 +198,7 @@ class Restorer:
             if facts.root_mode is not None:
                 os.chmod(rootfs, stat.S_IMODE(facts.root_mode) & 0o777)
             ms["criu_images"] = _ms_since(started)
-            self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, limits)
+            self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, keep_setid, limits)
             ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
             if log_path:
                 self._carry_log(archive, Path(log_path))
@@ -214,13 +215,14 @@ class Restorer:
         return dataclasses.replace(self.limits, max_total_bytes=min(self.limits.max_total_bytes, free))
 
     def _apply_diff(self, archive: CheckpointArchive, scratch: Path, rootfs: Path, allow_devices: bool,
-                    limits: Limits) -> None:
+                    keep_setid: bool, limits: Limits) -> None:
         diff = None
         if archive.has_member(fmt.ROOTFS_DIFF_TAR):
             diff = scratch / "rootfs-diff.tar"
             archive.extract_member(fmt.ROOTFS_DIFF_TAR, diff)
         try:
-            apply_rootfs_diff(diff, archive.deleted_files(), rootfs, limits, allow_devices=allow_devices)
+            apply_rootfs_diff(diff, archive.deleted_files(), rootfs, limits, allow_devices=allow_devices,
+                              keep_setid=keep_setid)
         finally:
             if diff is not None:
                 diff.unlink(missing_ok=True)
@@ -239,6 +241,13 @@ class Restorer:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         with os.fdopen(fd, "wb") as out, archive.open_member(member) as src:
             shutil.copyfileobj(src, out)
+
+    @staticmethod
+    def keeps_setid_bits(spec: dict, privileged: bool) -> bool:
+        """Set-uid/set-gid files and file capabilities in the archive's diff are kept only for a container
+        that could make them itself: one running as root, or privileged. Anyone else would gain a way to
+        root (or to capabilities) that the new request does not give."""
+        return privileged or spec.get("process", {}).get("user", {}).get("uid", 0) == 0
 
     @staticmethod
     def check_privileges(processes: list[ProcessCredentials], spec: dict) -> None:

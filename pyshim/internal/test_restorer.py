@@ -156,3 +156,13 @@ def test_restore_gate():
     with pytest.raises(FailedPrecondition, match="too old"):
         Restorer(CheckpointSettings(), CriuAvailability(False, "3.17", "CRIU 3.17 is too old")).check_enabled()
     Restorer(CheckpointSettings(), USABLE).check_enabled()
+
+
+@pytest.mark.parametrize("spec, privileged, keep", [
+    ({"process": {"user": {"uid": 0, "gid": 0}}}, False, True),
+    ({"process": {"user": {"uid": 1000, "gid": 1000}}}, False, False),
+    ({"process": {"user": {"uid": 1000, "gid": 0}}}, False, False),   # gid 0 is not root
+    ({"process": {"user": {"uid": 1000}}}, True, True),
+])
+def test_setid_bits_are_kept_only_for_root_or_privileged_containers(spec, privileged, keep):
+    assert Restorer.keeps_setid_bits(spec, privileged) is keep
