@@ -392,6 +392,7 @@ class ContainerManager:
                                              keep_setid=self._restorer.keeps_setid_bits(
                                                  spec, config.linux.security_context.privileged))
             self._restorer.check_privileges(unpacked.credentials, spec)
+            self._restorer.check_mounts(unpacked.mounts, spec, record.rootfs)
             phases.mark("unpack")
             self._restorer.add_engine_placeholders(spec, plan, record.bundle)
             if mode == TcpMode.ESTABLISHED and sandbox.record.netns_name:

@@ -28,6 +28,7 @@ from criu_glue.archive import CheckpointArchive, open_archive
 from criu_glue.criu import CriuAvailability, CritError, ProcessCredentials, log_excerpt, prepare_restore_images
 from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
+from criu_glue.restore_mounts import ImageMount, exists_in_new_container, weaker_mounts
 from criu_glue.rootfs_diff import apply_rootfs_diff
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -84,6 +85,7 @@ class UnpackResult:
     image_bytes: int
     milliseconds: dict[str, float]
     credentials: list[ProcessCredentials]  # what CRIU will give each process
+    mounts: tuple[ImageMount, ...] = ()    # what CRIU will mount
 
 
 def _unreadable(source: Path, exc: Exception) -> Exception:
@@ -206,7 +208,7 @@ class Restorer:
             raise _unreadable(source, e) from None
         except CritError as e:
             raise InvalidArgument(f"checkpoint {source}: {e}") from None
-        return UnpackResult(image_bytes, ms, facts.credentials)
+        return UnpackResult(image_bytes, ms, facts.credentials, facts.mounts)
 
     def _limits_for(self, directory: Path) -> Limits:
         """An archive never gets to fill the disk: what it may unpack is bounded by the free space too."""
@@ -266,6 +268,18 @@ class Restorer:
             if uid != 0 and 0 in proc.uids:
                 raise FailedPrecondition(
                     f"checkpoint process ({proc.image}) runs as root but the new container runs as uid {uid}")
+
+    @staticmethod
+    def check_mounts(mounts: tuple[ImageMount, ...], spec: dict, rootfs: Path) -> None:
+        """CRIU rebuilds the mount table from the images, flags included: refuse one weaker than what a fresh
+        container from the same request gets (a writable /proc/sys, an unmasked /proc/keys, a /dev/shm
+        without nosuid...)."""
+        problems = weaker_mounts(mounts, spec, exists_in_new_container(rootfs))
+        if problems:
+            raise FailedPrecondition(
+                "checkpoint would restore mounts weaker than the new container's: " + "; ".join(problems)
+                + ". Restore a checkpoint taken with at least the request's read-only and masked paths, or "
+                "relax the request (e.g. privileged)")
 
     @staticmethod
     def add_engine_placeholders(spec: dict, plan: RestorePlan, bundle: Path) -> None:

@@ -166,3 +166,15 @@ def test_restore_gate():
 ])
 def test_setid_bits_are_kept_only_for_root_or_privileged_containers(spec, privileged, keep):
     assert Restorer.keeps_setid_bits(spec, privileged) is keep
+
+
+def test_mounts_weaker_than_the_request_are_refused(tmp_path):
+    from criu_glue.restore_mounts import ImageMount
+    spec = {"mounts": [{"destination": "/proc", "type": "proc", "source": "proc",
+                        "options": ["nosuid", "noexec", "nodev"]}],
+            "linux": {"readonlyPaths": ["/proc/sys"], "maskedPaths": []}}
+    proc = ImageMount("mountpoints-13.img", 116, 115, "/proc", 1, "/", 0x20000e)
+    ro_sys = ImageMount("mountpoints-13.img", 72, 116, "/proc/sys", 1, "/sys", 0x20000f)
+    Restorer.check_mounts((proc, ro_sys), spec, tmp_path)
+    with pytest.raises(FailedPrecondition, match="/proc/sys is writable"):
+        Restorer.check_mounts((proc,), spec, tmp_path)
