@@ -9,6 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .restore_mounts import ImageMount
+
 CRIT = "/usr/bin/crit"
 
 

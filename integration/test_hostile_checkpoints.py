@@ -55,13 +55,16 @@ def mount_table(client, cid) -> dict[str, set[str]]:
 
 
 def weaker_than(restored: dict[str, set[str]], fresh: dict[str, set[str]]) -> list[str]:
+    """Mount points of the fresh container missing or writable in the restored one, or without its
+    nosuid/nodev/noexec. Not for the /dev/null masks: CRIU binds /proc/timer_list back without the
+    nosuid that /dev's flags gave it at creation, which means nothing on a character device."""
     found = []
     for point, options in fresh.items():
         if point not in restored:
             found.append(f"{point} missing")
         elif "ro" in options and "ro" not in restored[point]:
             found.append(f"{point} writable")
-        else:
+        elif point not in MASKED:
             found += [f"{point} lacks {o}" for o in ("nosuid", "nodev", "noexec")
                       if o in options and o not in restored[point]]
     return found
@@ -156,7 +159,14 @@ def _modes(client, cid) -> str:
 
 
 def test_set_id_files_from_the_diff_are_stripped_for_a_non_root_request(client, pulled_busybox, archive_dir):
-    non_root = counter_checkpoint(client, pulled_busybox, archive_dir / "non-root.tar", linux=NON_ROOT)
+    try:
+        non_root = counter_checkpoint(client, pulled_busybox, archive_dir / "non-root.tar", linux=NON_ROOT)
+    except grpc.RpcError as e:
+        # CRIU reads a non-root task's rlimits with prlimit(), which needs CAP_SYS_RESOURCE when
+        # the uids differ; a daemon without it (some CI sandboxes) cannot checkpoint non-root.
+        if "Can't get rlimit" not in e.details():
+            raise
+        pytest.skip("this daemon cannot checkpoint a non-root container (no CAP_SYS_RESOURCE for CRIU)")
     planted = _with_planted_files(non_root, archive_dir / "planted.tar")
     _, pod_id, cid = restore_into_new_pod(client, str(planted), linux=NON_ROOT)
     try:
@@ -165,6 +175,8 @@ def test_set_id_files_from_the_diff_are_stripped_for_a_non_root_request(client, 
     finally:
         cleanup(client, pod_id)
 
+
+def test_set_id_files_from_the_diff_are_kept_for_a_root_request(client, pulled_busybox, archive_dir):
     root = counter_checkpoint(client, pulled_busybox, archive_dir / "root.tar")
     planted = _with_planted_files(root, archive_dir / "planted-root.tar")
     _, pod_id, cid = restore_into_new_pod(client, str(planted))
@@ -174,8 +186,11 @@ def test_set_id_files_from_the_diff_are_stripped_for_a_non_root_request(client, 
         cleanup(client, pod_id)
 
 
-DEEP = ("d=$(printf 'd%.0s' $(seq 200)); i=0; while [ $i -lt 1500 ]; do mkdir $d && cd $d || exit 1; "
-        "i=$((i+1)); done; touch leaf; echo planted; sleep 1000")
+# 1500 directories of 200-byte names (300 kB of path), built from the inside out so that no path the
+# shell handles grows long: each round moves the tree into a new top directory.
+DEEP = ("d=$(printf 'd%.0s' $(seq 200)); mkdir $d; touch $d/leaf; i=0; "
+        "while [ $i -lt 1500 ]; do mkdir t && mv $d t/ && mv t $d || exit 1; i=$((i+1)); done; "
+        "echo planted; sleep 1000")
 
 
 def test_remove_container_removes_a_writable_layer_of_any_depth(client, pulled_busybox):
