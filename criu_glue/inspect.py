@@ -658,7 +658,7 @@ def _podman_network(raw: bytes | None) -> tuple[str, str]:
         return "", ""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return "", ""
     if not isinstance(doc, dict):
         return "", ""
@@ -691,7 +691,7 @@ def _engine_info(archive: CheckpointArchive) -> dict[str, str]:
     if manager == "cri-o":
         try:
             meta = json.loads(ann.get(ANN_CRIO_METADATA, ""))
-        except ValueError:
+        except (ValueError, RecursionError):
             meta = None
         if not isinstance(meta, dict):
             raise ArchiveFormatError(str(archive.path), f"{fmt.SPEC_DUMP}: annotation {ANN_CRIO_METADATA} "

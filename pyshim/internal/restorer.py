@@ -341,7 +341,7 @@ def _podman_ips(archive: CheckpointArchive) -> list[str]:
         return []
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # unreadable addresses: decide TCP as if none were recorded
         return []
     ips: list[str] = []
     networks = doc.values() if isinstance(doc, dict) else []
