@@ -584,13 +584,13 @@ FILE_CAPABILITY_XATTR = "security.capability"
 def _apply_metadata(path: Path, member: tarfile.TarInfo, keep_setid: bool) -> None:
     # chown first: it clears setuid/setgid and security.capability, which come after.
     os.chown(path, member.uid, member.gid, follow_symlinks=False)
-    privileged_file = not member.isdir() and not keep_setid
+    strip_setid = not member.isdir() and not keep_setid
     if not member.issym():
-        os.chmod(path, member.mode & 0o7777 & (~_SETID_BITS if privileged_file else 0o7777))
+        os.chmod(path, member.mode & 0o7777 & (~_SETID_BITS if strip_setid else 0o7777))
     for name, value in member_xattrs(member):
         if name.startswith(_OVERLAY_XATTR_PREFIXES):
             continue  # only overlayfs itself decides what is a whiteout or opaque
-        if name == FILE_CAPABILITY_XATTR and privileged_file:
+        if name == FILE_CAPABILITY_XATTR and strip_setid:
             continue
         try:
             os.setxattr(path, name, value, follow_symlinks=False)
