@@ -27,7 +27,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 from .archive_format import (BIND_MOUNTS, CHECKPOINT_DIR, CONFIG_DUMP, DELETED_FILES,
                              LOG_MEMBERS, MAX_METADATA_BYTES, METADATA_MEMBERS, ROOTFS_DIFF_TAR,
                              SPEC_DUMP, STATUS_DUMP, BindMount, CheckpointConfig,
-                             bind_mounts_from_json, deleted_files_from_json, json_object_from)
+                             bind_mounts_from_json, check_spec_shape, deleted_files_from_json,
+                             json_object_from)
 from .errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from .limits import Budget, Limits
 from .tarstream import (COMPRESSIONS, COPY_CHUNK, copy_exactly,
@@ -185,7 +186,8 @@ class CheckpointArchive:
         self._index(limits)
         self._check_required_members()
         self._config = CheckpointConfig.from_json(self._metadata[CONFIG_DUMP], self._label)
-        self._spec = json_object_from(self._metadata[SPEC_DUMP], SPEC_DUMP, self._label)
+        self._spec = check_spec_shape(json_object_from(self._metadata[SPEC_DUMP], SPEC_DUMP,
+                                                       self._label), self._label)
         self._status = (json_object_from(self._metadata[STATUS_DUMP], STATUS_DUMP, self._label)
                         if STATUS_DUMP in self._metadata else None)
         self._deleted = (deleted_files_from_json(self._metadata[DELETED_FILES], self._label)

@@ -6,7 +6,8 @@ A container checkpoint archive is a tar whose top level holds:
                     refuses archives without one)
   config.dump       CheckpointConfig (JSON)
   spec.dump         the OCI runtime config at checkpoint time (JSON)
-  status.dump       the CRI ContainerStatus (JSON; containerd writes and requires it)
+  status.dump       the CRI ContainerStatus in Go's encoding/json form (containerd writes and
+                    requires it; see status_to_json)
   dump.log, stats-dump               CRIU's log and statistics
   rootfs-diff.tar, deleted.files     the container's writable-layer changes
   bind.mounts       external bind mounts (JSON list of BindMount)
@@ -17,13 +18,18 @@ Names and JSON keys are checkpointctl's (lib/metadata.go), which all three engin
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from .errors import ArchiveFormatError
 
@@ -277,6 +283,158 @@ def deleted_files_from_json(data: bytes | str, archive: str = "") -> list[str]:
     return doc
 
 
+# ---------------------------------------------------------------- spec.dump
+
+# The parts of spec.dump that restores (pyshim's, CRI-O's, containerd's, Podman's) and
+# checkpointctl read, with the types the OCI runtime spec gives them. Go's json.Unmarshal
+# refuses a spec.dump where they have another type; so does open_archive, so that no reader
+# meets a string where it expects an object. "[]" marks "each element of a list", "{}" "each
+# value of an object". Fields not listed may hold anything.
+_SPEC_SHAPE: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("ociVersion", str),
+    ("process", dict),
+    ("process.args", list), ("process.args[]", str),
+    ("process.env", list), ("process.env[]", str),
+    ("process.cwd", str),
+    ("process.user", dict), ("process.user.uid", int), ("process.user.gid", int),
+    ("process.user.additionalGids", list), ("process.user.additionalGids[]", int),
+    ("process.capabilities", dict),
+    *((f"process.capabilities.{s}", list) for s in
+      ("bounding", "effective", "inheritable", "permitted", "ambient")),
+    *((f"process.capabilities.{s}[]", str) for s in
+      ("bounding", "effective", "inheritable", "permitted", "ambient")),
+    ("root", dict), ("root.path", str), ("root.readonly", bool),
+    ("hostname", str),
+    ("mounts", list), ("mounts[]", dict),
+    ("mounts[].destination", str), ("mounts[].source", str), ("mounts[].type", str),
+    ("mounts[].options", list), ("mounts[].options[]", str),
+    ("annotations", dict), ("annotations{}", str),
+    ("linux", dict),
+    ("linux.namespaces", list), ("linux.namespaces[]", dict),
+    ("linux.namespaces[].type", str), ("linux.namespaces[].path", str),
+    ("linux.maskedPaths", list), ("linux.maskedPaths[]", str),
+    ("linux.readonlyPaths", list), ("linux.readonlyPaths[]", str),
+    ("linux.sysctl", dict), ("linux.sysctl{}", str),
+    ("linux.cgroupsPath", str),
+)
+
+
+def check_spec_shape(spec: dict[str, Any], archive: str = "") -> dict[str, Any]:
+    """Refuse (ArchiveFormatError naming the field) a spec.dump whose read fields have the
+    wrong JSON type; null counts as absent, as in Go."""
+    for path, kind in _SPEC_SHAPE:
+        for where, value in _values_at(spec, path):
+            if value is None:
+                continue
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+                names = kind if isinstance(kind, tuple) else (kind,)
+                expected = " or ".join(_json_name_of(k) for k in names)
+                raise _bad(archive, SPEC_DUMP, f"{where} must be {expected}, not "
+                           f"{_json_type(value)}")
+    return spec
+
+
+def _values_at(doc: Any, path: str) -> Iterable[tuple[str, Any]]:
+    """(concrete location, value) of every value `path` names in `doc`; parents of the wrong
+    type were refused earlier in _SPEC_SHAPE's order and are skipped here."""
+    found: list[tuple[str, Any]] = [("", doc)]
+    for step in path.split("."):
+        name, each = step.rstrip("[]{}"), step[len(step.rstrip("[]{}")):]
+        deeper: list[tuple[str, Any]] = []
+        for where, value in found:
+            if not isinstance(value, dict) or value.get(name) is None:
+                continue
+            child, here = value[name], f"{where}.{name}" if where else name
+            if each == "[]" and isinstance(child, list):
+                deeper += [(f"{here}[{i}]", v) for i, v in enumerate(child)]
+            elif each == "{}" and isinstance(child, dict):
+                deeper += [(f"{here}[{k!r}]", v) for k, v in child.items()]
+            elif not each:
+                deeper.append((here, child))
+        found = deeper
+    return found
+
+
+def _json_name_of(kind: type) -> str:
+    return {dict: "an object", list: "an array", str: "a string", int: "an integer",
+            bool: "a boolean"}.get(kind, kind.__name__)
+
+
+# ---------------------------------------------------------------- status.dump
+
+# containerd writes status.dump with Go's encoding/json applied to the CRI ContainerStatus struct
+# that protoc-gen-gogo generated (json.Marshal(status), and json.Unmarshal at restore):
+# - keys are the struct's json tags, which are the .proto field names ("created_at",
+#   "image_ref", "container_path", "uidMappings"), in declaration order;
+# - `omitempty` everywhere: zero numbers, "", false, nil messages and empty lists/maps are left
+#   out, a present but empty message is {};
+# - enums (state, propagation) are plain numbers: gogo enums have no MarshalJSON. A string
+#   there is what containerd 2.x refused in older pyshim archives ("cannot unmarshal string
+#   into Go struct field ContainerStatus.state");
+# - int64 and uint64 are JSON numbers, not protobuf-JSON's strings;
+# - map keys are sorted, bytes are base64.
+# Older pyshim archives hold protobuf-JSON (camelCase keys, enum names, int64 as strings);
+# status_from_json reads both, since protobuf's parser takes proto field names and enum numbers.
+
+_MessageT = TypeVar("_MessageT", bound=Message)
+
+
+def status_to_json(status: Message) -> bytes:
+    """status.dump as containerd writes and reads it (see above)."""
+    return _dump_json(go_json_of(status))
+
+
+def status_from_json(data: bytes | str, into: _MessageT, archive: str = "") -> _MessageT:
+    """Fill `into` (an empty CRI ContainerStatus) from status.dump in either form; keys the
+    message does not know are ignored, as Go's decoder ignores them."""
+    doc = _load_json(data, STATUS_DUMP, archive)
+    if not isinstance(doc, dict):
+        raise _bad(archive, STATUS_DUMP, f"must be a JSON object, not {_json_type(doc)}")
+    try:
+        return json_format.ParseDict(doc, into, ignore_unknown_fields=True)
+    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+        raise _bad(archive, STATUS_DUMP, f"is not a CRI ContainerStatus: {exc}") from None
+
+
+def go_json_of(message: Message) -> dict[str, Any]:
+    """A protobuf message as Go's encoding/json renders the gogo-generated struct."""
+    doc: dict[str, Any] = {}
+    for field_desc in message.DESCRIPTOR.fields:
+        if not _go_present(message, field_desc):
+            continue
+        value = getattr(message, field_desc.name)
+        if _is_map(field_desc):
+            value_desc = field_desc.message_type.fields_by_name["value"]
+            doc[field_desc.name] = {str(k): _go_scalar_or_message(value_desc, value[k])
+                                    for k in sorted(value)}
+        elif field_desc.is_repeated:
+            doc[field_desc.name] = [_go_scalar_or_message(field_desc, v) for v in value]
+        else:
+            doc[field_desc.name] = _go_scalar_or_message(field_desc, value)
+    return doc
+
+
+def _go_present(message: Message, field_desc: FieldDescriptor) -> bool:
+    if field_desc.is_repeated:  # lists and maps
+        return len(getattr(message, field_desc.name)) > 0
+    if field_desc.message_type is not None or field_desc.has_presence:
+        return message.HasField(field_desc.name)  # a pointer in Go: nil or not
+    return getattr(message, field_desc.name) != field_desc.default_value
+
+
+def _is_map(field_desc: FieldDescriptor) -> bool:
+    return (field_desc.message_type is not None
+            and field_desc.message_type.GetOptions().map_entry)
+
+
+def _go_scalar_or_message(field_desc: FieldDescriptor, value: Any) -> Any:
+    if field_desc.type == FieldDescriptor.TYPE_MESSAGE:
+        return go_json_of(value)
+    if field_desc.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode("ascii")
+    return value  # numbers (enums included) stay numbers, strings and bools as they are
+
+
 # ---------------------------------------------------------------- preparing a members directory
 
 def write_member(members_dir: Path, name: str, data: bytes) -> Path:
@@ -300,8 +458,8 @@ def write_spec(members_dir: Path, spec: dict[str, Any]) -> Path:
     return write_member(members_dir, SPEC_DUMP, _dump_json(spec))
 
 
-def write_status(members_dir: Path, status: dict[str, Any]) -> Path:
-    return write_member(members_dir, STATUS_DUMP, _dump_json(status))
+def write_status(members_dir: Path, status: Message) -> Path:
+    return write_member(members_dir, STATUS_DUMP, status_to_json(status))
 
 
 def write_bind_mounts(members_dir: Path, mounts: Iterable[BindMount]) -> Path:
@@ -331,6 +489,8 @@ def _load_json(data: bytes | str, member: str, archive: str) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad(archive, member, f"is not valid JSON: {exc}") from None
+    except RecursionError:  # thousands of nested arrays or objects: nothing an engine writes
+        raise _bad(archive, member, "nests JSON arrays or objects too deeply") from None
 
 
 def _expect(value: Any, kind: type, archive: str, key: str, member: str = CONFIG_DUMP) -> Any:

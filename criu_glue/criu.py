@@ -10,6 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .restore_mounts import ImageMount
+
 CRIT = "/usr/bin/crit"
 
 
@@ -143,6 +145,7 @@ def _cap_names(words: list[int]) -> set[str]:
 class RestoreImageFacts:
     credentials: list[ProcessCredentials]
     root_mode: int | None  # mode of the container's / when dumped
+    mounts: tuple[ImageMount, ...] = ()  # what CRIU will mount (criu_glue.restore_mounts checks it)
 
 
 # One interpreter, CRIU's own pycriu: give the UTS namespace the new hostname (CRIU writes the dumped
@@ -175,7 +178,12 @@ if os.path.exists(os.path.join(images, "files.img")):
     for e in load(os.path.join(images, "files.img"))["entries"]:
         if e.get("type") == "REG" and e["reg"].get("name") == "/" and "mode" in e["reg"]:
             modes.append(e["reg"]["mode"])
-json.dump({"creds": creds, "root_mode": modes[0] if modes else None}, sys.stdout)
+mounts = []
+for path in sorted(glob.glob(os.path.join(images, "mountpoints-*.img"))):
+    for e in load(path)["entries"]:
+        mounts.append(dict(e, image=os.path.basename(path)))
+json.dump({"creds": creds, "root_mode": modes[0] if modes else None, "mounts": mounts}, sys.stdout,
+          default=str)
 """
 
 
@@ -190,8 +198,12 @@ def prepare_restore_images(images_dir: Path, hostname: str) -> RestoreImageFacts
     if proc.returncode != 0:
         raise CritError(f"cannot decode the checkpoint's CRIU images: {proc.stderr.strip()[-300:]}")
     doc = json.loads(proc.stdout)
+    try:
+        mounts = tuple(ImageMount.from_entry(e) for e in doc.get("mounts") or [])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CritError(f"the checkpoint's mountpoints image is malformed: {e}") from None
     return RestoreImageFacts([_credentials(item) for item in doc["creds"]],
-                             int(doc["root_mode"]) if doc["root_mode"] is not None else None)
+                             int(doc["root_mode"]) if doc["root_mode"] is not None else None, mounts)
 
 
 def _credentials(item: dict) -> ProcessCredentials:

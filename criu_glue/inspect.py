@@ -21,7 +21,6 @@ import ipaddress
 import json
 import os
 import quopri
-import shutil
 import struct
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from oci.tree_removal import remove_tree
 
 from . import archive_format as fmt
 from .archive import CheckpointArchive, open_archive
@@ -657,7 +658,7 @@ def _podman_network(raw: bytes | None) -> tuple[str, str]:
         return "", ""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return "", ""
     if not isinstance(doc, dict):
         return "", ""
@@ -690,7 +691,7 @@ def _engine_info(archive: CheckpointArchive) -> dict[str, str]:
     if manager == "cri-o":
         try:
             meta = json.loads(ann.get(ANN_CRIO_METADATA, ""))
-        except ValueError:
+        except (ValueError, RecursionError):
             meta = None
         if not isinstance(meta, dict):
             raise ArchiveFormatError(str(archive.path), f"{fmt.SPEC_DUMP}: annotation {ANN_CRIO_METADATA} "
@@ -787,7 +788,7 @@ def inspect_archive(path: str | os.PathLike, *, files: bool = True, memory: bool
 
             report = inspect_images(work, files=files, memory=memory, image_sizes=size_in_archive, crit=crit)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work, ignore_errors=True)
     return summary, report
 
 

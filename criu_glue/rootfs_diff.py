@@ -25,8 +25,11 @@ layer on any error.
 - hard links: only to a regular file inside the destination, never to the entry itself;
 - device nodes and FIFOs: refused unless allow_devices; a 0:0 character device (an overlay
   whiteout in disguise) always;
-- setuid/setgid/sticky bits and security.capability are kept: this is the container's own
-  filesystem, restored as it was, and image layers carry the same bits;
+- set-uid and set-gid bits of files, and file capabilities (security.capability), are kept
+  only with keep_setid (the new container runs as root or privileged, and so could make such
+  files itself); otherwise they are stripped, so that a checkpoint cannot hand a non-root
+  container a set-uid-root binary it could not have made. Sticky bits and set-gid on
+  directories (group inheritance, no privilege) are kept;
 - Limits bound bytes, entries and path lengths.
 Deletions (deleted.files) run before the tar, then OCI whiteouts in the tar (`.wh.<name>`,
 `.wh..wh..opq`, as containerd's gzip rootfs-diff uses) apply in stream order.
@@ -299,7 +302,8 @@ def _unlink_quietly(path: Path) -> None:
 # ================================================================ applying (restore)
 
 def apply_rootfs_diff(diff_tar: Path | None, deleted: Sequence[str], dest_rootfs: Path,
-                      limits: Limits = Limits(), *, allow_devices: bool = False) -> None:
+                      limits: Limits = Limits(), *, allow_devices: bool = False,
+                      keep_setid: bool = False) -> None:
     """Delete `deleted` (container paths) from `dest_rootfs`, then unpack `diff_tar` into it.
 
     `diff_tar` may be None (no rootfs-diff.tar in the archive), a plain tar (CRI-O, Podman,
@@ -317,7 +321,8 @@ def apply_rootfs_diff(diff_tar: Path | None, deleted: Sequence[str], dest_rootfs
     if diff_tar is not None:
         check.unpack(Path(diff_tar))
 
-    apply = _DiffApplier(dest_rootfs, label, limits, allow_devices, write=True)
+    apply = _DiffApplier(dest_rootfs, label, limits, allow_devices, write=True,
+                         keep_setid=keep_setid)
     apply.delete_paths(deleted)
     if diff_tar is not None:
         apply.unpack(Path(diff_tar))
@@ -328,12 +333,13 @@ class _DiffApplier:
     model of what the diff has done so far plus the destination as it is now."""
 
     def __init__(self, dest: Path, archive: str, limits: Limits, allow_devices: bool,
-                 write: bool):
+                 write: bool, keep_setid: bool = False):
         self.dest = dest
         self.archive = archive
         self.budget = Budget(limits, archive)
         self.allow_devices = allow_devices
         self.write = write
+        self.keep_setid = keep_setid
         self.kinds: dict[str, str] = {}   # member name -> "dir" | "file" | "symlink" | "special"
         self.removed: set[str] = set()    # names deleted so far (deleted.files, whiteouts)
         self.written: set[str] = set()    # names this diff wrote (kept by opaque markers)
@@ -551,7 +557,7 @@ class _DiffApplier:
         else:
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             os.mknod(target, kind | 0o600, os.makedev(member.devmajor, member.devminor))
-        _apply_metadata(target, member)
+        _apply_metadata(target, member, self.keep_setid)
         mtime = member_mtime_ns(member)
         if member.isdir():
             self.dir_times.append((target, mtime))  # children added later would bump it
@@ -571,14 +577,21 @@ class _DiffApplier:
         return str(translate_unsafe(lambda: clean_member_path(name), what, self.archive))
 
 
-def _apply_metadata(path: Path, member: tarfile.TarInfo) -> None:
+_SETID_BITS = stat.S_ISUID | stat.S_ISGID
+FILE_CAPABILITY_XATTR = "security.capability"
+
+
+def _apply_metadata(path: Path, member: tarfile.TarInfo, keep_setid: bool) -> None:
     # chown first: it clears setuid/setgid and security.capability, which come after.
     os.chown(path, member.uid, member.gid, follow_symlinks=False)
+    strip_setid = not member.isdir() and not keep_setid
     if not member.issym():
-        os.chmod(path, member.mode & 0o7777)
+        os.chmod(path, member.mode & 0o7777 & (~_SETID_BITS if strip_setid else 0o7777))
     for name, value in member_xattrs(member):
         if name.startswith(_OVERLAY_XATTR_PREFIXES):
             continue  # only overlayfs itself decides what is a whiteout or opaque
+        if name == FILE_CAPABILITY_XATTR and strip_setid:
+            continue
         try:
             os.setxattr(path, name, value, follow_symlinks=False)
         except OSError as exc:

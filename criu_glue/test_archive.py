@@ -46,7 +46,8 @@ def prepare_members(base: Path) -> Path:
                                            created_time_ns=1_700_000_000_000_000_001,
                                            checkpointed_time_ns=1_700_000_100_5))
     write_spec(members, SPEC)
-    write_status(members, {"id": "c0ffee", "metadata": {"name": "app"}})
+    from cri_api import api_pb2 as cri
+    write_status(members, cri.ContainerStatus(id="c0ffee", metadata=cri.ContainerMetadata(name="app")))
     write_deleted_files(members, ["/etc/motd"])
     write_bind_mounts(members, [BindMount("/src", "/etc/hosts", "file", 0o644)])
     write_member(members, "dump.log", b"criu says hi\n")

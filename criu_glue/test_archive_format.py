@@ -9,7 +9,8 @@ import pytest
 from criu_glue.archive_format import (
     CONFIG_DUMP, GO_ZERO_TIME, BindMount, CheckpointConfig, bind_mounts_from_json,
     bind_mounts_to_json, deleted_files_from_json, deleted_files_to_json, format_rfc3339_ns,
-    json_object_from, parse_rfc3339_ns, write_config, write_member)
+    json_object_from, parse_rfc3339_ns, status_from_json, status_to_json, write_config,
+    write_member, write_status)
 from criu_glue.errors import ArchiveFormatError
 
 # The shape CRI-O writes (checkpointctl's ContainerConfig), including a non-UTC offset.
@@ -221,3 +222,107 @@ def test_members_are_written_private_and_top_level_only(tmp_path):
     os.symlink("/etc/passwd", tmp_path / "link")
     with pytest.raises(OSError):
         write_member(tmp_path, "link", b"x")  # never written through a symlink
+
+
+# ---------------------------------------------------------------- status.dump
+
+# What containerd 2.x writes (json.Marshal of the gogo-generated runtime.ContainerStatus) for a
+# running container, and what its restore json.Unmarshal-s: proto field names, numeric enums,
+# int64 as numbers, zero values left out.
+CONTAINERD_STATUS = """{
+  "id": "3b2f7d1e9c4a5b6d8e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d",
+  "metadata": {"name": "counter", "attempt": 1},
+  "state": 1,
+  "created_at": 1733220000123456789,
+  "started_at": 1733220000223456789,
+  "image": {"image": "docker.io/library/busybox:1.36",
+            "user_specified_image": "busybox:1.36"},
+  "image_ref": "docker.io/library/busybox@sha256:7b3ccabffc97de872a30dfd234fd972a66d247c8cfc69b0550f276481852627c",
+  "labels": {"io.kubernetes.container.name": "counter", "io.kubernetes.pod.name": "web-0",
+             "io.kubernetes.pod.namespace": "default"},
+  "annotations": {"io.kubernetes.container.hash": "8a2b4c1d",
+                  "io.kubernetes.container.restartCount": "1"},
+  "mounts": [{"container_path": "/data", "host_path": "/srv/data", "propagation": 2},
+             {"container_path": "/etc/hosts", "host_path": "/var/lib/kubelet/pods/u/etc-hosts",
+              "readonly": true}],
+  "log_path": "/var/log/pods/default_web-0_u/counter/1.log",
+  "resources": {"linux": {"cpu_period": 100000, "cpu_quota": 50000, "cpu_shares": 512,
+                          "memory_limit_in_bytes": 268435456, "oom_score_adj": 1000,
+                          "unified": {"memory.high": "200M"}}},
+  "image_id": "sha256:7b3ccabffc97de872a30dfd234fd972a66d247c8cfc69b0550f276481852627c",
+  "user": {"linux": {"gid": 10, "supplemental_groups": [10, 20]}}
+}"""
+
+
+def _container_status():
+    from cri_api import api_pb2 as cri
+    return cri.ContainerStatus()
+
+
+def test_status_reads_containerds_go_form():
+    from cri_api import api_pb2 as cri
+    status = status_from_json(CONTAINERD_STATUS, _container_status())
+    assert status.state == cri.CONTAINER_RUNNING
+    assert status.created_at == 1733220000123456789
+    assert status.metadata.name == "counter" and status.metadata.attempt == 1
+    assert status.image.user_specified_image == "busybox:1.36"
+    assert status.mounts[0].propagation == cri.PROPAGATION_BIDIRECTIONAL
+    assert status.mounts[1].readonly and status.mounts[1].host_path.endswith("etc-hosts")
+    assert status.resources.linux.memory_limit_in_bytes == 268435456
+    assert status.resources.linux.unified == {"memory.high": "200M"}
+    assert list(status.user.linux.supplemental_groups) == [10, 20]
+    assert status.labels["io.kubernetes.pod.name"] == "web-0"
+
+
+def test_status_round_trip_is_containerds_form_byte_for_byte_in_meaning():
+    status = status_from_json(CONTAINERD_STATUS, _container_status())
+    written = json.loads(status_to_json(status))
+    expected = json.loads(CONTAINERD_STATUS)
+    assert written == expected
+    assert list(written) == list(expected)  # the Go struct's field order
+    assert isinstance(written["state"], int) and isinstance(written["created_at"], int)
+    assert isinstance(written["mounts"][0]["propagation"], int)
+
+
+def test_status_leaves_out_zero_values_as_omitempty_does():
+    from cri_api import api_pb2 as cri
+    status = cri.ContainerStatus(id="a", state=cri.CONTAINER_CREATED, exit_code=0,
+                                 metadata=cri.ContainerMetadata(name="x"),
+                                 resources=cri.ContainerResources())
+    # CONTAINER_CREATED is 0: Go leaves the zero enum out too; a present empty message is {}.
+    assert json.loads(status_to_json(status)) == {"id": "a", "metadata": {"name": "x"},
+                                                  "resources": {}}
+
+
+def test_status_still_reads_protobuf_json_of_older_pyshim_archives():
+    from cri_api import api_pb2 as cri
+    old = {"id": "a", "metadata": {"name": "app"}, "state": "CONTAINER_EXITED",
+           "createdAt": "1733220000123456789", "exitCode": 137, "imageRef": "sha256:ab",
+           "mounts": [{"containerPath": "/data", "hostPath": "/srv", "propagation":
+                       "PROPAGATION_BIDIRECTIONAL"}]}
+    status = status_from_json(json.dumps(old), _container_status())
+    assert status.state == cri.CONTAINER_EXITED and status.exit_code == 137
+    assert status.created_at == 1733220000123456789 and status.image_ref == "sha256:ab"
+    assert status.mounts[0].propagation == cri.PROPAGATION_BIDIRECTIONAL
+    assert json.loads(status_to_json(status))["state"] == cri.CONTAINER_EXITED
+
+
+def test_status_ignores_unknown_keys_as_go_does():
+    status = status_from_json('{"id": "a", "future_field": {"x": 1}}', _container_status())
+    assert status.id == "a"
+
+
+@pytest.mark.parametrize("doc", ['[]', '{"state": [1]}', '{"created_at": "soon"}',
+                                 '{"metadata": 3}', '{"mounts": {"a": 1}}',
+                                 '{"labels": ' * 5000 + '{}' + '}' * 5000])
+def test_status_refuses_what_is_not_a_container_status(doc):
+    with pytest.raises(ArchiveFormatError, match="status.dump"):
+        status_from_json(doc, _container_status())
+
+
+def test_write_status_writes_go_form(tmp_path):
+    from cri_api import api_pb2 as cri
+    path = write_status(tmp_path, cri.ContainerStatus(id="a", state=cri.CONTAINER_RUNNING,
+                                                      created_at=5))
+    assert json.loads(path.read_bytes()) == {"id": "a", "state": 1, "created_at": 5}
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -337,6 +337,16 @@ def test_crio_with_bad_metadata_annotation_is_a_clean_error(tmp_path):
         ins.summarize(pack(tmp_path / "a.tar", None, annotations=bad, config=_config()))
 
 
+def test_deeply_nested_metadata_is_a_clean_error_or_ignored(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    bad = dict(CRIO_ANNOTATIONS, **{"io.kubernetes.cri-o.Metadata": deep})
+    with pytest.raises(ArchiveFormatError, match="io.kubernetes.cri-o.Metadata"):
+        ins.summarize(pack(tmp_path / "a.tar", None, annotations=bad, config=_config()))
+    podman = ins.summarize(pack(tmp_path / "p.tar", None, annotations=PODMAN_ANNOTATIONS, config=_config(),
+                                extra={"network.status": deep.encode()}))
+    assert podman.ip == ""
+
+
 def test_human_size():
     assert ins.human_size(204) == "204 B"
     assert ins.human_size(133939) == "130.8 KiB"

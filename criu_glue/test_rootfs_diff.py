@@ -198,7 +198,7 @@ def test_overlay_changes_round_trip_onto_a_fresh_upper(tmp_path, with_lowers):
 
     with overlay(tmp_path, lower, "restored") as (_, merged):
         # The container made a FIFO: that needs allow_devices.
-        apply_rootfs_diff(diff, deleted, merged, Limits(), allow_devices=True)
+        apply_rootfs_diff(diff, deleted, merged, Limits(), allow_devices=True, keep_setid=True)
         restored = snapshot(merged, skip=("/vol", "/etc/hostname"))
     assert restored == expected
     assert expected["/new/suid"]["mode"] == 0o4755
@@ -209,7 +209,7 @@ def test_overlay_changes_round_trip_onto_a_fresh_upper(tmp_path, with_lowers):
     if with_lowers:
         # Exact deletions mean the same in CRI-O's and Podman's order: tar first, then delete.
         with overlay(tmp_path, lower, "podman-order") as (_, merged):
-            apply_rootfs_diff(diff, [], merged, allow_devices=True)
+            apply_rootfs_diff(diff, [], merged, allow_devices=True, keep_setid=True)
             apply_rootfs_diff(None, deleted, merged)
             podman_order = snapshot(merged, skip=("/vol", "/etc/hostname"))
         # Deleting last bumps the parents' mtimes; everything else must be identical.
@@ -390,7 +390,7 @@ def test_plain_diff_keeps_owner_mode_setuid_xattrs_and_exact_mtime(tmp_path, roo
         entry("etc/hard", tarfile.LNKTYPE, linkname="etc/passwd"),
         entry("lib", tarfile.DIRTYPE, mode=0o755),   # replaces the lib -> usr/lib symlink
         entry("lib/x", data=b"now a real dir"),
-    ]), ["/etc/passwd"], rootfs)
+    ]), ["/etc/passwd"], rootfs, keep_setid=True)
     tool = rootfs / "usr/bin/tool"
     st = os.lstat(tool)
     assert stat.S_IMODE(st.st_mode) == 0o4755 and st.st_mtime_ns == 1_700_000_000_123_456_789
@@ -404,6 +404,34 @@ def test_plain_diff_keeps_owner_mode_setuid_xattrs_and_exact_mtime(tmp_path, roo
     assert os.lstat(rootfs / "home/u/notes").st_uid == 1000
     assert not (rootfs / "lib").is_symlink() and (rootfs / "lib/x").read_text()
     assert (rootfs / "usr/lib").is_dir()
+
+
+@needs_root
+def test_setid_bits_and_file_capabilities_are_stripped_unless_kept(tmp_path, rootfs):
+    """A non-root restore must not gain set-uid-root binaries or file capabilities from the
+    archive; directories keep set-gid (group inheritance) and sticky bits."""
+    caps = cap_net_raw().decode("utf-8", "surrogateescape")
+    (rootfs / "bin").mkdir(exist_ok=True)
+    diff = diff_file(tmp_path, [
+        entry("bin/su", data=b"evil", mode=0o4755),            # replaces an image file
+        entry("bin/sg", data=b"evil", mode=0o2711, uid=0, gid=42),
+        entry("bin/ping", data=b"evil", mode=0o755,
+              pax={"SCHILY.xattr.security.capability": caps, "SCHILY.xattr.user.k": "v"}),
+        entry("shared/", tarfile.DIRTYPE, mode=0o3775),
+        entry("shared/f", data=b"x", mode=0o644),
+    ])
+    (rootfs / "bin/su").write_text("image su")
+    apply_rootfs_diff(diff, [], rootfs)
+    mode = lambda p: stat.S_IMODE(os.lstat(rootfs / p).st_mode)  # noqa: E731
+    assert (mode("bin/su"), mode("bin/sg"), mode("bin/ping")) == (0o755, 0o711, 0o755)
+    assert "security.capability" not in os.listxattr(rootfs / "bin/ping")
+    assert os.getxattr(rootfs / "bin/ping", "user.k") == b"v"
+    assert mode("shared") == 0o3775 and mode("shared/f") == 0o644
+    assert (rootfs / "bin/su").read_text() == "evil"  # the content is the container's own
+
+    apply_rootfs_diff(diff, [], rootfs, keep_setid=True)  # a root or privileged restore
+    assert (mode("bin/su"), mode("bin/sg")) == (0o4755, 0o2711)
+    assert os.getxattr(rootfs / "bin/ping", "security.capability") == cap_net_raw()
 
 
 @pytest.mark.parametrize("compress", ["gzip", "zstd"])

@@ -25,6 +25,11 @@ How Podman is set up, and why:
   /etc/containers, /var/lib/containers nor the pyshim daemons' state is read or written.
   Podman still creates the empty directory /run/containers/networks (netavark's run directory
   for root is compiled in); with `--network none` nothing is ever put in it.
+- Image copies (`podman pull`) run in a private mount namespace with a tmpfs over /var/lib:
+  containers/image keeps its blob info cache in /var/lib/containers/cache for root whatever
+  --root says (Podman 5.4 sets no BlobInfoCacheDir and has no option for it), and would create
+  /var/lib/containers on a machine that never had it. A pull mounts nothing that must outlive
+  it, so the namespace (and the cache) goes away with the command.
 - `--storage-driver overlay`, or vfs where the base directory cannot hold overlay layers.
 - No systemd: `--cgroup-manager cgroupfs` (each instance has its own cgroup parent,
   /pyshim-podman-XXXX, removed by close()), `--events-backend file`, log driver k8s-file (so
@@ -76,8 +81,19 @@ COUNTER_COMMAND = ("sh", "-c", COUNTER_SCRIPT)
 _TICK = re.compile(r"^tick (\d+)$", re.M)
 
 
+# Subcommands that copy images (containers/image's copy.Image, hence its blob info cache).
+COPYING_COMMANDS = ("pull",)
+
+
 class PodmanError(RuntimeError):
     pass
+
+
+def _with_private_var_lib(cmd: list[str]) -> list[str]:
+    """`cmd` run where /var/lib is an empty tmpfs of its own: nothing it writes there reaches the
+    host (see the module docstring)."""
+    script = 'mount -t tmpfs -o mode=0755,size=64m pyshim-podman-var-lib /var/lib && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *cmd]
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,8 @@ class Podman:
                ) -> subprocess.CompletedProcess:
         """Run `podman <private global flags> ARGS`; PodmanError with its stderr if it fails."""
         cmd = [PODMAN, *self.global_flags(), *args]
+        if args and args[0] in COPYING_COMMANDS:
+            cmd = _with_private_var_lib(cmd)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=self.env(), stdin=subprocess.DEVNULL)

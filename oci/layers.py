@@ -25,6 +25,7 @@ from typing import BinaryIO, Iterator
 
 from .digest import CHUNK_SIZE, DigestingReader
 from .errors import ImageError, UnsafeLayer
+from .tree_removal import remove_tree
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -103,7 +104,7 @@ def remove_path(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        remove_tree(path)
     else:
         os.unlink(path)
 

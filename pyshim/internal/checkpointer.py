@@ -19,10 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf.message import Message
+
 from criu_glue import archive_format as fmt
 from criu_glue.archive import write_archive
 from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, read_dump_stats
 from criu_glue.rootfs_diff import write_rootfs_diff
+from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.internal import cgroups, mounts, tcp_lock
@@ -141,7 +144,7 @@ class Checkpointer:
                 phases.mark("resume")
                 self._package(record, work, members, deleted, location, deadline, phases)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work, ignore_errors=True)
         result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp,
                                   stopped, phases.report())
         log.info("container checkpointed", extra={
@@ -309,7 +312,7 @@ class ArchiveMembers:
     """The archive's metadata members (everything but CRIU's images and the rootfs diff)."""
     config: "fmt.CheckpointConfig"
     spec: dict
-    status: dict
+    status: Message  # the CRI ContainerStatus
     bind_mounts: list
     log_path: str
     diff_exclusions: list[str]

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ from cri_api import api_pb2 as cri
 from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_container_spec, check_seccomp_profile,
                               linux_resources_from_cri, validate_container_config)
 from oci.spec_schema import InvalidSpec, validate_spec
+from oci.tree_removal import remove_tree
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, mounts, netns, tcp_lock
 from pyshim.internal.checkpointer import CheckpointResult
@@ -248,7 +248,7 @@ class ContainerManager:
             )
             with contextlib.ExitStack() as undo:
                 cdir.mkdir(mode=0o700)
-                undo.callback(shutil.rmtree, cdir, ignore_errors=True)
+                undo.callback(remove_tree, cdir, ignore_errors=True)
                 for sub in (record.upper, record.work, record.rootfs):
                     sub.mkdir(mode=0o755)
                 self._records.save(record)
@@ -271,7 +271,7 @@ class ContainerManager:
         phases = PhaseTimer()
         with contextlib.ExitStack() as undo:
             cdir.mkdir(mode=0o700)
-            undo.callback(shutil.rmtree, cdir, ignore_errors=True)
+            undo.callback(remove_tree, cdir, ignore_errors=True)
             for sub in (record.upper, record.work, record.rootfs):
                 sub.mkdir(mode=0o755)
             layers = self._images.layer_paths(image)
@@ -380,7 +380,7 @@ class ContainerManager:
         images_dir = record.bundle / "checkpoint"
         phases = PhaseTimer()
         with contextlib.ExitStack() as undo:
-            undo.callback(shutil.rmtree, images_dir, ignore_errors=True)  # CRIU is done with them either way
+            undo.callback(remove_tree, images_dir, ignore_errors=True)  # CRIU is done with them either way
             mounts.mount_overlay(self._images.layer_paths(base_image), record.upper, record.work, record.rootfs)
             failed = undo.enter_context(contextlib.ExitStack())
             failed.callback(mounts.unmount, record.rootfs)
@@ -389,8 +389,11 @@ class ContainerManager:
             spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
             unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
-                                             allow_devices=config.linux.security_context.privileged)
+                                             allow_devices=config.linux.security_context.privileged,
+                                             keep_setid=self._restorer.keeps_setid_bits(
+                                                 spec, config.linux.security_context.privileged))
             self._restorer.check_privileges(unpacked.credentials, spec)
+            self._restorer.check_mounts(unpacked.mounts, spec, record.rootfs)
             phases.mark("unpack")
             self._restorer.add_engine_placeholders(spec, plan, record.bundle)
             if mode == TcpMode.ESTABLISHED and sandbox.record.netns_name:
@@ -474,7 +477,8 @@ class ContainerManager:
                 self._wait_exit(record, 10)
             self._runc.delete(record.id, force=True)
             mounts.unmount(record.rootfs)
-            shutil.rmtree(record.dir, ignore_errors=True)
+            # Any depth: the writable layer may hold a tree planted by the container or an archive.
+            remove_tree(record.dir, ignore_errors=True)
             for leftover in (self._exit_dir / record.id, self._attach_dir / record.id):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)

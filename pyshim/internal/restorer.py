@@ -29,6 +29,7 @@ from criu_glue.criu import (CriuAvailability, CritError, ProcessCredentials, Sec
                             prepare_restore_images)
 from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
+from criu_glue.restore_mounts import ImageMount, exists_in_new_container, weaker_mounts
 from criu_glue.rootfs_diff import apply_rootfs_diff
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -85,6 +86,7 @@ class UnpackResult:
     image_bytes: int
     milliseconds: dict[str, float]
     credentials: list[ProcessCredentials]  # what CRIU will give each process
+    mounts: tuple[ImageMount, ...] = ()    # what CRIU will mount
 
 
 def _unreadable(source: Path, exc: Exception) -> Exception:
@@ -128,6 +130,10 @@ class Restorer:
                 plan = self._plan_from(archive, source)
             except ArchiveError as e:
                 raise _unreadable(source, e) from None
+            except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as e:
+                # A member of a shape no engine writes: the archive's fault, never ours.
+                raise _unreadable(source, ArchiveFormatError(str(source), f"malformed metadata: "
+                                                             f"{type(e).__name__}: {e}")) from None
             missing = sorted(set(plan.expected_bind_mounts) - {m.container_path for m in config.mounts})
             if missing:
                 raise InvalidArgument(
@@ -145,7 +151,10 @@ class Restorer:
         if not refs:
             raise ArchiveFormatError(str(source), "config.dump names no base image (rootfsImage*)")
         ips = config.extra.get(POD_IPS_KEY) or _podman_ips(archive)
-        args = archive.spec().get("process", {}).get("args") or []
+        if not isinstance(ips, list):
+            raise ArchiveFormatError(str(source), f"{fmt.CONFIG_DUMP}: {POD_IPS_KEY} must be an array "
+                                     "of addresses")
+        args = (archive.spec().get("process") or {}).get("args") or []
         binds = {m.destination for m in archive.bind_mounts()} | _spec_bind_destinations(archive.spec())
         return RestorePlan(
             source=source, checkpoint_name=config.name, base_image_refs=refs,
@@ -178,9 +187,10 @@ class Restorer:
     # ---- StartContainer: the heavy work ------------------------------------------------------
 
     def unpack(self, checkpoint: OpenCheckpoint, images_dir: Path, rootfs: Path, log_path: str, hostname: str,
-               allow_devices: bool = False) -> UnpackResult:
+               allow_devices: bool = False, keep_setid: bool = False) -> UnpackResult:
         """CRIU images into `images_dir` (with the new pod's `hostname`); deleted files and the diff onto
-        the mounted `rootfs`; the old log lines into `log_path`."""
+        the mounted `rootfs` (set-id bits and file capabilities only with `keep_setid`, see
+        keeps_setid_bits); the old log lines into `log_path`."""
         archive, source = checkpoint.archive, checkpoint.plan.source
         ms: dict[str, float] = {}
         started = time.perf_counter()
@@ -191,7 +201,7 @@ class Restorer:
             if facts.root_mode is not None:
                 os.chmod(rootfs, stat.S_IMODE(facts.root_mode) & 0o777)
             ms["criu_images"] = _ms_since(started)
-            self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, limits)
+            self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, keep_setid, limits)
             ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
             if log_path:
                 self._carry_log(archive, Path(log_path))
@@ -199,7 +209,7 @@ class Restorer:
             raise _unreadable(source, e) from None
         except CritError as e:
             raise InvalidArgument(f"checkpoint {source}: {e}") from None
-        return UnpackResult(image_bytes, ms, facts.credentials)
+        return UnpackResult(image_bytes, ms, facts.credentials, facts.mounts)
 
     def _limits_for(self, directory: Path) -> Limits:
         """An archive never gets to fill the disk: what it may unpack is bounded by the free space too."""
@@ -208,13 +218,14 @@ class Restorer:
         return dataclasses.replace(self.limits, max_total_bytes=min(self.limits.max_total_bytes, free))
 
     def _apply_diff(self, archive: CheckpointArchive, scratch: Path, rootfs: Path, allow_devices: bool,
-                    limits: Limits) -> None:
+                    keep_setid: bool, limits: Limits) -> None:
         diff = None
         if archive.has_member(fmt.ROOTFS_DIFF_TAR):
             diff = scratch / "rootfs-diff.tar"
             archive.extract_member(fmt.ROOTFS_DIFF_TAR, diff)
         try:
-            apply_rootfs_diff(diff, archive.deleted_files(), rootfs, limits, allow_devices=allow_devices)
+            apply_rootfs_diff(diff, archive.deleted_files(), rootfs, limits, allow_devices=allow_devices,
+                              keep_setid=keep_setid)
         finally:
             if diff is not None:
                 diff.unlink(missing_ok=True)
@@ -233,6 +244,13 @@ class Restorer:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         with os.fdopen(fd, "wb") as out, archive.open_member(member) as src:
             shutil.copyfileobj(src, out)
+
+    @staticmethod
+    def keeps_setid_bits(spec: dict, privileged: bool) -> bool:
+        """Set-uid/set-gid files and file capabilities in the archive's diff are kept only for a container
+        that could make them itself: one running as root, or privileged. Anyone else would gain a way to
+        root (or to capabilities) that the new request does not give."""
+        return privileged or spec.get("process", {}).get("user", {}).get("uid", 0) == 0
 
     @staticmethod
     def check_privileges(processes: list[ProcessCredentials], spec: dict) -> None:
@@ -260,6 +278,18 @@ class Restorer:
             if uid != 0 and 0 in proc.uids:
                 raise FailedPrecondition(
                     f"checkpoint process ({proc.image}) runs as root but the new container runs as uid {uid}")
+
+    @staticmethod
+    def check_mounts(mounts: tuple[ImageMount, ...], spec: dict, rootfs: Path) -> None:
+        """CRIU rebuilds the mount table from the images, flags included: refuse one weaker than what a fresh
+        container from the same request gets (a writable /proc/sys, an unmasked /proc/keys, a /dev/shm
+        without nosuid...)."""
+        problems = weaker_mounts(mounts, spec, exists_in_new_container(rootfs))
+        if problems:
+            raise FailedPrecondition(
+                "checkpoint would restore mounts weaker than the new container's: " + "; ".join(problems)
+                + ". Restore a checkpoint taken with at least the request's read-only and masked paths, or "
+                "relax the request (e.g. privileged)")
 
     @staticmethod
     def add_engine_placeholders(spec: dict, plan: RestorePlan, bundle: Path) -> None:
@@ -321,7 +351,7 @@ def _podman_ips(archive: CheckpointArchive) -> list[str]:
         return []
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # unreadable addresses: decide TCP as if none were recorded
         return []
     ips: list[str] = []
     networks = doc.values() if isinstance(doc, dict) else []

@@ -10,12 +10,12 @@ import ipaddress
 import logging
 import re
 import secrets
-import shutil
 import threading
 import time
 from pathlib import Path
 
 from cri_api import api_pb2 as cri
+from oci.tree_removal import remove_tree
 from pyshim.annotations import POD_IP_ANNOTATION, POD_MAC_ANNOTATION
 from pyshim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, netns, pod_files, pod_namespaces
@@ -145,9 +145,9 @@ class SandboxManager:
         with contextlib.ExitStack() as undo:
             files_dir, pin_dir = Path(record.files_dir), Path(record.pin_dir)
             files_dir.mkdir(mode=0o755)
-            undo.callback(shutil.rmtree, files_dir, ignore_errors=True)
+            undo.callback(remove_tree, files_dir, ignore_errors=True)
             pin_dir.mkdir(mode=0o700)
-            undo.callback(shutil.rmtree, pin_dir, ignore_errors=True)
+            undo.callback(remove_tree, pin_dir, ignore_errors=True)
 
             if ns.network != NODE:
                 self._set_up_network(record, config, undo)
@@ -259,8 +259,8 @@ class SandboxManager:
             return
         self.stop(record.id)
         cgroups.remove(record.cgroup_parent)
-        shutil.rmtree(record.files_dir, ignore_errors=True)
-        shutil.rmtree(record.pin_dir, ignore_errors=True)
+        remove_tree(record.files_dir, ignore_errors=True)
+        remove_tree(record.pin_dir, ignore_errors=True)
         with self._lock:
             self._records.delete(record.id)
             self._names.pop(record.name, None)

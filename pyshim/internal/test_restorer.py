@@ -69,12 +69,14 @@ def test_engine_placeholders_replace_missing_or_non_bind_mounts(tmp_path):
     assert len(spec["mounts"]) == 3
 
 
-def _archive(path: Path, spec_mounts=(), bind_mounts=()) -> Path:
+def _archive(path: Path, spec_mounts=(), bind_mounts=(), spec: bytes | None = None,
+             config_extra: dict | None = None) -> Path:
     members = {
         "config.dump": json.dumps({"id": "c1", "name": "main", "rootfsImageName": "busybox:latest",
                                    "rootfsImageRef": "sha256:" + "a" * 64,
-                                   "checkpointedTime": "2026-11-21T06:00:00Z"}).encode(),
-        "spec.dump": json.dumps({"process": {"args": ["sh", "-c", "x"]}, "mounts": list(spec_mounts)}).encode(),
+                                   "checkpointedTime": "2026-11-21T06:00:00Z", **(config_extra or {})}).encode(),
+        "spec.dump": spec if spec is not None else
+        json.dumps({"process": {"args": ["sh", "-c", "x"]}, "mounts": list(spec_mounts)}).encode(),
         "bind.mounts": json.dumps(list(bind_mounts)).encode(),
         "checkpoint/inventory.img": b"\0" * 8,
     }
@@ -123,6 +125,32 @@ def test_plan_of_missing_or_broken_archives(tmp_path):
         restorer.plan(tmp_path / "junk.tar", _config())
 
 
+@pytest.mark.parametrize("spec, where", [
+    (b'{"process": "sh"}', "process must be an object"),
+    (b'{"process": {"args": "sh -c x"}}', "process.args must be an array"),
+    (b'{"process": {"args": ["sh", 1]}}', r"process.args\[1\] must be a string"),
+    (b'{"process": {"user": {"uid": "0"}}}', "process.user.uid must be an integer"),
+    (b'{"mounts": {"/data": "x"}}', "mounts must be an array"),
+    (b'{"mounts": ["/data"]}', r"mounts\[0\] must be an object"),
+    (b'{"mounts": [{"destination": 5}]}', r"mounts\[0\].destination must be a string"),
+    (b'{"annotations": ["a"]}', "annotations must be an object"),
+    (b'{"linux": {"readonlyPaths": "/proc/sys"}}', "linux.readonlyPaths must be an array"),
+    (b'{"a": ' * 100_000 + b'1' + b'}' * 100_000, "too deeply"),
+    (b'[' * 100_000 + b']' * 100_000, "too deeply"),
+])
+def test_spec_dump_of_the_wrong_shape_is_invalid_argument(tmp_path, spec, where):
+    archive = _archive(tmp_path / "a.tar", spec=spec)
+    with pytest.raises(InvalidArgument, match=f"spec.dump: .*{where}"):
+        Restorer(CheckpointSettings(), USABLE).plan(archive, _config())
+
+
+@pytest.mark.parametrize("extra", [{"podIPs": 7}, {"podIPs": "10.0.0.1"}, {"podIPs": {"a": 1}}])
+def test_config_dump_of_the_wrong_shape_is_invalid_argument(tmp_path, extra):
+    archive = _archive(tmp_path / "a.tar", config_extra=extra)
+    with pytest.raises(InvalidArgument, match="podIPs"):
+        Restorer(CheckpointSettings(), USABLE).plan(archive, _config())
+
+
 def test_restore_gate():
     with pytest.raises(FailedPrecondition, match="enable_restore"):
         Restorer(CheckpointSettings(enable_restore=False), USABLE).check_enabled()
@@ -164,3 +192,25 @@ def test_seccomp_mode_as_crit_prints_it(raw, mode):
 def test_unknown_seccomp_mode_in_a_core_image_is_an_error():
     with pytest.raises(criu.CritError, match="core-3.img: unknown seccomp mode 'loose'"):
         criu._credentials({"image": "core-3.img", "creds": {}, "seccomp": "loose"})
+
+
+@pytest.mark.parametrize("spec, privileged, keep", [
+    ({"process": {"user": {"uid": 0, "gid": 0}}}, False, True),
+    ({"process": {"user": {"uid": 1000, "gid": 1000}}}, False, False),
+    ({"process": {"user": {"uid": 1000, "gid": 0}}}, False, False),   # gid 0 is not root
+    ({"process": {"user": {"uid": 1000}}}, True, True),
+])
+def test_setid_bits_are_kept_only_for_root_or_privileged_containers(spec, privileged, keep):
+    assert Restorer.keeps_setid_bits(spec, privileged) is keep
+
+
+def test_mounts_weaker_than_the_request_are_refused(tmp_path):
+    from criu_glue.restore_mounts import ImageMount
+    spec = {"mounts": [{"destination": "/proc", "type": "proc", "source": "proc",
+                        "options": ["nosuid", "noexec", "nodev"]}],
+            "linux": {"readonlyPaths": ["/proc/sys"], "maskedPaths": []}}
+    proc = ImageMount("mountpoints-13.img", 116, 115, "/proc", 1, "/", 0x20000e)
+    ro_sys = ImageMount("mountpoints-13.img", 72, 116, "/proc/sys", 1, "/sys", 0x20000f)
+    Restorer.check_mounts((proc, ro_sys), spec, tmp_path)
+    with pytest.raises(FailedPrecondition, match="/proc/sys is writable"):
+        Restorer.check_mounts((proc,), spec, tmp_path)

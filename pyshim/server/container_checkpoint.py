@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import time
 
-from google.protobuf import json_format
-
 from cri_api import api_pb2 as cri
 from criu_glue import archive_format as fmt
 from pyshim.annotations import CHECKPOINT_MODE_KEY, CHECKPOINT_MODES
@@ -79,7 +77,7 @@ def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
             extra={"engine": "pyshim",
                    POD_IPS_KEY: [ip for ip in ([sandbox.ip, *sandbox.additional_ips] if sandbox else []) if ip]}),
         spec=rt.containers.spec_of(record),
-        status=json_format.MessageToDict(convert.container_status(record, config)),
+        status=convert.container_status(record, config),  # written in containerd's Go form
         bind_mounts=[bind_mount_of(m.host_path, m.container_path) for m in config.mounts],
         log_path=record.log_path,
         diff_exclusions=diff_exclusions([m.container_path for m in config.mounts]),
