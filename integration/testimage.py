@@ -39,10 +39,10 @@ BUILT_TOOLS = {"usr/bin/locker": TOOLS_DIR / "locker.c"}
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
-def busybox_applet_paths() -> list[str]:
+def busybox_applet_paths(busybox: Path = BUSYBOX) -> list[str]:
     """Applet install paths (e.g. "bin/sh", "usr/bin/wget") as this busybox lays them out."""
     try:
-        out = subprocess.run([str(BUSYBOX), "--list-full"], check=True, capture_output=True,
+        out = subprocess.run([str(busybox), "--list-full"], check=True, capture_output=True,
                              text=True).stdout
         paths = {p.strip().lstrip("/") for p in out.splitlines() if p.strip()}
     except (OSError, subprocess.CalledProcessError):
@@ -76,15 +76,15 @@ def _hardlink(name: str, target: str) -> tarfile.TarInfo:
     return info
 
 
-def _write_busybox_layer(path: Path, hardlinks: bool = False) -> None:
-    applets = busybox_applet_paths()
+def _write_busybox_layer(path: Path, hardlinks: bool = False, busybox: Path = BUSYBOX) -> None:
+    applets = busybox_applet_paths(busybox)
     dirs = sorted({str(Path(p).parent) for p in applets} | {"bin"})
     # gzip mtime=0 so the compressed blob (and so the manifest) is reproducible too.
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for d in dirs:
             tar.addfile(_dir(d))
-        tar.addfile(*_file("bin/busybox", BUSYBOX.read_bytes(), 0o755))
+        tar.addfile(*_file("bin/busybox", busybox.read_bytes(), 0o755))
         for applet in applets:
             tar.addfile(_hardlink(applet, "bin/busybox") if hardlinks else _symlink(applet, "/bin/busybox"))
 
@@ -163,15 +163,16 @@ def busybox_config(labels: dict | None = None) -> dict:
     }
 
 
-def write_busybox_layers(dest_dir: Path, hardlinks: bool = False) -> list[Path]:
+def write_busybox_layers(dest_dir: Path, hardlinks: bool = False, busybox: Path = BUSYBOX) -> list[Path]:
     """The busybox image's layers (bottom -> top) as files in dest_dir, for images built on it.
 
     `hardlinks`: applets as hard links to /bin/busybox, as the official busybox images have them,
-    instead of symlinks (a path masked with /dev/null then masks that applet only)."""
-    if not BUSYBOX.is_file():
-        raise RuntimeError(f"{BUSYBOX} is missing (Debian package busybox-static)")
+    instead of symlinks (a path masked with /dev/null then masks that applet only). `busybox`: another
+    busybox binary than the host's static one (its libraries are the caller's business)."""
+    if not busybox.is_file():
+        raise RuntimeError(f"{busybox} is missing (Debian package busybox-static)")
     busybox_layer, base_layer = Path(dest_dir) / "busybox.tar.gz", Path(dest_dir) / "base.tar"
-    _write_busybox_layer(busybox_layer, hardlinks)
+    _write_busybox_layer(busybox_layer, hardlinks, busybox)
     _write_base_files_layer(base_layer)
     return [busybox_layer, base_layer]
 

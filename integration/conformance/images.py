@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import platform
+import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -64,10 +65,8 @@ def stand_ins(tools: dict[str, tuple[bytes, int]]) -> list[StandIn]:
     web, nnp = tools["webserver"], tools["nnp"]
     www_data = _user_files("www-data:x:33:33:www-data:/var/www:/bin/false\n", "www-data:x:33:\n")
     return [
-        # framework.DefaultLinuxContainerImage: most specs. Two applets Debian's busybox lacks: `ipcs -m`
-        # (HostIpc specs; util-linux's, from the host) and `pgrep` (ExecSync timeout spec; pgrep.c).
-        StandIn((f"{E2E}/busybox:1.29-2",),
-                {**host_program_files({"usr/bin/ipcs": Path("/usr/bin/ipcs")}), "usr/bin/pgrep": tools["pgrep"]}),
+        # framework.DefaultLinuxContainerImage: most specs.
+        StandIn((f"{E2E}/busybox:1.29-2",)),
         # webServerImage and the HostPID/PodPID specs' nginx: a page on port 80, /var/run/nginx.pid,
         # a process named nginx.
         StandIn((f"{E2E}/nginx:1.14-2",), {"usr/sbin/nginx": web, "var/run/.keep": (b"", 0o644)},
@@ -115,12 +114,42 @@ def _extra_layer(path: Path, files: dict[str, tuple[bytes, int]]) -> Path:
     return path
 
 
+def download_shell_busybox(work: Path) -> Path:
+    """Debian's dynamically linked busybox (package `busybox`), unpacked under `work`.
+
+    The host's busybox-static is built with FEATURE_SH_STANDALONE: its shell runs applets itself and
+    never executes /bin/ls, so the MaskedPaths spec (mask /bin/ls, expect `sh -c ls` to fail) cannot
+    pass with it. The real busybox images' shell, like the dynamic package's, executes what PATH finds.
+    The package conflicts with busybox-static, so it is downloaded and unpacked, not installed."""
+    target = work / "busybox-deb"
+    try:
+        subprocess.run(["apt-get", "download", "busybox"], cwd=work, check=True, capture_output=True, text=True)
+        [deb] = work.glob("busybox_*.deb")
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True, capture_output=True, text=True)
+    except (OSError, ValueError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        raise RuntimeError(f"`apt-get download busybox` (Debian's dynamic busybox, for the stand-in images' "
+                           f"shell) failed; run `apt-get update` and retry: {detail}") from None
+    return target / "bin" / "busybox"
+
+
+def _common_files(busybox: Path, tools: dict[str, tuple[bytes, int]]) -> dict[str, tuple[bytes, int]]:
+    """On top of busybox in every stand-in: the dynamic busybox's libraries, and two programs it
+    lacks: `ipcs` (HostIpc specs; util-linux's, from the host) and `pgrep` (ExecSync timeout spec)."""
+    libraries = {name: data for name, data in host_program_files({"bin/busybox": busybox}).items()
+                 if name != "bin/busybox"}
+    return {**libraries, **host_program_files({"usr/bin/ipcs": Path("/usr/bin/ipcs")}),
+            "usr/bin/pgrep": tools["pgrep"]}
+
+
 def build_layouts(work: Path) -> list[tuple[StandIn, Path]]:
     """An OCI layout per stand-in under `work`, listing the image under each of its names."""
     tools = build_static_tools({name: HERE / f"{name}.c" for name in ("webserver", "nnp", "pgrep")})
+    busybox = download_shell_busybox(work)
     # Hard links like the real busybox images: the MaskedPaths spec masks /bin/ls, which must not
     # mask /bin/busybox (and with it the shell) through a symlink.
-    base_layers = write_busybox_layers(work, hardlinks=True)
+    base_layers = write_busybox_layers(work, hardlinks=True, busybox=busybox)
+    base_layers.append(_extra_layer(work / "common.tar", _common_files(busybox, tools)))
     built = []
     for i, image in enumerate(stand_ins(tools)):
         layers = list(base_layers)

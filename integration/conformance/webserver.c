@@ -2,7 +2,9 @@
  * "200 OK" and a small page. Usage: NAME PORT [PIDFILE]. It says "NAME: serving on port PORT" on
  * stdout (critest looks for the server's name in its log) and writes its pid to PIDFILE (critest
  * reads /var/run/nginx.pid). It runs as PID 1 of a container, where SIGTERM has no default action:
- * it exits on SIGTERM/SIGINT itself. Built with `gcc -static` by integration/conformance/images.py.
+ * it exits on SIGTERM/SIGINT itself. Like nginx, its command line says "NAME: master process ..."
+ * (critest's ContainerPID spec waits for that in /proc/1/cmdline): it re-executes itself with that
+ * argv[0], its name (comm) staying the file's. Built with `gcc -static` by images.py.
  */
 #include <arpa/inet.h>
 #include <libgen.h>
@@ -39,8 +41,27 @@ static void answer(int conn) {
     if (write(conn, PAGE, sizeof PAGE - 1) < 0) return;
 }
 
+static const char TITLE[] = ": master process ";
+
+/* Re-executes this program with argv[0] "NAME: master process ARGV0"; returns only if it is that already. */
+static void set_title(char **argv, const char *exe, const char *name) {
+    if (strstr(argv[0], TITLE)) return;
+    char title[512];
+    snprintf(title, sizeof title, "%s%s%s", name, TITLE, argv[0]);
+    argv[0] = title;
+    execv(exe, argv);
+    perror("re-executing with the nginx-like title");
+    exit(1);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: %s PORT [PIDFILE]\n", argv[0]); return 2; }
+    char exe[256];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len < 0) { perror("/proc/self/exe"); return 1; }
+    exe[len] = '\0';
+    const char *name = basename(strdup(exe));
+    set_title(argv, exe, name);
     int port = atoi(argv[1]);
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
@@ -56,7 +77,7 @@ int main(int argc, char **argv) {
         perror("listen");
         return 1;
     }
-    printf("%s: serving on port %d\n", basename(argv[0]), port);
+    printf("%s: serving on port %d\n", name, port);
     fflush(stdout);
     for (;;) {
         int conn = accept(sock, NULL, NULL);
