@@ -147,6 +147,10 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
     base = Path(tempfile.mkdtemp(prefix="pyshim-conf-", dir="/tmp"))  # short: unix socket paths
+    log_dir = args.log_dir.resolve() if args.log_dir else None
+    # Everything started from here inherits this directory: what writes into its working directory
+    # (conmon writes an `oom` file there when a container is OOM-killed) writes into ours.
+    os.chdir(base)
     suffix = uuid.uuid4().hex[:4]
     settings = DaemonSettings(base=base / "d", bridge=f"pyconf{suffix}", subnet=SUBNET,
                               netns_prefix=f"pyconf{suffix}-")
@@ -176,7 +180,8 @@ def main(argv: list[str]) -> int:
         # Signals now would cut the cleanup short: it is what makes an interrupted run safe.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        left = _clean_up(daemon, registry, settings, base, args.log_dir,
+        os.chdir(PROJECT)
+        left = _clean_up(daemon, registry, settings, base, log_dir,
                          leftovers, remove_cgroup_tree, remove_everything)
     if left:
         print(f"left behind: {left}", file=sys.stderr)
