@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit bench bench-checkpoint bench-restore bench-streaming bench-migrate deps install clean
+.PHONY: run test unit conformance bench bench-checkpoint bench-restore bench-streaming bench-migrate deps install clean
 
 deps:
 	bash scripts/install-system-deps.sh
@@ -27,6 +27,12 @@ test: install
 
 unit: $(STAMP)
 	$(PY) -m pytest -ra $(or $(PYTEST_ARGS),oci pyshim criu_glue cri_api)
+
+# critest (the CRI validation suite) against a daemon and registry of its own, with stand-in images;
+# not part of `make test`: it needs critest ($$CRITEST or ../shared/tools/cri-tools/critest).
+# ARGS="--busybox-only", "--focus REGEX", "--skip REGEX", "--log-dir DIR", "-- CRITEST-FLAGS".
+conformance: install
+	$(PY) -m integration.conformance $(ARGS)
 
 bench: install
 	$(PY) -m bench.lifecycle

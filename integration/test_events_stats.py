@@ -84,8 +84,11 @@ def test_reopen_log_after_rotation(client, pulled_busybox):
         time.sleep(0.5)
         os.rename(log_path, log_path.with_suffix(".log.1"))
         client.runtime.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=cid))
-        time.sleep(0.5)
+        # At once: kubelet and critest look for the new file as soon as the call returns.
         assert log_path.exists()
+        deadline = time.monotonic() + 10
+        while not list(read_log(log_path)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert [e.text for e in read_log(log_path)], "no lines in the reopened log"
     finally:
         cleanup(client, pod_id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
 from pathlib import Path
 
@@ -75,6 +76,27 @@ def test_container_runs_logs_and_reports_exit_code(client, pulled_busybox):
         cleanup(client, pod_id)
 
 
+def test_pod_without_hostname_gets_the_node_hostname(client, pulled_busybox):
+    # critest sends no hostname and a pod name longer than a hostname may be; containerd then uses
+    # the node's hostname, and so does pyshim.
+    pod = pod_config(name="p" * 80, hostname="")
+    pod_id = client.run_pod(pod)
+    try:
+        cid = client.create(pod_id, container_config(pulled_busybox, ["sleep", "300"]), pod)
+        client.start(cid)
+        seen = client.exec_sync(cid, ["sh", "-c", "hostname; cat /etc/hostname; echo $HOSTNAME"]).stdout.decode()
+        assert seen.split() == [socket.gethostname()] * 3
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_explicit_bad_hostname_is_invalid_argument_and_leaves_nothing(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.run_pod(pod_config(hostname="not a hostname"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hostname" in err.value.details()
+    assert not client.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items
+
+
 def test_exec_sync_and_stop_with_sigterm(client, pulled_busybox):
     pod, pod_id, cid = run_container(client, pulled_busybox, ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.1; done"])
     try:
@@ -111,10 +133,17 @@ def test_exec_sync_timeout_is_deadline_exceeded(client, pulled_busybox):
         cleanup(client, pod_id)
 
 
-def test_remove_is_idempotent_and_unknown_ids_are_not_found(client, pulled_busybox):
+def test_stop_and_remove_are_idempotent_and_unknown_ids_are_not_found(client, pulled_busybox):
     pod, pod_id, cid = run_container(client, pulled_busybox, ["sleep", "300"])
     client.remove(cid)
     client.remove(cid)
+    # The CRI makes stop and remove idempotent: kubelet retries them without knowing what happened.
+    client.stop(cid, timeout=0)
+    unknown = "0" * 64
+    client.stop(unknown, timeout=0)
+    client.remove(unknown)
+    client.stop_pod(unknown)
+    client.remove_pod(unknown)
     with pytest.raises(grpc.RpcError) as err:
         client.status(cid)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -39,10 +39,10 @@ BUILT_TOOLS = {"usr/bin/locker": TOOLS_DIR / "locker.c"}
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
-def busybox_applet_paths() -> list[str]:
+def busybox_applet_paths(busybox: Path = BUSYBOX) -> list[str]:
     """Applet install paths (e.g. "bin/sh", "usr/bin/wget") as this busybox lays them out."""
     try:
-        out = subprocess.run([str(BUSYBOX), "--list-full"], check=True, capture_output=True,
+        out = subprocess.run([str(busybox), "--list-full"], check=True, capture_output=True,
                              text=True).stdout
         paths = {p.strip().lstrip("/") for p in out.splitlines() if p.strip()}
     except (OSError, subprocess.CalledProcessError):
@@ -70,17 +70,23 @@ def _symlink(name: str, target: str) -> tarfile.TarInfo:
     return info
 
 
-def _write_busybox_layer(path: Path) -> None:
-    applets = busybox_applet_paths()
+def _hardlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.LNKTYPE, target, 0o755, FIXED_MTIME
+    return info
+
+
+def _write_busybox_layer(path: Path, hardlinks: bool = False, busybox: Path = BUSYBOX) -> None:
+    applets = busybox_applet_paths(busybox)
     dirs = sorted({str(Path(p).parent) for p in applets} | {"bin"})
     # gzip mtime=0 so the compressed blob (and so the manifest) is reproducible too.
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for d in dirs:
             tar.addfile(_dir(d))
-        tar.addfile(*_file("bin/busybox", BUSYBOX.read_bytes(), 0o755))
+        tar.addfile(*_file("bin/busybox", busybox.read_bytes(), 0o755))
         for applet in applets:
-            tar.addfile(_symlink(applet, "/bin/busybox"))
+            tar.addfile(_hardlink(applet, "bin/busybox") if hardlinks else _symlink(applet, "/bin/busybox"))
 
 
 def _shared_libraries(program: Path) -> list[Path]:
@@ -95,8 +101,13 @@ def _shared_libraries(program: Path) -> list[Path]:
 
 
 def _host_program_files() -> dict[str, tuple[bytes, int]]:
+    return host_program_files(HOST_PROGRAMS)
+
+
+def host_program_files(programs: dict[str, Path]) -> dict[str, tuple[bytes, int]]:
+    """Host programs (image path -> host path) with the libraries they load; missing ones are left out."""
     files: dict[str, tuple[bytes, int]] = {}
-    for name, program in HOST_PROGRAMS.items():
+    for name, program in programs.items():
         if not program.is_file():
             continue
         files[name] = (program.read_bytes(), 0o755)
@@ -106,9 +117,14 @@ def _host_program_files() -> dict[str, tuple[bytes, int]]:
 
 
 def _built_tool_files() -> dict[str, tuple[bytes, int]]:
+    return build_static_tools(BUILT_TOOLS)
+
+
+def build_static_tools(tools: dict[str, Path]) -> dict[str, tuple[bytes, int]]:
+    """Compile each C source with `gcc -static`: image path -> (program bytes, mode 0755)."""
     files: dict[str, tuple[bytes, int]] = {}
     with tempfile.TemporaryDirectory(prefix="pyshim-tools-") as tmp:
-        for name, source in BUILT_TOOLS.items():
+        for name, source in tools.items():
             out = Path(tmp) / Path(name).name
             try:
                 subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(source)], check=True,
@@ -147,18 +163,27 @@ def busybox_config(labels: dict | None = None) -> dict:
     }
 
 
+def write_busybox_layers(dest_dir: Path, hardlinks: bool = False, busybox: Path = BUSYBOX) -> list[Path]:
+    """The busybox image's layers (bottom -> top) as files in dest_dir, for images built on it.
+
+    `hardlinks`: applets as hard links to /bin/busybox, as the official busybox images have them,
+    instead of symlinks (a path masked with /dev/null then masks that applet only). `busybox`: another
+    busybox binary than the host's static one (its libraries are the caller's business)."""
+    if not busybox.is_file():
+        raise RuntimeError(f"{busybox} is missing (Debian package busybox-static)")
+    busybox_layer, base_layer = Path(dest_dir) / "busybox.tar.gz", Path(dest_dir) / "base.tar"
+    _write_busybox_layer(busybox_layer, hardlinks, busybox)
+    _write_base_files_layer(base_layer)
+    return [busybox_layer, base_layer]
+
+
 def build_busybox_layout(dest_dir: Path, ref_name: str = "busybox:latest", labels: dict | None = None) -> Path:
     """Write an OCI image layout for the busybox test image into dest_dir; returns dest_dir.
     `labels` make an image of the same files with another digest."""
-    if not BUSYBOX.is_file():
-        raise RuntimeError(f"{BUSYBOX} is missing (Debian package busybox-static)")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pyshim-busybox-layers-") as tmp:
-        busybox_layer, base_layer = Path(tmp) / "busybox.tar.gz", Path(tmp) / "base.tar"
-        _write_busybox_layer(busybox_layer)
-        _write_base_files_layer(base_layer)
-        write_oci_layout(dest_dir, [busybox_layer, base_layer], busybox_config(labels), ref_name)
+        write_oci_layout(dest_dir, write_busybox_layers(Path(tmp)), busybox_config(labels), ref_name)
     return dest_dir
 
 

@@ -50,7 +50,8 @@ class _LayoutContents:
 
 def import_oci_archive(store: ImageStore, path: Path, tag: str | None = None,
                        platform: Platform = DEFAULT_PLATFORM) -> list[ImageRecord]:
-    """Import every image named in the layout's index.json; returns the records in index order.
+    """Import every image named in the layout's index.json; returns the records in index order,
+    one per distinct image (entries naming the same manifest under several tags are one image).
 
     `tag` names the image when the layout holds exactly one (it wins over annotations).
     """
@@ -145,15 +146,31 @@ def _record_images(store: ImageStore, contents: _LayoutContents, tag: str | None
                    platform: Platform) -> list[ImageRecord]:
     context = f"{contents.source} index.json"
     index = parse_index(contents.index_bytes, context)
-    if tag is not None and len(index.manifests) != 1:
+    images = _entries_by_image(index.manifests)
+    if tag is not None and len(images) != 1:
         raise ImageError(f"{contents.source}: a tag was given but the layout holds "
-                         f"{len(index.manifests)} images; cannot tell which one it names")
+                         f"{len(images)} images; cannot tell which one it names")
     records = []
-    for descriptor in index.manifests:
-        tags = [normalize_tag(tag)] if tag else _tags_from_annotations(descriptor, contents.source)
-        records.append(_record_image(store, descriptor, tags, index.annotations, platform,
-                                     f"{contents.source} image {descriptor.digest}"))
+    for entries in images.values():
+        if tag:
+            tags = [normalize_tag(tag)]
+        else:
+            tags = [t for entry in entries for t in _tags_from_annotations(entry, contents.source)]
+        # Annotations of the first entry: the others differ only in the name they give it.
+        records.append(_record_image(store, entries[0], list(dict.fromkeys(tags)), index.annotations,
+                                     platform, f"{contents.source} image {entries[0].digest}"))
     return records
+
+
+def _entries_by_image(manifests: list[Descriptor]) -> dict[str, list[Descriptor]]:
+    """index.json entries grouped by the manifest they point to, in index order.
+
+    skopeo and Podman write a multi-tag archive as one entry per tag, all with the same digest:
+    that is one image with several names, not several images."""
+    grouped: dict[str, list[Descriptor]] = {}
+    for descriptor in manifests:
+        grouped.setdefault(descriptor.digest, []).append(descriptor)
+    return grouped
 
 
 def _tags_from_annotations(descriptor: Descriptor, source: Path) -> list[str]:

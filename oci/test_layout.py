@@ -52,6 +52,47 @@ def test_layout_with_several_images_imports_all(tmp_path):
         import_oci_archive(store, layout, tag="x:1")
 
 
+def _multi_tag_layout(tmp_path: Path, names: list[str]) -> Path:
+    """A layout listing one image once per name, as `podman save --multi-image-archive` and
+    repeated `skopeo copy ... oci-archive:` write it: same digest, one index entry per tag."""
+    layout = tmp_path / "layout"
+    digests = {write_oci_layout(layout, [layer(tmp_path, "a", b"a")], config("a"), name) for name in names}
+    assert len(digests) == 1
+    assert len(json.loads((layout / "index.json").read_text())["manifests"]) == len(names)
+    return layout
+
+
+def test_one_image_under_several_tags_imports_once_with_every_tag(tmp_path):
+    names = ["example.com/a:1", "example.com/a:2", "example.com/b:latest"]
+    layout = _multi_tag_layout(tmp_path, names)
+
+    store = ImageStore(tmp_path / "store")
+    [image] = import_oci_archive(store, archive_layout(layout, tmp_path / "l.tar"))
+
+    assert sorted(image.repo_tags) == sorted(names)
+    assert [i.id for i in store.list()] == [image.id]
+
+
+def test_tag_names_an_image_listed_under_several_tags(tmp_path):
+    layout = _multi_tag_layout(tmp_path, ["example.com/a:1", "example.com/a:2", "example.com/a:3"])
+
+    store = ImageStore(tmp_path / "store")
+    [image] = import_oci_archive(store, layout, tag="registry.k8s.io/pause:3.9")
+
+    # --tag wins over the names in the layout, as with a single entry.
+    assert image.repo_tags == ["registry.k8s.io/pause:3.9"]
+
+
+def test_skopeo_bare_tag_names_import_untagged_once(tmp_path):
+    # skopeo writes only the tag into ref.name: no repository to name the image by.
+    layout = _multi_tag_layout(tmp_path, ["1", "2"])
+    store = ImageStore(tmp_path / "store")
+    [image] = import_oci_archive(store, layout)
+    assert image.repo_tags == []
+    [tagged] = import_oci_archive(store, layout, tag="example.com/t:1")
+    assert tagged.id == image.id and tagged.repo_tags == ["example.com/t:1"]
+
+
 def test_nested_index_resolves_platform(tmp_path):
     layout = tmp_path / "layout"
     write_oci_layout(layout, [layer(tmp_path, "amd", b"amd")], config("amd"), "amd")

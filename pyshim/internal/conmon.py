@@ -15,14 +15,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyshim.errors import DeadlineExceeded
 from pyshim.internal.runc import RuncError
 
 # conmon's control fifo message types (CRI-O's WIN_RESIZE_EVENT and REOPEN_LOGS_EVENT).
 _WIN_RESIZE_EVENT = 1
 _REOPEN_LOGS_EVENT = 2
+_REOPEN_POLL_INTERVAL = 0.005
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,16 @@ class MonitorPaths:
         `attach` there. Each packet it sends is one byte of pipe (2 stdout, 3 stderr) and the data;
         what it receives goes to the container's stdin (with --stdin)."""
         return self.bundle / "attach"
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file from the one that was at `path` before: its inode and change time
+    (the inode alone could be reused once the old file is deleted)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 class Conmon:
@@ -147,13 +160,24 @@ class Conmon:
         return json.loads(chunks.splitlines()[0])
 
     @staticmethod
-    def reopen_log(paths: MonitorPaths) -> None:
-        """Ask conmon to reopen the log file (after kubelet rotated it)."""
+    def reopen_log(paths: MonitorPaths, log_path: Path, timeout: float) -> None:
+        """Ask conmon to reopen the log file (after kubelet rotated it) and wait until it has.
+
+        conmon writes a new file beside the log and renames it over `log_path`, so the file there is
+        another one once it is done. kubelet (and critest) look for that file as soon as the call
+        returns: returning before conmon got round to it loses that race. DeadlineExceeded after
+        `timeout` seconds."""
+        before = _file_identity(log_path)
         fd = os.open(paths.control_fifo, os.O_WRONLY | os.O_NONBLOCK)
         try:
             os.write(fd, f"{_REOPEN_LOGS_EVENT} 0 0\n".encode())
         finally:
             os.close(fd)
+        deadline = time.monotonic() + timeout
+        while _file_identity(log_path) in (None, before):
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"conmon did not reopen the log {log_path} within {timeout:.1f}s")
+            time.sleep(_REOPEN_POLL_INTERVAL)
 
     @staticmethod
     def resize_terminal(paths: MonitorPaths, width: int, height: int) -> None:

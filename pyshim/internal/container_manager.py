@@ -426,8 +426,11 @@ class ContainerManager:
                                                "ms": record.restore_phases_ms})
 
     def stop(self, container_id: str, timeout: float) -> None:
-        """SIGTERM (or the image's stop signal), then SIGKILL when `timeout` seconds pass. Idempotent."""
-        record = self.get(container_id)
+        """SIGTERM (or the image's stop signal), then SIGKILL when `timeout` seconds pass. Idempotent:
+        stopping a stopped, removed or unknown container succeeds (CRI: stop and remove may be retried)."""
+        record = self.find(container_id)
+        if record is None:
+            return
         with self._lock_for(record.id):
             if record.state == ContainerState.CREATED and record.pending_restore:
                 # Nothing runs yet: the process comes to life only at StartContainer.
@@ -515,11 +518,14 @@ class ContainerManager:
         linux["resources"] = {**linux.get("resources", {}), **wanted}
         (record.bundle / "config.json").write_text(json.dumps(spec))
 
-    def reopen_log(self, container_id: str) -> None:
+    def reopen_log(self, container_id: str, timeout: float) -> None:
+        """Have conmon reopen the container's log; returns once the new log file is in place."""
         record = self.get(container_id)
         if record.state != ContainerState.RUNNING:
             raise FailedPrecondition(f"container {record.id} is not running: its log is closed")
-        Conmon.reopen_log(self._paths(record))
+        if not record.log_path:
+            return  # conmon writes no CRI log: nothing to reopen
+        Conmon.reopen_log(self._paths(record), Path(record.log_path), timeout)
 
     def usage(self, record: ContainerRecord) -> cgroups.Usage | None:
         return cgroups.usage(record.cgroups_path) if record.state == ContainerState.RUNNING else None

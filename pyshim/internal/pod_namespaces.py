@@ -47,10 +47,15 @@ COMMAND_TIMEOUT = 30.0
 # code running at all, in the smallest process on the host (coreutils sleep). The
 # ignored disposition survives exec; `env --ignore-signal` sets it since a shell's
 # `trap '' CHLD` does not reliably reach the exec'd program.
+# It is named "pause", like the pause container of containerd and CRI-O: a PID 1 named "sleep"
+# would be found by `pgrep sleep` and killed by `pkill sleep` in any container of the pod (critest's
+# ExecSync-timeout spec looks for leftover sleeps so). The kernel names a process after the path it
+# was executed by, so $2 is a symlink "pause" to sleep.
 _PID_INFRA_SCRIPT = (
     'read -r pid rest < /proc/self/stat && echo "$pid" > "$1" && '
-    "exec env --ignore-signal=CHLD sleep infinity"
+    'exec env --ignore-signal=CHLD "$2" infinity'
 )
+PID_INFRA_NAME = "pause"
 _SET_HOSTNAME_SCRIPT = 'printf %s "$1" > /proc/sys/kernel/hostname'
 
 
@@ -117,11 +122,14 @@ def start_pid_infra(pin_dir: Path) -> InfraProcess:
         raise AlreadyExists(f"pid infra process {existing.pid} already runs for {pin_dir}")
     pidfile = pin_dir / PID_INFRA_PIDFILE
     pidfile.unlink(missing_ok=True)
+    program = pin_dir / PID_INFRA_NAME
+    program.unlink(missing_ok=True)
+    program.symlink_to(_require_binary("sleep"))
 
     command = [
         _require_binary("setsid"), "--fork",
         _require_binary("unshare"), "--pid", "--fork", "--kill-child",
-        "/bin/sh", "-c", _PID_INFRA_SCRIPT, "pyshim-pid-infra", str(pidfile),
+        "/bin/sh", "-c", _PID_INFRA_SCRIPT, "pyshim-pid-infra", str(pidfile), str(program),
     ]  # fmt: skip
     with open(pin_dir / PID_INFRA_LOG, "ab") as log:
         # setsid --fork returns at once; its grandchild is re-parented to the host's init.

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import re
 import secrets
+import socket
 import threading
 import time
 from pathlib import Path
@@ -52,6 +53,22 @@ def requested_address(config) -> tuple[str, str]:
     if mac and not _MAC_RE.fullmatch(mac):
         raise InvalidArgument(f"annotation {POD_MAC_ANNOTATION}={mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
     return ip, mac.lower()
+
+
+def pod_hostname(config) -> str:
+    """The hostname a pod's containers see; "" for a host-network pod that names none.
+
+    An explicit hostname is the pod's (validated when its UTS namespace is made). With none,
+    containerd uses the node's hostname and CRI-O the first 12 characters of the sandbox ID; pyshim
+    follows containerd: critest and direct CRI clients send no hostname (kubelet always does),
+    pod names can be longer than a hostname may be, and the node's name is one a Kubernetes node
+    already has as a valid DNS name. A fresh UTS namespace under runc with no hostname set keeps the
+    node's name, so the pod's uname, /etc/hostname and $HOSTNAME all say the node's name, as with
+    containerd. Host-network pods share the node's UTS namespace and keep the image's files.
+    """
+    if config.hostname or _namespace_options(config).network == NODE:
+        return config.hostname
+    return socket.gethostname()
 
 
 def _namespace_options(config):
@@ -134,7 +151,7 @@ class SandboxManager:
 
     def _run_reserved(self, sandbox_id: str, key: str, config, runtime_handler: str) -> SandboxRecord:
         ns = _namespace_options(config)
-        hostname = config.hostname or (config.metadata.name if ns.network != NODE else "")
+        hostname = pod_hostname(config)
         record = SandboxRecord(
             id=sandbox_id, name=key, namespace=config.metadata.namespace, uid=config.metadata.uid,
             attempt=config.metadata.attempt, config_b64=encode_config(config), created_at=time.time_ns(),

@@ -88,6 +88,8 @@ def test_pid_infra_is_pid_1_of_its_own_namespace_in_its_own_session(pin_dir):
     assert [l for l in status.splitlines() if l.startswith("NSpid:")][0].split()[1:] == [str(infra.pid), "1"]
     assert os.getsid(infra.pid) != os.getsid(0), "must survive the daemon's session"
     assert pn.load_pid_infra(pin_dir) == infra
+    # Named like a pause container, not "sleep": `pkill sleep` in a container must not kill it.
+    assert Path(f"/proc/{infra.pid}/comm").read_text().strip() == "pause"
     assert pn.pid_infra_ns_path(pin_dir) == Path(f"/proc/{infra.pid}/ns/pid")
 
 

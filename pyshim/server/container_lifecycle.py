@@ -59,9 +59,9 @@ def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
 
 
 def stop_container(rt: Runtime, request) -> "cri.StopContainerResponse":
-    """SIGTERM (or the image's StopSignal), SIGKILL after `timeout` seconds. Stopping a stopped container succeeds."""
-    if rt.containers.find(request.container_id) is None:
-        raise NotFound(f"container {request.container_id!r} not found")
+    """SIGTERM (or the image's StopSignal), SIGKILL after `timeout` seconds. Stopping a stopped, removed or
+    unknown container succeeds: the CRI makes stop idempotent (containerd and CRI-O answer OK too), since
+    kubelet retries it after timeouts and restarts without knowing what already happened."""
     rt.containers.stop(request.container_id, max(0, request.timeout))
     return cri.StopContainerResponse()
 

@@ -19,6 +19,12 @@ def update_container_resources(rt: Runtime, request) -> "cri.UpdateContainerReso
     return cri.UpdateContainerResourcesResponse()
 
 
-def reopen_container_log(rt: Runtime, request) -> "cri.ReopenContainerLogResponse":
-    rt.containers.reopen_log(request.container_id)
+# Without a gRPC deadline, how long conmon may take to put the new log file in place.
+REOPEN_LOG_TIMEOUT = 10.0
+
+
+def reopen_container_log(rt: Runtime, request, time_remaining: float | None) -> "cri.ReopenContainerLogResponse":
+    """Reopen the log after a rotation; answers only once the new log file exists, within the call's deadline."""
+    timeout = REOPEN_LOG_TIMEOUT if time_remaining is None else max(0.0, min(time_remaining, REOPEN_LOG_TIMEOUT))
+    rt.containers.reopen_log(request.container_id, timeout)
     return cri.ReopenContainerLogResponse()

@@ -102,7 +102,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     ExecSync = unary(container_ops.exec_sync)
     UpdateContainerResources = unary(container_ops.update_container_resources)
-    ReopenContainerLog = unary(container_ops.reopen_container_log)
+    ReopenContainerLog = unary(container_ops.reopen_container_log, with_deadline=True)
     Exec = unary(container_streaming.exec_)
     Attach = unary(container_streaming.attach)
     PortForward = unary(container_streaming.port_forward)
