@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyshim.errors import Internal
+from pyshim.internal import proctree
 
 
 class RuncError(Internal):
@@ -64,6 +65,14 @@ def _checkpoint_args(req: CheckpointRequest) -> list[str]:
         args.append("--tcp-established")
     return args
 
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        text = pid_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 class Runc:
@@ -126,18 +135,20 @@ class Runc:
         self._run("resume", container_id)
 
     def exec_sync(self, container_id: str, process: dict, timeout: float | None) -> ExecResult:
-        """Run a process in the container and collect its output; kill it at the timeout."""
-        with tempfile.NamedTemporaryFile("w", suffix=".json") as spec:
-            json.dump(process, spec)
-            spec.flush()
-            cmd = self._base() + ["exec", "--process", spec.name, container_id]
+        """Run a process in the container and collect its output; at the timeout, kill what it started."""
+        with tempfile.TemporaryDirectory(prefix="exec-sync-", dir=self.root.parent) as workdir:
+            spec, pid_file = Path(workdir) / "process.json", Path(workdir) / "pid"
+            spec.write_text(json.dumps(process))
+            cmd = self._base() + ["exec", "--process", str(spec), "--pid-file", str(pid_file), container_id]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)
             try:
                 out, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                # runc exec forwards signals to the exec'd process, so killing the group ends both.
-                os.killpg(proc.pid, 9)
+                # Killing runc alone leaves the process it exec'd running in the container (a hung
+                # probe would pile up). While runc lives, the exec'd pid is its child and cannot have
+                # been reused: stop and kill that process, its descendants and its session, and runc's.
+                proctree.kill_family([pid for pid in (proc.pid, _read_pid(pid_file)) if pid])
                 out, err = proc.communicate()
                 return ExecResult(-1, out, err, timed_out=True)
         if proc.returncode == 255 and b"level=error" in err:
