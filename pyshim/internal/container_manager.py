@@ -22,7 +22,7 @@ from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_containe
                               linux_resources_from_cri, validate_container_config)
 from oci.spec_schema import InvalidSpec, validate_spec
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal import cgroups, mounts, netns, tcp_lock
+from pyshim.internal import cgroups, mounts, netns, request_paths, tcp_lock
 from pyshim.internal.checkpointer import CheckpointResult
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
@@ -328,13 +328,7 @@ class ContainerManager:
 
     @staticmethod
     def _log_path(sandbox_config, config) -> str:
-        if not config.log_path:
-            return ""
-        if os.path.isabs(config.log_path):
-            return config.log_path
-        if not sandbox_config.log_directory:
-            raise InvalidArgument(f"log_path {config.log_path!r} is relative but the pod has no log_directory")
-        return os.path.join(sandbox_config.log_directory, config.log_path)
+        return request_paths.container_log_path(sandbox_config.log_directory, config.log_path)
 
     # ---- start / stop ------------------------------------------------------------------------
 
