@@ -22,19 +22,20 @@ def _stat_fields(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[3])
 
 
-def family(roots) -> set[int]:
+def family(roots, sessions=()) -> set[int]:
     """The live `roots`, their descendants, and for a root that leads a session every process of
-    that session (an orphan a descendant left behind keeps its session though it is reparented)."""
+    that session (an orphan a descendant left behind keeps its session though it is reparented);
+    also every process of the given `sessions` (ids of sessions whose leader may be gone)."""
     parents: dict[int, int] = {}
-    sessions: dict[int, int] = {}
+    session_of: dict[int, int] = {}
     for entry in PROC.iterdir():
         if entry.name.isdigit():
             fields = _stat_fields(int(entry.name))
             if fields:
-                parents[int(entry.name)], sessions[int(entry.name)] = fields
+                parents[int(entry.name)], session_of[int(entry.name)] = fields
     members = {root for root in roots if root in parents}
-    leaders = {root for root in members if sessions[root] == root}
-    members |= {pid for pid, sid in sessions.items() if sid in leaders}
+    leaders = {root for root in members if session_of[root] == root} | set(sessions)
+    members |= {pid for pid, sid in session_of.items() if sid in leaders}
     grew = True
     while grew:
         children = {pid for pid, ppid in parents.items() if ppid in members} - members
@@ -43,14 +44,14 @@ def family(roots) -> set[int]:
     return members
 
 
-def kill_family(roots) -> set[int]:
+def kill_family(roots, sessions=()) -> set[int]:
     """SIGKILL the `roots` and their family (see family); returns the pids signalled.
 
     They are stopped first, again and again until no new member appears, so that none can fork a
     child between our look at the tree and the kill."""
     stopped: set[int] = set()
     while True:
-        members = family(roots) | stopped
+        members = family(roots, sessions) | stopped
         new = members - stopped
         if not new:
             break

@@ -122,6 +122,21 @@ class Runc:
         if proc.returncode != 0 and b"does not exist" not in proc.stderr:
             raise RuncError(f"runc delete failed: {_runc_message(proc.stderr)}")
 
+    def discard_state_dir(self, container_id: str) -> None:
+        """Remove what a `runc create` killed half-way left in runc's root (a directory without a
+        complete state.json makes `runc list` fail). Only once runc no longer knows the container."""
+        directory = self.root / container_id
+        if not container_id or "/" in container_id or not directory.is_dir():
+            return
+        try:
+            if self.state(container_id) is not None:
+                return
+        except RuncError:
+            pass  # a state dir runc cannot even read: exactly what must go
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+
     def update(self, container_id: str, resources: dict) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
             json.dump(resources, f)
