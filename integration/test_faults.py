@@ -135,3 +135,55 @@ def test_conmon_writes_nothing_in_the_daemons_working_directory(client, daemon, 
         assert set(os.listdir(daemon_cwd)) - before == set()
     finally:
         cleanup(client, pod_id)
+
+
+# Long sleeps, a blocking read on a fifo, children waiting in `wait`, a reader blocked on a pipe.
+MANY_WAITS = ("mkfifo /tmp/f /tmp/g; sleep 3600 & sleep 3601.5 & cat /tmp/f & "
+              "(sh -c 'sleep 3602 & wait; echo wait-ended') & exec 3<>/tmp/g; (read x < /tmp/g) & "
+              "while true; do sleep 1; done")
+
+
+def _long_lived(client, cid) -> set[tuple[str, str]]:
+    """(pid, cmdline) of the container's processes, minus the ones the loop and ps replace."""
+    out = client.exec_sync(cid, ["ps", "-o", "pid,args"]).stdout.decode()
+    rows = {tuple(line.split(None, 1)) for line in out.splitlines()[1:] if len(line.split(None, 1)) == 2}
+    return {(pid, args) for pid, args in rows if args not in ("sleep 1", "ps -o pid,args")}
+
+
+def test_a_leave_running_checkpoint_leaves_every_process_as_it_was(client, pulled_busybox, tmp_path):
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sh", "-c", MANY_WAITS],
+                                     pod=pod_config(log_directory=str(tmp_path / "logs")))
+    try:
+        deadline = time.monotonic() + 30
+        while len(before := _long_lived(client, cid)) < 7:
+            assert time.monotonic() < deadline, before
+            time.sleep(0.1)
+        client.runtime.CheckpointContainer(cri.CheckpointContainerRequest(
+            container_id=cid, location=str(tmp_path / "ck.tar"), timeout=60), timeout=70)
+        assert _long_lived(client, cid) == before
+    finally:
+        cleanup(client, pod_id)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "CRIU limitation, not pyshim's freeze/thaw (bare `runc checkpoint --leave-running` does the same): "
+    "a task seized in a syscall that restarts through restart_syscall (nanosleep, clock_nanosleep, poll "
+    "or futex with a timeout) loses its restart block when CRIU's parasite returns with rt_sigreturn "
+    "(dump.log: 'Will restore PID with interrupted system call'), so after the dump the syscall fails "
+    "with EINTR; a program that does not retry, like busybox usleep, ends."))
+def test_a_sleep_that_does_not_retry_on_eintr_survives_a_checkpoint(client, pulled_busybox, tmp_path):
+    pod, pod_id, cid = run_container(client, pulled_busybox,
+                                     ["sh", "-c", "usleep 3600000000 & while true; do sleep 1; done"],
+                                     pod=pod_config(log_directory=str(tmp_path / "logs")))
+    try:
+        deadline = time.monotonic() + 30
+        before = _long_lived(client, cid)
+        while not any("usleep" in args for _, args in before):
+            assert time.monotonic() < deadline, before
+            time.sleep(0.1)
+            before = _long_lived(client, cid)
+        client.runtime.CheckpointContainer(cri.CheckpointContainerRequest(
+            container_id=cid, location=str(tmp_path / "ck.tar"), timeout=60), timeout=70)
+        assert _long_lived(client, cid) == before
+    finally:
+        cleanup(client, pod_id)
