@@ -1,7 +1,6 @@
 """Faults that are not crashes: what a user sees when a plugin, a probe or a request goes wrong."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path

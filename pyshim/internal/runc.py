@@ -249,16 +249,14 @@ class ExecProcess:
         return int(text) if text.isdigit() else None
 
     def kill(self) -> None:
-        """SIGKILL the exec'd process, then runc. While runc lives the pid is its child's (runc exec is a
-        child subreaper), so it cannot have been reused."""
+        """SIGKILL the exec'd process (with its descendants and session), then runc. While runc lives the
+        pid is its child's, so it cannot have been reused."""
         if self.popen.poll() is not None:
             return
         pid = self.process_pid()
         if pid:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+            # Its children and its session too: a disconnected `sh -c 'a & b'` must not leave `a`.
+            proctree.kill_family([pid])
         try:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
