@@ -1,9 +1,9 @@
 """Errors of the checkpoint-archive side, each saying what went wrong and where.
 
-The daemon maps the classes to gRPC codes: ArchiveFormatError and UnsafeArchive are the
-archive's fault (INVALID_ARGUMENT / FAILED_PRECONDITION), ArchiveLimitExceeded is
-RESOURCE_EXHAUSTED, a bare ArchiveError is ours (INTERNAL). The fields carry the archive path
-and the member so a log line is enough to find the offending entry.
+No gRPC here: the daemon's server maps the classes to status codes in one table
+(pyshim/server/servicer.py STATUS_CODES: UnsafeArchive and ArchiveLimitExceeded INVALID_ARGUMENT,
+any other ArchiveError FAILED_PRECONDITION). The fields carry the archive path and the member so
+a log line is enough to find the offending entry.
 """
 from __future__ import annotations
 

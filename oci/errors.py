@@ -1,8 +1,9 @@
 """Errors of the image side, each carrying enough context to act on without a traceback.
 
-The daemon maps these classes to gRPC codes (ImageNotFound -> NOT_FOUND, InvalidReference ->
-INVALID_ARGUMENT, the rest -> UNKNOWN/INTERNAL), so the class says *what kind* of failure and
-the fields say *which* image, registry or layer member it was about.
+No gRPC here: the daemon's server maps these classes to status codes in one table
+(pyshim/server/servicer.py STATUS_CODES: ImageNotFound NOT_FOUND, InvalidReference
+INVALID_ARGUMENT, RegistryError UNAVAILABLE, the rest INTERNAL), so the class says *what kind* of
+failure and the fields say *which* image, registry or layer member it was about.
 """
 from __future__ import annotations
 

@@ -120,11 +120,28 @@ class ContainerSpecInput:
 # Request sanity checks (no filesystem access)
 # ---------------------------------------------------------------------------
 
-def validate_container_config(config: "cri.ContainerConfig") -> None:
-    """Reject requests that can never produce a runnable container, before any work is done."""
+# What execve(2) takes (linux/binfmts.h): one argument or environment string of at most
+# MAX_ARG_STRLEN bytes with its NUL, and all of them with their pointers within ARG_MAX.
+MAX_ARG_STRLEN = 32 * 4096
+POINTER_BYTES = 8
+# Far beyond any real pod (each Service adds 7 variables), far below what makes runc crawl:
+# 100k variables took runc 21 s to refuse at start.
+MAX_EXEC_STRINGS = 32768
+
+
+def validate_container_config(config: "cri.ContainerConfig", image: "ImageConfig | None" = None,
+                              hostname: str = "") -> None:
+    """Reject requests that can never produce a runnable container, before any work is done.
+
+    With the `image`'s config, the process it would run (the image's Env and Entrypoint/Cmd with
+    the request's) is checked against what the kernel can exec; without, the request's own part."""
     if not config.HasField("metadata") or not config.metadata.name:
         raise SpecInputError("container config: metadata.name is required")
     name = config.metadata.name
+    if image is None:
+        check_exec_size(name, [*config.command, *config.args], [f"{e.key}={e.value}" for e in config.envs])
+    else:
+        check_exec_size(name, process_args(config, image), process_env(config, image, hostname))
     if config.working_dir and not config.working_dir.startswith("/"):
         raise SpecInputError(f"container {name!r}: working_dir {config.working_dir!r} must be an absolute path")
     for i, env in enumerate(config.envs):
@@ -135,6 +152,26 @@ def validate_container_config(config: "cri.ContainerConfig") -> None:
     for i, device in enumerate(config.devices):
         check_cri_device(name, i, device)
     check_security_context(name, config.linux.security_context)
+
+
+def check_exec_size(container: str, argv: list[str], env: list[str]) -> None:
+    """Refuse a process the kernel would refuse to exec (E2BIG), or that is absurdly large."""
+    count = len(argv) + len(env)
+    if count > MAX_EXEC_STRINGS:
+        raise SpecInputError(f"container {container!r}: {len(argv)} arguments and {len(env)} environment "
+                             f"variables exceed the limit of {MAX_EXEC_STRINGS} in all")
+    total = (count + 2) * POINTER_BYTES
+    for what, strings in (("argument", argv), ("environment variable", env)):
+        for i, text in enumerate(strings):
+            size = len(text.encode(errors="surrogateescape")) + 1
+            if size > MAX_ARG_STRLEN:
+                raise SpecInputError(f"container {container!r}: {what} {i} ({text[:40]!r}...) is {size} bytes; "
+                                     f"the kernel execs none longer than {MAX_ARG_STRLEN} (MAX_ARG_STRLEN)")
+            total += size
+    arg_max = os.sysconf("SC_ARG_MAX")
+    if total > arg_max:
+        raise SpecInputError(f"container {container!r}: arguments and environment take {total} bytes; the kernel "
+                             f"execs at most {arg_max} (ARG_MAX, with their pointers)")
 
 
 def check_cri_mount(container: str, index: int, mount: "cri.Mount") -> None:
@@ -193,7 +230,7 @@ def check_security_context(container: str, sc: "cri.LinuxContainerSecurityContex
 def build_container_spec(inp: ContainerSpecInput) -> dict:
     """The runtime-spec config.json of one container, as a JSON-ready dict."""
     config = inp.config
-    validate_container_config(config)
+    validate_container_config(config, inp.image_config, inp.hostname)
     if not inp.rootfs.startswith("/"):
         raise SpecInputError(f"rootfs {inp.rootfs!r} must be an absolute path")
     check_namespaces(inp.namespaces)

@@ -43,16 +43,33 @@ class CNIConfigError(FailedPrecondition):
     """The network configuration is unusable; no sandbox can be attached until fixed."""
 
 
-class CNIPluginError(Internal):
-    """A plugin failed; carries the plugin's own error code and message."""
+# CNI spec, "Error": 11 is "try again later"; the plugin expects the same call to work then.
+CNI_ERROR_TRY_AGAIN_LATER = 11
 
-    def __init__(self, message: str, plugin: str = "", command: str = "", code: int | None = None, msg: str = "", details: str = ""):
+
+class CNIPluginError(Exception):
+    """A plugin failed; carries the plugin's own CNI error code (`cni_code`) and message.
+
+    A domain error of its own: the server maps it to a status code (see servicer.status_of)."""
+
+    def __init__(self, message: str, plugin: str = "", command: str = "", cni_code: int | None = None, msg: str = "",
+                 details: str = ""):
         super().__init__(message)
+        self.message = message
         self.plugin = plugin
         self.command = command
-        self.code = code
+        self.cni_code = cni_code
         self.msg = msg
         self.details = details
+
+    def like(self, message: str, command: str) -> "CNIPluginError":
+        """The same failure (same class, plugin and CNI code) with another message."""
+        return type(self)(message, plugin=self.plugin, command=command, cni_code=self.cni_code, msg=self.msg,
+                          details=self.details)
+
+
+class CNIPluginBusy(CNIPluginError):
+    """A plugin timed out or said "try again later": the same call may well work in a moment."""
 
 
 @dataclass(frozen=True)
@@ -310,11 +327,9 @@ class CNINetwork:
         netns = str(netns_path) if netns_path and _is_live_netns(Path(netns_path)) else ""
         errors = self._delete_chain(sandbox_id, record, record["conflist"]["plugins"], netns, record.get("result"))
         if errors:
-            raise CNIPluginError(
+            raise errors[0].like(
                 f"sandbox {sandbox_id}: detaching from CNI network {record['conflist']['name']!r} failed: "
-                + "; ".join(e.message for e in errors),
-                plugin=errors[0].plugin, command="DEL", code=errors[0].code, msg=errors[0].msg, details=errors[0].details,
-            )  # fmt: skip
+                + "; ".join(e.message for e in errors), command="DEL")
         self._record_path(sandbox_id).unlink(missing_ok=True)
 
     def cached_attachment(self, sandbox_id: str) -> NetworkAttachment | None:
@@ -345,10 +360,8 @@ class CNINetwork:
             return add_error
         # Keep the record so that a later detach can retry the cleanup.
         undo = "; ".join(e.message for e in errors)
-        return CNIPluginError(
-            f"{add_error.message} (and undoing the ADD failed, detach must be retried: {undo})",
-            plugin=add_error.plugin, command="ADD", code=add_error.code, msg=add_error.msg, details=add_error.details,
-        )  # fmt: skip
+        return add_error.like(f"{add_error.message} (and undoing the ADD failed, detach must be retried: {undo})",
+                              command="ADD")
 
     def _delete_chain(
         self, sandbox_id: str, record: dict, plugins: list[dict], netns: str, prev_result: dict | None
@@ -391,7 +404,7 @@ class CNINetwork:
                 timeout=self.timeout,
             )
         except subprocess.TimeoutExpired as exc:
-            raise CNIPluginError(f"{where}: timed out after {self.timeout}s", plugin=plugin_type, command=command) from exc
+            raise CNIPluginBusy(f"{where}: timed out after {self.timeout}s", plugin=plugin_type, command=command) from exc
         except OSError as exc:
             raise CNIPluginError(f"{where}: cannot run {executable}: {exc}", plugin=plugin_type, command=command) from exc
         if proc.returncode != 0:
@@ -506,8 +519,9 @@ def _plugin_error(where: str, plugin_type: str, command: str, proc: subprocess.C
         msg = str(error.get("msg", ""))
         details = str(error.get("details", "") or "")
         text = msg + (f" ({details})" if details else "")
-        return CNIPluginError(f"{where} failed: {text} [CNI error code {code}]",
-                              plugin=plugin_type, command=command, code=code, msg=msg, details=details)  # fmt: skip
+        error_class = CNIPluginBusy if code == CNI_ERROR_TRY_AGAIN_LATER else CNIPluginError
+        return error_class(f"{where} failed: {text} [CNI error code {code}]",
+                           plugin=plugin_type, command=command, cni_code=code, msg=msg, details=details)  # fmt: skip
     text = stderr or stdout or f"exit status {proc.returncode}, no output"
     return CNIPluginError(f"{where} failed: {text}", plugin=plugin_type, command=command, msg=text)
 

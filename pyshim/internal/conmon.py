@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyshim.errors import DeadlineExceeded
+from pyshim.internal import proctree
 from pyshim.internal.runc import RuncError
 
 # conmon's control fifo message types (CRI-O's WIN_RESIZE_EVENT and REOPEN_LOGS_EVENT).
@@ -100,9 +101,12 @@ class Conmon:
             args += ["--restore", str(restore_from)]
             for extra in restore_args:
                 args += ["--runtime-opt", extra]
-        return self._spawn(args, timeout)
+        # conmon writes some files (an `oom` marker after an OOM kill) relative to its working
+        # directory, as CRI-O runs it in the bundle: give it the container's own directory, never the
+        # daemon's.
+        return self._spawn(args, timeout, cwd=paths.bundle, conmon_pidfile=paths.conmon_pidfile)
 
-    def _spawn(self, args: list[str], timeout: float) -> int:
+    def _spawn(self, args: list[str], timeout: float, cwd: Path, conmon_pidfile: Path) -> int:
         sync_r, sync_w = os.pipe()
         start_r, start_w = os.pipe()
         # conmon reads the fd numbers from its environment, so the pipes keep their own numbers:
@@ -111,7 +115,7 @@ class Conmon:
         try:
             # conmon's stdout/stderr must not be pipes we close: it would die of SIGPIPE before
             # writing the exit file. It logs to syslog instead.
-            proc = subprocess.Popen(args, env=env, pass_fds=(sync_w, start_r),
+            proc = subprocess.Popen(args, env=env, pass_fds=(sync_w, start_r), cwd=cwd,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
@@ -129,6 +133,14 @@ class Conmon:
             # The first conmon process forks the monitor and exits at once; reap it.
             proc.wait(timeout=timeout)
             report = self._read_sync(sync_r, timeout)
+        except (RuncError, subprocess.TimeoutExpired, ValueError) as e:
+            # No container to hand back: whatever conmon started (its monitor, a `runc create` or
+            # `runc restore` still busy, `runc init`) must not live on as a zombie or spin a core.
+            proctree.kill_family([proc.pid, *_pid_in(conmon_pidfile)], sessions=[proc.pid])
+            proc.wait()
+            if isinstance(e, RuncError):
+                raise
+            raise RuncError(f"conmon did not start the container within {timeout}s: {e}") from None
         finally:
             os.close(sync_r)
         pid = int(report.get("data", -1))
@@ -200,6 +212,14 @@ class Conmon:
         if not text:
             return None
         return int(text), mtime
+
+
+def _pid_in(pidfile: Path) -> list[int]:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return []
+    return [int(text)] if text.isdigit() else []
 
 
 def _clean_runtime_message(message: str) -> str:

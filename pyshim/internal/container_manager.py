@@ -22,7 +22,7 @@ from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_containe
 from oci.spec_schema import InvalidSpec, validate_spec
 from oci.tree_removal import remove_tree
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal import cgroups, mounts, netns, tcp_lock
+from pyshim.internal import cgroups, mounts, netns, request_paths, tcp_lock
 from pyshim.internal.checkpointer import CheckpointResult
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
@@ -285,9 +285,11 @@ class ContainerManager:
                 Path(record.log_path).parent.mkdir(parents=True, exist_ok=True)
             phases.mark("spec")
 
+            # Before conmon starts: a create that fails or times out half-way leaves a runc state
+            # dir, a `runc init` and the container's cgroups, which must go with it.
+            undo.callback(self._discard_runc_container, record)
             record.pid = self._conmon.create(container_id, key, self._paths(record), record.log_path,
                                              stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty)
-            undo.callback(self._runc.delete, container_id, True)
             phases.mark("runc_create")
             self._records.save(record)
             phases.mark("record")
@@ -296,6 +298,16 @@ class ContainerManager:
         log.info("container created", extra={"container": container_id, "sandbox": sandbox.record.id,
                                              "image": record.image_name, "ms": phases.report()})
         return record
+
+    def _discard_runc_container(self, record: ContainerRecord) -> None:
+        """Undo of a create: runc's container (state dir and processes) and its cgroups."""
+        try:
+            self._runc.delete(record.id, force=True)
+        except RuncError as e:
+            log.warning("cannot delete the runc container of a failed create",
+                        extra={"container": record.id, "error": e.message})
+        self._runc.discard_state_dir(record.id)
+        cgroups.remove(record.cgroups_path)
 
     def _build_spec(self, record, sandbox: SandboxContext, config, image) -> dict:
         # The pod's sysctls were validated at RunPodSandbox; runc wants them dot-separated.
@@ -329,13 +341,7 @@ class ContainerManager:
 
     @staticmethod
     def _log_path(sandbox_config, config) -> str:
-        if not config.log_path:
-            return ""
-        if os.path.isabs(config.log_path):
-            return config.log_path
-        if not sandbox_config.log_directory:
-            raise InvalidArgument(f"log_path {config.log_path!r} is relative but the pod has no log_directory")
-        return os.path.join(sandbox_config.log_directory, config.log_path)
+        return request_paths.container_log_path(sandbox_config.log_directory, config.log_path)
 
     # ---- start / stop ------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyshim.errors import Internal
+from pyshim.internal import proctree
 
 
 class RuncError(Internal):
@@ -66,6 +67,14 @@ def _checkpoint_args(req: CheckpointRequest) -> list[str]:
 
 
 
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        text = pid_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 class Runc:
     def __init__(self, binary: str, root: Path):
         self.binary = binary
@@ -113,6 +122,21 @@ class Runc:
         if proc.returncode != 0 and b"does not exist" not in proc.stderr:
             raise RuncError(f"runc delete failed: {_runc_message(proc.stderr)}")
 
+    def discard_state_dir(self, container_id: str) -> None:
+        """Remove what a `runc create` killed half-way left in runc's root (a directory without a
+        complete state.json makes `runc list` fail). Only once runc no longer knows the container."""
+        directory = self.root / container_id
+        if not container_id or "/" in container_id or not directory.is_dir():
+            return
+        try:
+            if self.state(container_id) is not None:
+                return
+        except RuncError:
+            pass  # a state dir runc cannot even read: exactly what must go
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+
     def update(self, container_id: str, resources: dict) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
             json.dump(resources, f)
@@ -126,18 +150,20 @@ class Runc:
         self._run("resume", container_id)
 
     def exec_sync(self, container_id: str, process: dict, timeout: float | None) -> ExecResult:
-        """Run a process in the container and collect its output; kill it at the timeout."""
-        with tempfile.NamedTemporaryFile("w", suffix=".json") as spec:
-            json.dump(process, spec)
-            spec.flush()
-            cmd = self._base() + ["exec", "--process", spec.name, container_id]
+        """Run a process in the container and collect its output; at the timeout, kill what it started."""
+        with tempfile.TemporaryDirectory(prefix="exec-sync-", dir=self.root.parent) as workdir:
+            spec, pid_file = Path(workdir) / "process.json", Path(workdir) / "pid"
+            spec.write_text(json.dumps(process))
+            cmd = self._base() + ["exec", "--process", str(spec), "--pid-file", str(pid_file), container_id]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)
             try:
                 out, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                # runc exec forwards signals to the exec'd process, so killing the group ends both.
-                os.killpg(proc.pid, 9)
+                # Killing runc alone leaves the process it exec'd running in the container (a hung
+                # probe would pile up). While runc lives, the exec'd pid is its child and cannot have
+                # been reused: stop and kill that process, its descendants and its session, and runc's.
+                proctree.kill_family([pid for pid in (proc.pid, _read_pid(pid_file)) if pid])
                 out, err = proc.communicate()
                 return ExecResult(-1, out, err, timed_out=True)
         if proc.returncode == 255 and b"level=error" in err:
@@ -223,16 +249,14 @@ class ExecProcess:
         return int(text) if text.isdigit() else None
 
     def kill(self) -> None:
-        """SIGKILL the exec'd process, then runc. While runc lives the pid is its child's (runc exec is a
-        child subreaper), so it cannot have been reused."""
+        """SIGKILL the exec'd process (with its descendants and session), then runc. While runc lives the
+        pid is its child's, so it cannot have been reused."""
         if self.popen.poll() is not None:
             return
         pid = self.process_pid()
         if pid:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+            # Its children and its session too: a disconnected `sh -c 'a & b'` must not leave `a`.
+            proctree.kill_family([pid])
         try:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -19,7 +19,7 @@ from cri_api import api_pb2 as cri
 from oci.tree_removal import remove_tree
 from pyshim.annotations import POD_IP_ANNOTATION, POD_MAC_ANNOTATION
 from pyshim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal import cgroups, netns, pod_files, pod_namespaces
+from pyshim.internal import cgroups, netns, pod_files, pod_namespaces, request_paths
 from pyshim.internal.cni import CNINetwork, NetworkAttachment, PortMapping
 from pyshim.internal.state import RecordStore, SandboxRecord, SandboxState, decode_config, encode_config
 from pyshim.internal.sysctls import validate_sysctls
@@ -148,6 +148,8 @@ class SandboxManager:
             if not 0 < pm.container_port < 65536 or not 0 <= pm.host_port < 65536:
                 raise InvalidArgument(f"port mapping {pm.host_port}->{pm.container_port} is out of range")
         requested_address(config)
+        request_paths.check_log_directory(config.log_directory)
+        request_paths.check_cgroup_parent(config.linux.cgroup_parent)
 
     def _run_reserved(self, sandbox_id: str, key: str, config, runtime_handler: str) -> SandboxRecord:
         ns = _namespace_options(config)

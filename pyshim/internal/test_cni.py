@@ -133,7 +133,7 @@ def test_failed_add_deletes_what_was_added_in_reverse_and_reports_plugin_message
         attach(network, env.netns)
 
     assert "two says no (because)" in info.value.message
-    assert info.value.code == 7 and info.value.plugin == "two"
+    assert info.value.cni_code == 7 and info.value.plugin == "two"
     calls = [(c["type"], c["env"]["CNI_COMMAND"]) for c in env.calls()]
     assert calls == [("one", "ADD"), ("two", "ADD"), ("two", "DEL"), ("one", "DEL")]
     assert env.calls()[2]["conf"]["prevResult"] == BRIDGE_RESULT

@@ -1,7 +1,8 @@
 """Binds the CRI handlers to the generated gRPC services, and turns exceptions into gRPC statuses.
 
 This is the only place that knows about gRPC contexts: handlers take (runtime, request) and return a
-response or raise a pyshim.errors.CRIError (or an oci error), which becomes the status a client sees.
+response or raise a domain error (pyshim.errors, the CNI adapter's, oci's, criu_glue's), which
+status_of maps to the status a client sees.
 """
 from __future__ import annotations
 
@@ -15,33 +16,48 @@ from cri_api import api_pb2_grpc
 from criu_glue.errors import ArchiveError, UnsafeArchive
 from oci import errors as oci_errors
 from oci.runtime_spec import SpecInputError
-from pyshim.errors import CRIError
+from pyshim import errors
+from pyshim.internal.cni import CNIPluginBusy, CNIPluginError
 from pyshim.server import (container_checkpoint, container_events, container_lifecycle, container_ops, container_status,
                            container_streaming, images, pod_sandbox, runtime_info, stats)
 from pyshim.server.runtime import Runtime
 
 log = logging.getLogger("pyshim.cri")
 
-_OCI_ERROR_CODES = (
-    (oci_errors.ImageNotFound, grpc.StatusCode.NOT_FOUND),
-    (oci_errors.InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
-    (oci_errors.RegistryError, grpc.StatusCode.UNAVAILABLE),
-    (oci_errors.ImageError, grpc.StatusCode.INTERNAL),
-)
+# The one mapping from domain errors to what a CRI client sees. An error takes the code of the
+# nearest class in its MRO that is listed here; anything unlisted is INTERNAL.
+STATUS_CODES: dict[type, grpc.StatusCode] = {
+    errors.CRIError: grpc.StatusCode.INTERNAL,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+    # A plugin refused to attach the pod (address outside the range or taken, bad plugin
+    # configuration): the node cannot do what was asked until something changes.
+    CNIPluginError: grpc.StatusCode.FAILED_PRECONDITION,
+    # A plugin timed out or said "try again later" (CNI error 11).
+    CNIPluginBusy: grpc.StatusCode.UNAVAILABLE,
+    SpecInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnsafeArchive: grpc.StatusCode.INVALID_ARGUMENT,
+    ArchiveError: grpc.StatusCode.FAILED_PRECONDITION,
+    oci_errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,
+    oci_errors.InvalidReference: grpc.StatusCode.INVALID_ARGUMENT,
+    oci_errors.RegistryError: grpc.StatusCode.UNAVAILABLE,
+    oci_errors.ImageError: grpc.StatusCode.INTERNAL,
+}
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, CRIError):
-        return error.code, error.message
-    if isinstance(error, SpecInputError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, UnsafeArchive):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, ArchiveError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
-    for error_type, code in _OCI_ERROR_CODES:
-        if isinstance(error, error_type):
-            return code, str(error)
+    """The gRPC status code and message a client sees for an exception raised by a handler."""
+    for cls in type(error).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            message = getattr(error, "message", None)
+            return code, message if isinstance(message, str) else str(error)
     return grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
 
 
