@@ -260,6 +260,29 @@ def sandbox_leftovers(settings: DaemonSettings, known_sandboxes: set[str] = froz
             *portmap_rules(settings, known_sandboxes)]
 
 
+def image_store_leftovers(settings: DaemonSettings) -> list[str]:
+    """Partial downloads in the image store's tmp/, and blobs that no recorded image references."""
+    store = settings.root / "images"
+    found = [f"image store temp file {p}" for p in (store / "tmp").glob("*")] if (store / "tmp").is_dir() else []
+    try:
+        images = json.loads((store / "images.json").read_text()).get("images", {})
+    except FileNotFoundError:
+        images = {}
+
+    def blob(digest: str) -> Path:
+        algorithm, _, hexpart = digest.partition(":")
+        return store / "blobs" / algorithm / hexpart
+
+    used = set()
+    for entry in images.values():
+        manifest = json.loads(blob(entry["manifest_digest"]).read_text())
+        used |= {entry["manifest_digest"], manifest["config"]["digest"], *(d["digest"] for d in manifest["layers"])}
+    for path in (store / "blobs").glob("*/*"):
+        if f"{path.parent.name}:{path.name}" not in used:
+            found.append(f"unreferenced blob {path.parent.name}:{path.name}")
+    return found
+
+
 def remove_everything(client) -> tuple[list, list]:
     """Remove every container and pod a daemon has; returns what was there (pods, containers)."""
     pods = list(client.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items)

@@ -19,7 +19,9 @@ import pytest
 
 from cri_api import api_pb2 as cri
 from integration.conftest import container_config, discard, new_settings, pod_config
-from integration.daemon import Daemon, ip_allocations, leftovers, remove_everything, sandbox_leftovers
+from integration.daemon import (Daemon, image_store_leftovers, ip_allocations, leftovers, remove_everything,
+                                sandbox_leftovers)
+from pyshim.internal.image_pulls import PULL_STEPS
 from pyshim.internal.sandbox_manager import RUN_STEPS
 
 # crash-pod's own subnet (crash-common.md): concurrent crash suites must not share addresses.
@@ -227,3 +229,34 @@ def test_remove_pod_sandbox_deletes_runc_containers_that_no_record_names(crash_d
     rootfs_mounts = [f.split(" ", 1)[1] for f in found if f.startswith("mount ")]
     for mountpoint in rootfs_mounts:
         subprocess.run(["umount", "-l", mountpoint], check=True)
+
+
+# ---------------------------------------------------------------- PullImage
+
+def images(client) -> list:
+    return list(client.images.ListImages(cri.ListImagesRequest()).images)
+
+
+@pytest.mark.parametrize("step", [*PULL_STEPS, "recorded"])
+def test_pull_image_killed_at_each_step(crash_daemon, busybox_ref, step):
+    crash_daemon.start(crash_at=f"pull_image:{step}")
+    with crash_daemon.client() as c:
+        for image in images(c):  # start from an empty store: every blob is the pull's to add
+            c.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image.id)))
+        expect_killed(lambda: c.pull(busybox_ref))
+    crash_daemon.wait_crashed()
+    crash_daemon.start()
+    with crash_daemon.client() as c:
+        # Partial downloads are gone, and so are whole blobs of an image never recorded.
+        assert not image_store_leftovers(crash_daemon.settings), image_store_leftovers(crash_daemon.settings)
+        found = [tag for image in images(c) for tag in image.repo_tags]
+        assert found == ([busybox_ref] if step == "recorded" else [])
+        image_id = c.pull(busybox_ref)  # the retry succeeds and the image is there once
+        [image] = images(c)
+        assert image.id == image_id and list(image.repo_tags) == [busybox_ref]
+        assert not image_store_leftovers(crash_daemon.settings)
+        # The pulled image is whole: a container runs from it.
+        config = pod_config()
+        pod_id = c.run_pod(config)
+        ctr = c.create(pod_id, container_config(busybox_ref, ["true"]), config)
+        c.start(ctr)

@@ -22,6 +22,7 @@ from pyshim.internal.cni import CNINetwork, default_conflist, load_conflist
 from pyshim.internal.conmon import Conmon
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
+from pyshim.internal.image_pulls import ImagePuller
 from pyshim.internal.intents import IntentJournal
 from pyshim.internal.runc import Runc
 from pyshim.internal.sandbox_manager import SandboxManager
@@ -81,10 +82,12 @@ def build_runtime(config: Config) -> Runtime:
                                intents=journal, runc=runc)
     sandboxes.load()
     sandboxes.recover(journal.pending())
+    puller = ImagePuller(RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
+                                        timeout=config.images.pull_timeout), images, journal)
+    puller.recover(journal.pending())
     containers.load()
     return Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
-                   registry=RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
-                                           timeout=config.images.pull_timeout),
+                   registry=puller,
                    events=events, checkpointer=checkpointer, restorer=restorer,
                    runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
                    log=log)
