@@ -142,7 +142,8 @@ class RegistryClient:
 
         wanted = [digest_of(manifest_raw), manifest.config.digest, *(d.digest for d in manifest.layers)]
         announce("blobs", new_blobs=",".join(d for d in dict.fromkeys(wanted) if not store.has_blob(d)))
-        session.fetch_blobs(store, [manifest.config, *manifest.layers], on_partial=lambda: announce("blob_partial"))
+        session.fetch_blobs(store, [manifest.config, *manifest.layers],
+                            on_partial=(lambda: announce("blob_partial")) if on_step else None)
         config_raw = store.read_blob(manifest.config.digest)
         tags = [str(reference.with_tag(reference.tag))] if reference.tag else []
         repo_digests = [f"{reference.name}@{top.digest}"]
@@ -231,11 +232,12 @@ class _AfterFirstChunk:
     def __init__(self, raw: BinaryIO, hook: Callable[[], None]):
         self._raw, self._hook, self._reads = raw, hook, 0
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, *size: int) -> bytes:
+        # read() as the wrapped stream reads it: HTTPResponse.read(-1) is not read().
         self._reads += 1
         if self._reads == 2:
             self._hook()
-        return self._raw.read(n)
+        return self._raw.read(*size)
 
 
 @dataclass
