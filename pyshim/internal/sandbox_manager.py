@@ -214,7 +214,6 @@ class SandboxManager:
         self._intents.advance(intent, "netns")
         path = netns.create_netns(record.netns_name)
         undo.callback(netns.remove_netns, record.netns_name)
-        undo.callback(netns.remove_netns, record.netns_name)
         m = config.metadata
         ip, mac = requested_address(config)
         self._intents.advance(intent, "cni_add")
