@@ -170,6 +170,116 @@ def leftovers(settings: DaemonSettings) -> list[str]:
             continue
         if cmdline and cmdline[0].endswith(b"conmon") and any(base.encode() in a for a in cmdline):
             found.append(f"conmon process {proc.name}")
+    found += [f for f in sandbox_leftovers(settings) if not f.startswith("netns ")]  # netns: listed above
+    return found
+
+
+def ip_allocations(settings: DaemonSettings, known_sandboxes: set[str] = frozenset()) -> list[str]:
+    """host-local allocation files of the daemon's network whose owner is not a known sandbox."""
+    network_dir = settings.root / "cni" / "networks" / f"{settings.netns_prefix}net"
+    if not network_dir.is_dir():
+        return []
+    found = []
+    for path in network_dir.iterdir():
+        if path.name == "lock" or path.name.startswith("last_reserved_ip."):
+            continue
+        owner = path.read_text(errors="replace").splitlines()[0].strip() if path.stat().st_size else ""
+        if owner not in known_sandboxes:
+            found.append(f"IP allocation {path.name} of {owner!r}")
+    return found
+
+
+def cni_cache_entries(settings: DaemonSettings, known_sandboxes: set[str] = frozenset()) -> list[str]:
+    cache = settings.root / "cni" / "cache"
+    if not cache.is_dir():
+        return []
+    return [f"CNI cache entry {p.name}" for p in cache.iterdir() if p.name.removesuffix(".json") not in known_sandboxes]
+
+
+def sandbox_dirs(settings: DaemonSettings, known_sandboxes: set[str] = frozenset()) -> list[str]:
+    """Pod files dirs and pinned-namespace dirs of no known sandbox."""
+    found = []
+    for base in (settings.root / "sandboxes", settings.state_dir / "sandboxes"):
+        if base.is_dir():
+            found += [f"sandbox dir {p}" for p in base.iterdir() if p.name not in known_sandboxes]
+    return found
+
+
+def pod_netns(settings: DaemonSettings, known_sandboxes: set[str] = frozenset()) -> list[str]:
+    """Network namespaces with the daemon's prefix of no known sandbox (named <prefix><id[:16]>)."""
+    netns_dir = Path("/run/netns")
+    if not netns_dir.is_dir():
+        return []
+    owned = {f"{settings.netns_prefix}{i[:16]}" for i in known_sandboxes}
+    return [f"netns {p.name}" for p in netns_dir.iterdir()
+            if p.name.startswith(settings.netns_prefix) and p.name not in owned]
+
+
+def pod_cgroups(settings: DaemonSettings, known_sandboxes: set[str] = frozenset()) -> list[str]:
+    """cgroups directly under the daemon's cgroup parent (in any hierarchy) of no known sandbox."""
+    rel = settings.cgroup_parent.strip("/")
+    return sorted({f"cgroup {settings.cgroup_parent}/{p.name}" for p in Path("/sys/fs/cgroup").glob(f"*/{rel}/*")
+                   if p.is_dir() and p.name not in known_sandboxes})
+
+
+def pid_infra_processes(settings: DaemonSettings, known_sandboxes: set[str] = frozenset()) -> list[str]:
+    """Pid infra launchers (`unshare ... pyshim-pid-infra <pin dir>/pid-infra.pid`) of no known sandbox."""
+    pin_root = str(settings.state_dir / "sandboxes") + "/"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if "pyshim-pid-infra" in argv and argv[-1].startswith(pin_root) \
+                and Path(argv[-1]).parent.name not in known_sandboxes:
+            found.append(f"pid infra process {proc.name} of {Path(argv[-1]).parent.name}")
+    return found
+
+
+def portmap_rules(settings: DaemonSettings, known_sandboxes: set[str] = frozenset()) -> list[str]:
+    """portmap's DNAT rules of the daemon's network (commented `dnat name: "<net>" id: "<sandbox>"`)."""
+    out = subprocess.run(["iptables", "-t", "nat", "-S", "CNI-HOSTPORT-DNAT"], capture_output=True, text=True).stdout
+    marker = f'dnat name: \\"{settings.netns_prefix}net\\" id: \\"'
+    found = []
+    for line in out.splitlines():
+        if marker in line:
+            owner = line.split(marker, 1)[1].split("\\", 1)[0]
+            if owner not in known_sandboxes:
+                found.append(f"portmap rule of {owner}")
+    return found
+
+
+def sandbox_leftovers(settings: DaemonSettings, known_sandboxes: set[str] = frozenset()) -> list[str]:
+    """What pod sandboxes left on the machine that no known sandbox owns."""
+    return [*ip_allocations(settings, known_sandboxes), *cni_cache_entries(settings, known_sandboxes),
+            *sandbox_dirs(settings, known_sandboxes), *pod_netns(settings, known_sandboxes),
+            *pod_cgroups(settings, known_sandboxes), *pid_infra_processes(settings, known_sandboxes),
+            *portmap_rules(settings, known_sandboxes)]
+
+
+def image_store_leftovers(settings: DaemonSettings) -> list[str]:
+    """Partial downloads in the image store's tmp/, and blobs that no recorded image references."""
+    store = settings.root / "images"
+    found = [f"image store temp file {p}" for p in (store / "tmp").glob("*")] if (store / "tmp").is_dir() else []
+    try:
+        images = json.loads((store / "images.json").read_text()).get("images", {})
+    except FileNotFoundError:
+        images = {}
+
+    def blob(digest: str) -> Path:
+        algorithm, _, hexpart = digest.partition(":")
+        return store / "blobs" / algorithm / hexpart
+
+    used = set()
+    for entry in images.values():
+        manifest = json.loads(blob(entry["manifest_digest"]).read_text())
+        used |= {entry["manifest_digest"], manifest["config"]["digest"], *(d["digest"] for d in manifest["layers"])}
+    for path in (store / "blobs").glob("*/*"):
+        if f"{path.parent.name}:{path.name}" not in used:
+            found.append(f"unreferenced blob {path.parent.name}:{path.name}")
     return found
 
 

@@ -110,7 +110,15 @@ class RegistryClient:
 
     # ------------------------------------------------------------ pull
 
-    def pull(self, store: ImageStore, ref: str, auth: Credentials | None = None) -> ImageRecord:
+    def pull(self, store: ImageStore, ref: str, auth: Credentials | None = None,
+             on_step: Callable[..., None] | None = None) -> ImageRecord:
+        """Pull `ref` into `store`. `on_step(step, **facts)` is told each step before it is taken
+        (a caller journals them to recover from a crash mid-pull):
+          "blobs"        new_blobs: the comma-separated digests this pull will add to the store
+          "blob_partial" a blob's first chunk is in a temporary file (once per blob)
+          "record"       every blob is stored; the image is about to be recorded
+        """
+        announce = on_step or (lambda step, **facts: None)
         reference = Reference.parse(ref)
         session = _Session(self, reference, auth, actions="pull")
         top = session.fetch_manifest(reference.digest or reference.tag)
@@ -132,10 +140,14 @@ class RegistryClient:
                              "a container image")
         manifest = parse_manifest(manifest_raw, f"manifest of {reference}")
 
-        session.fetch_blobs(store, [manifest.config, *manifest.layers])
+        wanted = [digest_of(manifest_raw), manifest.config.digest, *(d.digest for d in manifest.layers)]
+        announce("blobs", new_blobs=",".join(d for d in dict.fromkeys(wanted) if not store.has_blob(d)))
+        session.fetch_blobs(store, [manifest.config, *manifest.layers],
+                            on_partial=(lambda: announce("blob_partial")) if on_step else None)
         config_raw = store.read_blob(manifest.config.digest)
         tags = [str(reference.with_tag(reference.tag))] if reference.tag else []
         repo_digests = [f"{reference.name}@{top.digest}"]
+        announce("record")
         return store.add_image(manifest_raw, config_raw, tags, repo_digests, annotations)
 
     # ------------------------------------------------------------ push
@@ -213,6 +225,21 @@ class _Response:
 Body = bytes | Callable[[], BinaryIO] | None
 
 
+class _AfterFirstChunk:
+    """A download stream that calls `hook` once, when asked for the second chunk: by then the first
+    is in the store's temporary file, the state a crash mid-download leaves."""
+
+    def __init__(self, raw: BinaryIO, hook: Callable[[], None]):
+        self._raw, self._hook, self._reads = raw, hook, 0
+
+    def read(self, *size: int) -> bytes:
+        # read() as the wrapped stream reads it: HTTPResponse.read(-1) is not read().
+        self._reads += 1
+        if self._reads == 2:
+            self._hook()
+        return self._raw.read(*size)
+
+
 @dataclass
 class _Session:
     """One repository at one registry: endpoint, credentials and the current Authorization."""
@@ -268,23 +295,26 @@ class _Session:
         media_type = detect_media_type(raw, content_type, f"manifest {ref} of {self.reference}")
         return _FetchedManifest(raw, digest, media_type)
 
-    def fetch_blobs(self, store: ImageStore, descriptors: list[Descriptor]) -> None:
+    def fetch_blobs(self, store: ImageStore, descriptors: list[Descriptor],
+                    on_partial: Callable[[], None] | None = None) -> None:
         missing = list({d.digest: d for d in descriptors if not store.has_blob(d.digest)}.values())
         if len(missing) <= 1 or self.client.max_parallel_downloads == 1:
             for d in missing:
-                self.fetch_blob(store, d)
+                self.fetch_blob(store, d, on_partial)
             return
         workers = min(self.client.max_parallel_downloads, len(missing))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blob-fetch") as pool:
-            for future in [pool.submit(self.fetch_blob, store, d) for d in missing]:
+            for future in [pool.submit(self.fetch_blob, store, d, on_partial) for d in missing]:
                 future.result()
 
-    def fetch_blob(self, store: ImageStore, descriptor: Descriptor) -> None:
+    def fetch_blob(self, store: ImageStore, descriptor: Descriptor,
+                   on_partial: Callable[[], None] | None = None) -> None:
         step = f"fetch blob {descriptor.digest}"
         with self.request("GET", f"/v2/{self.repository}/blobs/{descriptor.digest}", step,
                           follow_redirects=True) as resp:
+            stream = _AfterFirstChunk(resp.resp, on_partial) if on_partial else resp.resp
             try:
-                store.write_blob(resp.resp, descriptor.digest, descriptor.size)
+                store.write_blob(stream, descriptor.digest, descriptor.size)
             except (OSError, http.client.HTTPException) as exc:
                 raise self._error(step, resp.status, f"download interrupted: {exc}") from exc
 

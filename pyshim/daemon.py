@@ -22,6 +22,8 @@ from pyshim.internal.cni import CNINetwork, default_conflist, load_conflist
 from pyshim.internal.conmon import Conmon
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
+from pyshim.internal.image_pulls import ImagePuller
+from pyshim.internal.intents import IntentJournal
 from pyshim.internal.runc import Runc
 from pyshim.internal.sandbox_manager import SandboxManager
 from pyshim.server.runtime import Runtime
@@ -75,12 +77,17 @@ def build_runtime(config: Config) -> Runtime:
     checkpointer = Checkpointer(config.checkpoint, runc, root / "checkpoint-work")
     restorer = Restorer(config.checkpoint, checkpointer.criu)
     containers = ContainerManager(root, state, runc, conmon, images, events, restorer)
-    sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent)
+    journal = IntentJournal(root / "state" / "intents")
+    sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent,
+                               intents=journal, runc=runc)
     sandboxes.load()
+    sandboxes.recover(journal.pending())
+    puller = ImagePuller(RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
+                                        timeout=config.images.pull_timeout), images, journal)
+    puller.recover(journal.pending())
     containers.load()
     return Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
-                   registry=RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
-                                           timeout=config.images.pull_timeout),
+                   registry=puller,
                    events=events, checkpointer=checkpointer, restorer=restorer,
                    runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
                    log=log)

@@ -477,6 +477,24 @@ class CNINetwork:
             raise Internal(f"sandbox {sandbox_id}: writing CNI cache record {path}: {exc}") from exc
 
 
+def host_local_network_dirs(conflist: dict) -> list[Path]:
+    """Where host-local keeps this network's IP allocations, for each host-local IPAM with an
+    explicit dataDir (`<dataDir>/<network name>`, one file per IP naming its owner). A conflist
+    that leaves dataDir out shares host-local's default with every other runtime on the node: not
+    listed, so that recovery never releases another runtime's addresses."""
+    dirs = []
+    for plugin in conflist.get("plugins") or []:
+        ipam = plugin.get("ipam") if isinstance(plugin, dict) else None
+        if isinstance(ipam, dict) and ipam.get("type") == "host-local" and ipam.get("dataDir"):
+            dirs.append(Path(ipam["dataDir"]) / conflist["name"])
+    return dirs
+
+
+def cache_temp_files(cache_dir: Path) -> list[Path]:
+    """Half-written CNI cache records a crash left (written to a temp file, then renamed)."""
+    return sorted(Path(cache_dir).glob(".*.tmp")) if Path(cache_dir).is_dir() else []
+
+
 def _types_of(plugin: dict) -> list:
     """A plugin's own type and, if it delegates IP allocation, its IPAM plugin's."""
     types = [plugin.get("type")]

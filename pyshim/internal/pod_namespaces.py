@@ -188,6 +188,37 @@ def stop_pid_infra(pin_dir: Path) -> None:
         (pin_dir / name).unlink(missing_ok=True)
 
 
+def pid_infra_launchers(pin_root: Path) -> dict[Path, list[int]]:
+    """Launchers of pid infra processes of pods under pin_root, by pin dir: pid -> its `unshare`.
+
+    A daemon killed between starting an infra process and recording it leaves one that no record
+    names. Its launcher (`unshare --pid --fork --kill-child ... pyshim-pid-infra <pin dir>/pid-infra.pid`)
+    keeps the pin dir in its command line, and killing it kills the infra (--kill-child) and so the
+    pod's whole PID namespace. Scanned from /proc; nothing else identifies it after a crash.
+    """
+    prefix = os.fsencode(str(Path(pin_root))) + b"/"
+    found: dict[Path, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pyshim-pid-infra" not in argv or not argv[0].endswith(b"unshare"):
+            continue
+        pidfile = argv[-1] if argv[-1] else (argv[-2] if len(argv) > 1 else b"")
+        if pidfile.startswith(prefix) and pidfile.endswith(os.fsencode(PID_INFRA_PIDFILE)):
+            found.setdefault(Path(os.fsdecode(pidfile)).parent, []).append(int(proc.name))
+    return found
+
+
+def kill_pid_infra_launchers(pids: list[int]) -> None:
+    """SIGKILL launchers found by pid_infra_launchers and wait until each is gone."""
+    for pid in pids:
+        _kill_and_wait(pid)
+
+
 def _check_kinds(kinds: tuple[str, ...]) -> None:
     unknown = [k for k in kinds if k not in PINNABLE_KINDS]
     if unknown or len(set(kinds)) != len(kinds):

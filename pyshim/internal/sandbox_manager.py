@@ -19,8 +19,10 @@ from cri_api import api_pb2 as cri
 from oci.tree_removal import remove_tree
 from pyshim.annotations import POD_IP_ANNOTATION, POD_MAC_ANNOTATION
 from pyshim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal import cgroups, netns, pod_files, pod_namespaces, request_paths
-from pyshim.internal.cni import CNINetwork, NetworkAttachment, PortMapping
+from pyshim.internal import cgroups, crashpoints, netns, pod_files, pod_namespaces, request_paths, sandbox_leftovers
+from pyshim.internal.cni import (CNI_IFNAME, CNINetwork, NetworkAttachment, PortMapping, cache_temp_files,
+                                 host_local_network_dirs)
+from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.state import RecordStore, SandboxRecord, SandboxState, decode_config, encode_config
 from pyshim.internal.sysctls import validate_sysctls
 
@@ -75,8 +77,21 @@ def _namespace_options(config):
     return config.linux.security_context.namespace_options
 
 
+# The steps of RunPodSandbox, in order: each is announced in the intent journal before it is done,
+# so that recovery knows how far a killed RunPodSandbox got (and each is a crash point).
+RUN_STEPS = ("begin", "dirs", "netns", "cni_add", "pod_files", "pin_namespaces", "pid_infra", "save")
+
+
+def _reached(intent: Intent, step: str) -> bool:
+    return intent.step in RUN_STEPS and RUN_STEPS.index(intent.step) >= RUN_STEPS.index(step)
+
+
 class SandboxManager:
-    def __init__(self, root: Path, state_dir: Path, network: CNINetwork, netns_prefix: str, cgroup_parent: str):
+    def __init__(self, root: Path, state_dir: Path, network: CNINetwork, netns_prefix: str, cgroup_parent: str,
+                 intents: IntentJournal | None = None, runc=None):
+        self._intents = intents if intents is not None else IntentJournal(Path(root) / "state" / "intents")
+        # pyshim.internal.runc.Runc: RemovePodSandbox deletes runc containers still in the pod's cgroup.
+        self._runc = runc
         self._dir = Path(root) / "sandboxes"
         self._pin_root = Path(state_dir) / "sandboxes"
         self._records = RecordStore(Path(root) / "state" / "sandboxes", SandboxRecord)
@@ -161,37 +176,66 @@ class SandboxManager:
             cgroup_parent=config.linux.cgroup_parent or f"{self._cgroup_parent.rstrip('/')}/{sandbox_id}",
             files_dir=str(self._dir / sandbox_id), pin_dir=str(self._pin_root / sandbox_id),
         )
+        if ns.network != NODE:
+            record.netns_name = f"{self._netns_prefix}{record.id[:16]}"
+        # Every name of what will be made is durable before anything is made: a kill -9 at any line
+        # below leaves recovery (self.recover) what it needs to undo it all.
+        intent = self._intents.begin(Operation.RUN_SANDBOX, sandbox_id, **self._run_facts(record))
+        try:
+            self._make_sandbox(intent, record, config, ns, hostname)
+        finally:
+            # Done, or undone by the undo stack: nothing is left for recovery either way.
+            self._intents.finish(intent)
+        log.info("pod sandbox ready", extra={"sandbox": sandbox_id, "pod": config.metadata.name,
+                                             "namespace": config.metadata.namespace, "ip": record.ip})
+        return record
+
+    def _run_facts(self, record: SandboxRecord) -> dict[str, str]:
+        facts = {"name": record.name, "files_dir": record.files_dir, "pin_dir": record.pin_dir,
+                 "cgroup_parent": record.cgroup_parent}
+        if record.netns_name:
+            # CNI DEL at recovery needs ADD's container id (the target), ifname and netns path.
+            facts |= {"netns_name": record.netns_name, "netns_path": str(netns.netns_path(record.netns_name)),
+                      "ifname": CNI_IFNAME, "network": self._network.name}
+        return facts
+
+    def _make_sandbox(self, intent: Intent, record: SandboxRecord, config, ns, hostname: str) -> None:
+        step = self._intents.advance
         with contextlib.ExitStack() as undo:
             files_dir, pin_dir = Path(record.files_dir), Path(record.pin_dir)
+            step(intent, "dirs")
             files_dir.mkdir(mode=0o755)
             undo.callback(remove_tree, files_dir, ignore_errors=True)
             pin_dir.mkdir(mode=0o700)
             undo.callback(remove_tree, pin_dir, ignore_errors=True)
 
             if ns.network != NODE:
-                self._set_up_network(record, config, undo)
+                self._set_up_network(intent, record, config, undo)
+            step(intent, "pod_files")
             self._write_pod_files(record, config)
             kinds = tuple(k for k, mode in (("ipc", ns.ipc), ("uts", ns.network)) if mode != NODE)
             if kinds:
+                step(intent, "pin_namespaces")
                 pod_namespaces.pin_namespaces(pin_dir, hostname, kinds=kinds)
                 undo.callback(pod_namespaces.unpin_namespaces, pin_dir)
             if ns.pid == POD:
+                step(intent, "pid_infra")
                 pod_namespaces.start_pid_infra(pin_dir)
                 record.pid_infra = True
                 undo.callback(pod_namespaces.stop_pid_infra, pin_dir)
             undo.callback(cgroups.remove, record.cgroup_parent)
+            step(intent, "save")
             self._records.save(record)
             undo.pop_all()
-        log.info("pod sandbox ready", extra={"sandbox": sandbox_id, "pod": config.metadata.name,
-                                             "namespace": config.metadata.namespace, "ip": record.ip})
-        return record
+        crashpoints.reached("run_sandbox:saved")  # saved, intent still open: recovery keeps the pod
 
-    def _set_up_network(self, record: SandboxRecord, config, undo: contextlib.ExitStack) -> None:
-        record.netns_name = f"{self._netns_prefix}{record.id[:16]}"
+    def _set_up_network(self, intent: Intent, record: SandboxRecord, config, undo: contextlib.ExitStack) -> None:
+        self._intents.advance(intent, "netns")
         path = netns.create_netns(record.netns_name)
         undo.callback(netns.remove_netns, record.netns_name)
         m = config.metadata
         ip, mac = requested_address(config)
+        self._intents.advance(intent, "cni_add")
         attachment = self._network.attach(record.id, path, m.name, m.namespace, m.uid, self._port_mappings(config),
                                           ip=ip, mac=mac)
         undo.callback(self._network.detach, record.id, path, self._port_mappings(config))
@@ -253,34 +297,228 @@ class SandboxManager:
     # ---- stop / remove -----------------------------------------------------------------------
 
     def stop(self, sandbox_id: str) -> None:
-        """Tear down the pod's network and namespaces. The caller has stopped its containers. Idempotent."""
+        """Tear down the pod's network and namespaces. The caller has stopped its containers. Idempotent:
+        a retry after a failure or a crash does again whatever is left."""
         record = self._records.resolve(sandbox_id)
         if record is None:
             return
-        with self._lock:
-            config = self.config_of(record)
-            if record.netns_name:
-                path = netns.netns_path(record.netns_name)
-                self._network.detach(record.id, path, self._port_mappings(config))
-                netns.remove_netns(record.netns_name)
-            pins = Path(record.pin_dir)
-            if record.pid_infra:
-                pod_namespaces.stop_pid_infra(pins)
-            pod_namespaces.unpin_namespaces(pins)
-            if record.state != SandboxState.NOTREADY:
-                record.state = SandboxState.NOTREADY
-                self._records.save(record)
+        with self._lock, self._intents.track(Operation.STOP_SANDBOX, record.id) as intent:
+            self._tear_down(record, intent)
+
+    def _tear_down(self, record: SandboxRecord, intent: Intent) -> None:
+        # NOTREADY first: from the first thing torn down on, the pod must not be reported ready, nor
+        # take new containers, whether or not this call gets to its end.
+        if record.state != SandboxState.NOTREADY:
+            record.state = SandboxState.NOTREADY
+            self._records.save(record)
+        config = self.config_of(record)
+        if record.netns_name:
+            self._intents.advance(intent, "network")
+            path = netns.netns_path(record.netns_name)
+            self._network.detach(record.id, path, self._port_mappings(config))
+            netns.remove_netns(record.netns_name)
+        self._intents.advance(intent, "namespaces")
+        pins = Path(record.pin_dir)
+        if record.pid_infra:
+            pod_namespaces.stop_pid_infra(pins)
+        pod_namespaces.unpin_namespaces(pins)
 
     def remove(self, sandbox_id: str) -> None:
-        """Remove what is left after stop. The caller has removed the pod's containers. Idempotent."""
+        """Remove what is left after stop. The caller has removed the pod's containers; runc containers
+        of the pod that no record names (left by a crash) are deleted here, and the removal fails
+        (the pod stays, NOTREADY) while any process is left in the pod's cgroup. Idempotent."""
         record = self._records.resolve(sandbox_id)
         if record is None:
             return
-        self.stop(record.id)
-        cgroups.remove(record.cgroup_parent)
-        remove_tree(record.files_dir, ignore_errors=True)
-        remove_tree(record.pin_dir, ignore_errors=True)
-        with self._lock:
+        with self._lock, self._intents.track(Operation.REMOVE_SANDBOX, record.id) as intent:
+            self._tear_down(record, intent)
+            self._intents.advance(intent, "containers")
+            self._remove_leftover_containers(record)
+            self._intents.advance(intent, "cgroup")
+            cgroups.remove(record.cgroup_parent)
+            self._intents.advance(intent, "files")
+            remove_tree(record.files_dir, ignore_errors=True)
+            remove_tree(record.pin_dir, ignore_errors=True)
+            self._intents.advance(intent, "forget")
             self._records.delete(record.id)
             self._names.pop(record.name, None)
         log.info("pod sandbox removed", extra={"sandbox": record.id})
+
+    def _remove_leftover_containers(self, record: SandboxRecord) -> None:
+        """Delete the pod's runc containers and kill what is left in its cgroup, or refuse to go on."""
+        if self._runc is not None:
+            try:
+                leftover = sandbox_leftovers.runc_containers_of_sandbox(self._runc.binary, self._runc.root, record.id)
+            except (OSError, RuntimeError, ValueError) as e:
+                raise FailedPrecondition(f"pod sandbox {record.id}: cannot list its runc containers: {e}") from e
+            for container_id in leftover:
+                log.warning("pod sandbox removal: runc container with no record found in the pod; deleting it",
+                            extra={"sandbox": record.id, "container": container_id})
+                try:
+                    self._runc.delete(container_id, force=True)
+                except Exception as e:  # noqa: BLE001 - reported with the cgroup check below
+                    log.error("deleting a leftover runc container failed",
+                              extra={"sandbox": record.id, "container": container_id, "error": str(e)})
+        pids = sandbox_leftovers.cgroup_tree_processes(record.cgroup_parent)
+        if not pids:
+            return
+        log.warning("pod sandbox removal: processes with no container left in the pod's cgroup; killing them",
+                    extra={"sandbox": record.id, "cgroup": record.cgroup_parent, "pids": pids})
+        alive = sandbox_leftovers.kill_processes(pids)
+        if alive:
+            raise FailedPrecondition(
+                f"pod sandbox {record.id}: processes {alive} still run in its cgroup {record.cgroup_parent} "
+                "after its containers were removed; it stays (NOTREADY) until they are gone: retry the removal")
+
+    # ---- recovery after a crash ----------------------------------------------------------------
+
+    def recover(self, intents: list[Intent]) -> None:
+        """At start-up, after load() and before serving: finish or undo what a killed daemon left
+        half-done (intents of RUN/STOP/REMOVE_SANDBOX, closed here), then release what no sandbox
+        record owns. Idempotent: a crash during recovery is repaired by the next one."""
+        unfinished: set[str] = set()
+        handlers = {Operation.RUN_SANDBOX: self._recover_run, Operation.STOP_SANDBOX: self._recover_stop,
+                    Operation.REMOVE_SANDBOX: self._recover_remove}
+        for intent in intents:
+            handler = handlers.get(intent.operation)
+            if handler is None:
+                continue
+            try:
+                handler(intent)
+            except Exception as e:  # noqa: BLE001 - one bad intent must not keep the daemon from starting
+                unfinished.add(intent.target)
+                log.error("recovery: could not repair an interrupted sandbox operation; will retry at next start",
+                          extra={"intent": intent.to_doc(), "error": str(e)})
+                continue
+            self._intents.finish(intent)
+        self.sweep(exclude=unfinished)
+
+    def _recover_run(self, intent: Intent) -> None:
+        if self._records.get(intent.target) is not None:
+            log.warning("recovery: RunPodSandbox had saved its sandbox before the crash; kept",
+                        extra={"sandbox": intent.target, "step": intent.step})
+            return
+        self._undo_run(intent.target, intent.facts, cni=_reached(intent, "cni_add"))
+        log.warning("recovery: RunPodSandbox interrupted before the sandbox was saved; undid everything it made",
+                    extra={"sandbox": intent.target, "step": intent.step})
+
+    def _undo_run(self, sandbox_id: str, facts: dict[str, str], cni: bool) -> None:
+        """Reverse order of RunPodSandbox; each step is a no-op for what was never made."""
+        pin_dir = Path(facts["pin_dir"]) if facts.get("pin_dir") else self._pin_root / sandbox_id
+        pod_namespaces.kill_pid_infra_launchers(pod_namespaces.pid_infra_launchers(self._pin_root).get(pin_dir, []))
+        pod_namespaces.stop_pid_infra(pin_dir)
+        pod_namespaces.unpin_namespaces(pin_dir)
+        netns_name = facts.get("netns_name", "")
+        if cni and netns_name:
+            # DEL with ADD's container id, ifname and netns (what attach cached before ADD): releases the
+            # IP, the veth, the portmap rules and the cache entry. Harmless when ADD never ran.
+            path = netns.netns_path(netns_name) if netns_name else None
+            self._network.detach(sandbox_id, path)
+        if netns_name:
+            netns.remove_netns(netns_name)
+        if facts.get("cgroup_parent"):
+            cgroups.remove(facts["cgroup_parent"])
+        remove_tree(facts.get("files_dir") or self._dir / sandbox_id, ignore_errors=True)
+        remove_tree(pin_dir, ignore_errors=True)
+
+    def _recover_stop(self, intent: Intent) -> None:
+        record = self._records.get(intent.target)
+        if record is None:
+            return
+        self.stop(record.id)
+        log.warning("recovery: StopPodSandbox interrupted; finished tearing the pod down (NOTREADY)",
+                    extra={"sandbox": record.id, "step": intent.step})
+
+    def _recover_remove(self, intent: Intent) -> None:
+        record = self._records.get(intent.target)
+        if record is None:
+            return
+        try:
+            self.remove(record.id)
+        except FailedPrecondition as e:
+            # Its containers are the container recovery's; the kubelet's retry removes the pod then.
+            log.warning("recovery: RemovePodSandbox interrupted; pod torn down but kept (NOTREADY): %s", e.message,
+                        extra={"sandbox": record.id, "step": intent.step})
+            return
+        log.warning("recovery: RemovePodSandbox interrupted; finished removing the pod",
+                    extra={"sandbox": record.id, "step": intent.step})
+
+    # ---- the sweep: what no record owns --------------------------------------------------------
+
+    def sweep(self, exclude: set[str] = frozenset()) -> None:
+        """Release what no sandbox record (nor an intent in `exclude`) owns: netns with our prefix, IP
+        allocations and CNI cache entries of unknown ids, pod dirs, pid infra processes, and empty
+        cgroups under our cgroup parent."""
+        known = {r.id for r in self._records.all()} | set(exclude)
+        self._sweep_network(known)
+        self._sweep_pod_dirs(known)
+        self.sweep_cgroups(exclude)
+
+    def _sweep_network(self, known: set[str]) -> None:
+        owned_netns = {r.netns_name for r in self._records.all() if r.netns_name}
+        owned_netns |= {f"{self._netns_prefix}{i[:16]}" for i in known}
+        for name in sandbox_leftovers.netns_names_with_prefix(netns.NETNS_DIR, self._netns_prefix):
+            if name not in owned_netns:
+                self._release_orphan("netns", name, lambda n=name: netns.remove_netns(n))
+        orphans = {i for i in self._network.cached_sandbox_ids() if i not in known}
+        allocations = [a for d in host_local_network_dirs(self._network.conflist)
+                       for a in sandbox_leftovers.host_local_allocations(d)]
+        orphans |= {a.owner for a in allocations if a.owner and a.owner not in known}
+        for sandbox_id in sorted(orphans):
+            self._release_orphan("CNI attachment (IP, veth, portmap rules, cache)", sandbox_id,
+                                 lambda s=sandbox_id: self._network.detach(s, None))
+        # What DEL could not release (an allocation of another ifname, an id CNI refuses): the file goes.
+        for allocation in allocations:
+            if allocation.owner not in known and allocation.path.exists():
+                self._release_orphan("host-local IP allocation", f"{allocation.ip} of {allocation.owner!r}",
+                                     lambda p=allocation.path: p.unlink(missing_ok=True))
+        for tmp in cache_temp_files(self._network.cache_dir):
+            self._release_orphan("half-written CNI cache record", str(tmp), lambda p=tmp: p.unlink(missing_ok=True))
+
+    def _sweep_pod_dirs(self, known: set[str]) -> None:
+        launchers = pod_namespaces.pid_infra_launchers(self._pin_root)
+        for pin_dir, pids in launchers.items():
+            if pin_dir.name not in known:
+                self._release_orphan("pid infra process", f"{pids} of {pin_dir}",
+                                     lambda p=pids: pod_namespaces.kill_pid_infra_launchers(p))
+        for name in sandbox_leftovers.child_dirs(self._pin_root):
+            if name not in known:
+                pin_dir = self._pin_root / name
+
+                def release(d=pin_dir):
+                    pod_namespaces.stop_pid_infra(d)
+                    pod_namespaces.unpin_namespaces(d)
+                    remove_tree(d)
+                self._release_orphan("pinned namespaces dir", str(pin_dir), release)
+        for name in sandbox_leftovers.child_dirs(self._dir):
+            if name not in known:
+                files_dir = self._dir / name
+                self._release_orphan("pod files dir", str(files_dir), lambda d=files_dir: remove_tree(d))
+
+    def sweep_cgroups(self, exclude: set[str] = frozenset()) -> None:
+        """Remove the empty cgroups under the daemon's cgroup parent that no sandbox owns. One with
+        processes belongs to a container (the container recovery's); it is logged and kept."""
+        parent = self._cgroup_parent.rstrip("/")
+        owned = {r.cgroup_parent.rstrip("/") for r in self._records.all()}
+        owned |= {f"{parent}/{i}" for i in exclude}
+        for name in sorted(sandbox_leftovers.cgroup_children(parent)):
+            path = f"{parent}/{name}"
+            if path in owned:
+                continue
+            pids = sandbox_leftovers.cgroup_tree_processes(path)
+            if pids:
+                log.warning("recovery: cgroup of no pod sandbox still holds processes; left to container recovery",
+                            extra={"cgroup": path, "pids": pids})
+                continue
+            self._release_orphan("pod cgroup", path, lambda p=path: cgroups.remove(p))
+
+    @staticmethod
+    def _release_orphan(what: str, name: str, release) -> None:
+        try:
+            release()
+        except Exception as e:  # noqa: BLE001 - the rest of the sweep goes on; next start retries
+            log.error(f"recovery: found a {what} that no pod sandbox owns, and could not release it",
+                      extra={"what": what, "name": name, "error": str(e)})
+            return
+        log.warning(f"recovery: found a {what} that no pod sandbox owns; released it",
+                    extra={"what": what, "name": name})
