@@ -36,6 +36,9 @@ class FakeRunc:
         self.status.pop(container_id, None)
         (self.root / container_id).rmdir() if (self.root / container_id).is_dir() else None
 
+    def states(self):
+        return {i: self.state(i) for i in self.status}
+
     def start(self, container_id):
         self.status[container_id] = "running"
 
