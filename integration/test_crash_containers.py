@@ -92,7 +92,7 @@ def processes_with(marker: str) -> int:
 
 
 def workload(marker: str) -> list[str]:
-    # The marker is in sh's own command line; `exec` keeps it one process (sleep is a builtin-free child).
+    # The marker is in the shell's own command line (its sleep children do not carry it): one process each.
     return ["sh", "-c", f"M={marker}; i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done"]
 
 

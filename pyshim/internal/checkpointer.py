@@ -134,6 +134,7 @@ class Checkpointer:
                                      cgroups_path=record.cgroups_path, netns_path=netns_path,
                                      mode="stop" if stop else "leave-running")
         stopped = False
+        thaw_failed = False
         try:
             work.mkdir(mode=0o700)
             images = work / fmt.CHECKPOINT_DIR
@@ -158,7 +159,11 @@ class Checkpointer:
                     phases.mark("kill")
             finally:
                 if not stopped:
-                    self._thaw(record)
+                    try:
+                        self._thaw(record)
+                    except RuncError:
+                        thaw_failed = True
+                        raise
             frozen = time.monotonic() - frozen_at
             if not stop:
                 phases.mark("resume")
@@ -167,7 +172,8 @@ class Checkpointer:
         finally:
             shutil.rmtree(work, ignore_errors=True)
             archive_tmp.unlink(missing_ok=True)  # write_archive removes it on errors; this is belt and braces
-            self._intents.finish(intent)
+            if not thaw_failed:  # else the intent stays open: the next start tries to thaw it again
+                self._intents.finish(intent)
         result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp,
                                   stopped, phases.report())
         log.info("container checkpointed", extra={
