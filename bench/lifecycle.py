@@ -4,6 +4,9 @@ Prints: median RunPodSandbox; median CreateContainer+StartContainer next to bare
 `runc start` of an equivalent container (same image layers on an overlay, same config.json minus
 the pod's joined namespaces); median StopContainer+RemoveContainer next to bare `runc kill` +
 `runc delete`; the daemon's idle RSS, its RSS with N running pods, and conmon's RSS per container.
+Then start-up recovery: the time from starting the daemon to a served Version call with nothing
+recorded, and with `--recovery-pods` real pods of `--recovery-containers` real running containers
+each (the daemon restarted over them; 0 pods skips this part).
 
 Run as root: `make bench` (or `python -m bench.lifecycle --runs 20`).
 """
@@ -109,10 +112,60 @@ def bench_bare_runc(template_bundle: Path, lowerdir: list[Path], work: Path, run
     return create_start, stop_remove
 
 
+def _time_to_serve(daemon: Daemon) -> float:
+    t = time.perf_counter()
+    daemon.start(timeout=300)
+    return time.perf_counter() - t
+
+
+def _last_recovery_ms(daemon: Daemon) -> float | None:
+    found = None
+    for line in daemon.log_path.read_text(errors="replace").splitlines():
+        if '"recovery done"' in line:
+            found = json.loads(line).get("ms")
+    return found
+
+
+def bench_recovery(client_daemon: Daemon, image: str, pods: int, per_pod: int) -> dict:
+    """Time to serve after a restart over `pods` x `per_pod` real running containers, next to an empty start."""
+    empty_settings = new_settings("benche", "10.86.10.0/24")
+    empty = Daemon(empty_settings)
+    try:
+        empty_start = _time_to_serve(empty)
+        empty.stop()
+        empty_restart = _time_to_serve(empty)
+    finally:
+        empty.stop()
+        discard(empty_settings)
+    made = []
+    with client_daemon.client() as client:
+        for i in range(pods):
+            pod = pod_config(name=f"rec-{i}")
+            pod_id = client.run_pod(pod)
+            made.append(pod_id)
+            for j in range(per_pod):
+                cid = client.create(pod_id, container_config(image, ["sleep", "3600"], name=f"c{j}"), pod)
+                client.start(cid)
+    client_daemon.stop()
+    loaded_restart = _time_to_serve(client_daemon)
+    recovery_ms = _last_recovery_ms(client_daemon)
+    with client_daemon.client() as client:
+        for pod_id in made:
+            client.stop_pod(pod_id)
+            client.remove_pod(pod_id)
+    return {"empty_start_to_serve_ms": _ms(empty_start), "empty_restart_to_serve_ms": _ms(empty_restart),
+            f"restart_with_{pods}_pods_{pods * per_pod}_containers_to_serve_ms": _ms(loaded_restart),
+            "restart_extra_over_empty_ms": _ms(loaded_restart - empty_restart),
+            "recovery_ms_in_daemon_log": recovery_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--recovery-pods", type=int, default=100)
+    parser.add_argument("--recovery-containers", type=int, default=2, help="per pod")
     args = parser.parse_args()
+    recovery = {}
     settings = new_settings("bench", "10.86.9.0/24")
     daemon = Daemon(settings)
     with RegistryServer() as registry:
@@ -140,6 +193,8 @@ def main() -> None:
                 for _, pod_id in pods:
                     client.stop_pod(pod_id)
                     client.remove_pod(pod_id)
+            if args.recovery_pods:
+                recovery = bench_recovery(daemon, image, args.recovery_pods, args.recovery_containers)
         finally:
             daemon.stop()
             discard(settings)
@@ -157,6 +212,7 @@ def main() -> None:
         f"daemon_rss_with_{args.runs}_pods_MiB": round(loaded_rss / 1024, 1),
         "daemon_rss_per_extra_container_MiB": round((loaded_rss - idle_rss) / 1024 / args.runs, 2),
         "conmon_rss_per_container_MiB": round(statistics.mean(conmon_rss) / 1024, 2) if conmon_rss else None,
+        **recovery,
     }
     width = max(len(k) for k in report)
     for key, value in report.items():

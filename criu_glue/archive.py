@@ -45,21 +45,27 @@ ZSTD_LEVEL = 3
 # ================================================================ writing
 
 def write_archive(out_path: Path, members_dir: Path, compression: str = "none",
-                  mode: int = _PRIVATE, before_rename: Callable[[], None] | None = None) -> None:
+                  mode: int = _PRIVATE, before_rename: Callable[[], None] | None = None,
+                  tmp_path: Path | None = None) -> None:
     """Pack `members_dir` (checkpoint/, config.dump, spec.dump, ...) into `out_path`.
 
     The checkpoint/ directory entry comes first (checkpointctl requires a real one), then its
     images, then the other members in name order. Only regular files and directories are
     packed. On any error the temporary file is removed and `out_path` is left as it was;
     `before_rename` may raise to refuse the finished archive at the last moment (a caller's
-    deadline passed while it was written).
+    deadline passed while it was written). `tmp_path` names the temporary file (beside `out_path`)
+    when the caller must be able to find it after a crash; by default it gets a random hidden name.
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
     out_path, members_dir = Path(out_path), Path(members_dir)
     _check_members_dir(members_dir)
     # mkstemp: O_EXCL and mode 0600 regardless of umask, so no moment of wider access.
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    if tmp_path is None:
+        fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    else:
+        tmp = str(tmp_path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as raw:
             with _compressing(raw, compression) as sink, \

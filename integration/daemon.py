@@ -300,3 +300,40 @@ def remove_cgroup_tree(cgroup_parent: str) -> list[str]:
     cgroups.remove(cgroup_parent)
     rel = cgroup_parent.strip("/")
     return [str(b) for b in Path("/sys/fs/cgroup").glob(f"*/{rel}")] if rel else []
+
+
+# ---- what a crash may leave of containers (integration/test_crash_containers.py) ---------------
+
+def container_dirs_without_record(settings: DaemonSettings, recorded_ids: set[str]) -> list[str]:
+    """Container directories under the root that no container the daemon lists owns."""
+    containers = settings.root / "containers"
+    return [f"container dir {p.name}" for p in containers.iterdir()
+            if p.name not in recorded_ids] if containers.is_dir() else []
+
+
+def frozen_cgroups(settings: DaemonSettings) -> list[str]:
+    """Freezer cgroups under the daemon's cgroup parent that are (being) frozen."""
+    base = Path("/sys/fs/cgroup/freezer") / settings.cgroup_parent.strip("/")
+    found = []
+    for state in base.rglob("freezer.state") if base.is_dir() else []:
+        if state.read_text().strip() != "THAWED" and state.parent != base:
+            found.append(f"frozen cgroup {state.parent}")
+    return found
+
+
+def checkpoint_work_dirs(settings: DaemonSettings) -> list[str]:
+    work = settings.root / "checkpoint-work"
+    return [f"checkpoint work dir {p.name}" for p in work.iterdir()] if work.is_dir() else []
+
+
+def archive_temp_files(directory: Path) -> list[str]:
+    """Hidden temporary archives beside checkpoint locations."""
+    return [f"archive temp file {p.name}" for p in Path(directory).glob(".*.tmp")]
+
+
+def unowned_container_cgroups(settings: DaemonSettings, recorded_ids: set[str]) -> list[str]:
+    """Container cgroups (<parent>/<pod id>/<container id>) with no listed container."""
+    base = Path("/sys/fs/cgroup/freezer") / settings.cgroup_parent.strip("/")
+    if not base.is_dir():
+        return []
+    return [f"container cgroup {p}" for p in base.glob("*/*") if p.is_dir() and p.name not in recorded_ids]

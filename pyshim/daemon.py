@@ -24,6 +24,7 @@ from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
 from pyshim.internal.image_pulls import ImagePuller
 from pyshim.internal.intents import IntentJournal
+from pyshim.internal.recovery import recover
 from pyshim.internal.runc import Runc
 from pyshim.internal.sandbox_manager import SandboxManager
 from pyshim.server.runtime import Runtime
@@ -74,23 +75,23 @@ def build_runtime(config: Config) -> Runtime:
     conmon = Conmon(conmon_binary, runc_binary, state / "runc", config.log_level)
     events = EventBus()
     images = ImageStore(root / "images")
-    checkpointer = Checkpointer(config.checkpoint, runc, root / "checkpoint-work")
-    restorer = Restorer(config.checkpoint, checkpointer.criu)
-    containers = ContainerManager(root, state, runc, conmon, images, events, restorer)
     journal = IntentJournal(root / "state" / "intents")
+    checkpointer = Checkpointer(config.checkpoint, runc, root / "checkpoint-work", intents=journal)
+    restorer = Restorer(config.checkpoint, checkpointer.criu)
+    containers = ContainerManager(root, state, runc, conmon, images, events, restorer, intents=journal)
     sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent,
                                intents=journal, runc=runc)
     sandboxes.load()
-    sandboxes.recover(journal.pending())
     puller = ImagePuller(RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
                                         timeout=config.images.pull_timeout), images, journal)
-    puller.recover(journal.pending())
     containers.load()
-    return Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
-                   registry=puller,
-                   events=events, checkpointer=checkpointer, restorer=restorer,
-                   runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
-                   log=log)
+    runtime = Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
+                      registry=puller, events=events, checkpointer=checkpointer, restorer=restorer,
+                      runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
+                      log=log)
+    # Before the socket is served: no call may see a half-done operation of the previous daemon.
+    recover(runtime, journal)
+    return runtime
 
 
 def _bind(server: grpc.Server, socket_path: Path) -> None:
@@ -137,6 +138,8 @@ def serve(config: Config) -> None:
     runtime.streaming = _start_streaming(config, runtime)
     server.start()
     os.chmod(socket_path, 0o660)
+    # Exits recorded at recovery (containers that ended while we were down) reach subscribers now.
+    runtime.containers.publish_pending_stops()
 
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_exits, args=(runtime, stop), name="exit-watcher", daemon=True)

@@ -88,3 +88,16 @@ def processes(cgroups_path: str) -> list[int]:
     except OSError:
         return []
     return [int(word) for word in text.split()]
+
+
+def freezer_state(cgroups_path: str) -> str:
+    """THAWED, FREEZING or FROZEN; "" when the container has no freezer cgroup."""
+    try:
+        return (CGROUP_ROOT / "freezer" / cgroups_path.strip("/") / "freezer.state").read_text().strip()
+    except OSError:
+        return ""
+
+
+def thaw(cgroups_path: str) -> None:
+    """Thaw a freezer cgroup behind runc's back: only for one runc no longer knows (after a crash)."""
+    (CGROUP_ROOT / "freezer" / cgroups_path.strip("/") / "freezer.state").write_text("THAWED")

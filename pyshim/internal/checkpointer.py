@@ -6,11 +6,19 @@ it) keeps it frozen until the archive is complete and then kills it. The archive
 page of the process, secrets included: it is written 0600 to a temporary name beside the target and
 renamed into place only when complete. Whatever fails, the container ends up running and thawed, and no
 archive or temporary file is left.
+
+A kill -9 of the daemon mid-checkpoint must not leave that promise broken either: before anything is
+made, the intent journal names the container, its freezer cgroup, the CRIU work directory and the
+archive's temporary path (both names chosen up front), and each step (freeze, dump, thaw, archive,
+kill) is announced before it is done. `recover` reads the open intents at start-up and thaws,
+deletes and logs (see `_recover_checkpoint`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import stat
 import shutil
 import tempfile
@@ -29,6 +37,7 @@ from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.internal import cgroups, mounts, tcp_lock
+from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout
 from pyshim.internal.state import ContainerRecord, ContainerState
@@ -66,7 +75,8 @@ def validate_location(location: str) -> Path:
 
 
 class Checkpointer:
-    def __init__(self, settings: CheckpointSettings, runc: Runc, work_root: Path):
+    def __init__(self, settings: CheckpointSettings, runc: Runc, work_root: Path,
+                 intents: IntentJournal | None = None):
         if settings.compression not in COMPRESSIONS:
             raise InvalidArgument(f"checkpoint.compression must be one of {COMPRESSIONS}, not {settings.compression!r}")
         if settings.tcp_established not in TCP_POLICIES:
@@ -75,6 +85,7 @@ class Checkpointer:
         self._runc = runc
         self._work_root = Path(work_root)
         self._work_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._intents = intents if intents is not None else IntentJournal(self._work_root.parent / "state" / "intents")
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.criu = criu_availability(settings.min_criu_version)
@@ -117,34 +128,55 @@ class Checkpointer:
         tcp = self._wants_tcp_established(record)
         # Read before freezing: the frozen window is for CRIU and the diff only.
         lower_dirs = mounts.overlay_lower_dirs(record.rootfs)
-        work = Path(tempfile.mkdtemp(prefix=f"{record.id[:12]}-", dir=self._work_root))
+        # Both names are chosen, and written down, before either exists: recovery finds them by the intent.
+        token = secrets.token_hex(6)
+        work = self._work_root / f"{record.id[:12]}-{token}"
+        archive_tmp = archive_temp_path(location, token)
+        intent = self._intents.begin(Operation.CHECKPOINT_CONTAINER, record.id, step="prepare",
+                                     work_dir=str(work), archive_tmp=str(archive_tmp), location=str(location),
+                                     cgroups_path=record.cgroups_path, netns_path=netns_path,
+                                     mode="stop" if stop else "leave-running")
         stopped = False
+        thaw_failed = False
         try:
+            work.mkdir(mode=0o700)
             images = work / fmt.CHECKPOINT_DIR
             images.mkdir()
             phases.mark("prepare")
+            self._intents.advance(intent, "freeze")
             self._runc.pause(record.id)
             frozen_at = time.monotonic()
             phases.mark("pause")
             try:
+                self._intents.advance(intent, "dump")
                 deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
                 if stop:
                     # Stopping for a move: the process must not run on after its image was taken, or
                     # its restored copy would repeat what it did meanwhile. It stays frozen until the
                     # archive is safe, and dies only then; any failure before that thaws it instead.
-                    self._package(record, work, members, deleted, location, deadline, phases)
+                    self._intents.advance(intent, "archive")
+                    self._package(record, work, members, deleted, location, archive_tmp, deadline, phases)
+                    self._intents.advance(intent, "kill")
                     self._kill_frozen(record, location, netns_path)
                     stopped = True
                     phases.mark("kill")
             finally:
                 if not stopped:
-                    self._thaw(record)
+                    try:
+                        self._thaw(record)
+                    except RuncError:
+                        thaw_failed = True
+                        raise
             frozen = time.monotonic() - frozen_at
             if not stop:
                 phases.mark("resume")
-                self._package(record, work, members, deleted, location, deadline, phases)
+                self._intents.advance(intent, "archive")
+                self._package(record, work, members, deleted, location, archive_tmp, deadline, phases)
         finally:
             remove_tree(work, ignore_errors=True)
+            archive_tmp.unlink(missing_ok=True)  # write_archive removes it on errors; this is belt and braces
+            if not thaw_failed:  # else the intent stays open: the next start tries to thaw it again
+                self._intents.finish(intent)
         result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp,
                                   stopped, phases.report())
         log.info("container checkpointed", extra={
@@ -153,6 +185,80 @@ class Checkpointer:
             "tcp_established": tcp, "stopped": stopped, "lower_layers": len(lower_dirs),
             "phases_ms": result.phases_ms})
         return result
+
+    # ---- recovery after a crash ----------------------------------------------------------------
+
+    def recover(self, intents: list[Intent]) -> None:
+        """At start-up, before serving: repair every checkpoint a killed daemon left half-done, then
+        delete whatever is left in the CRIU work root (no checkpoint runs yet, so all of it is debris).
+        Idempotent: an intent is closed only after its repair, and each repair may run twice."""
+        for intent in intents:
+            if intent.operation == Operation.CHECKPOINT_CONTAINER:
+                self._recover_checkpoint(intent)
+                self._intents.finish(intent)
+        for entry in sorted(self._work_root.iterdir()):
+            log.warning("recovery: CRIU work directory of no running checkpoint found; deleted it",
+                        extra={"path": str(entry)})
+            _remove_path(entry)
+
+    def _recover_checkpoint(self, intent: Intent) -> None:
+        container_id, facts = intent.target, intent.facts
+        location, archive_tmp = Path(facts.get("location", "")), Path(facts.get("archive_tmp", ""))
+        # Nothing is frozen before the "freeze" step was announced; from then on it may be.
+        if intent.step != "prepare":
+            thawed = self._thaw_after_crash(container_id, facts.get("cgroups_path", ""))
+            if thawed:
+                log.warning("recovery: container left frozen by an interrupted checkpoint; thawed it",
+                            extra={"container": container_id, "step": intent.step, "how": thawed})
+        if intent.step == "kill":
+            # A stopping checkpoint killed after its archive was renamed into place, before (or while)
+            # it killed the container. The archive is complete and consistent: it was taken while the
+            # container was frozen, and nothing ran since. We keep it (the caller may have it already
+            # as the answer to a retried call, and deleting a complete archive loses work), but we do
+            # not finish the kill: the caller was never told the checkpoint succeeded, so the
+            # container must not vanish on the strength of an unanswered call. It runs on, thawed,
+            # with the lock on its connections lifted; a retry checkpoints it afresh.
+            state = self._runc_state(container_id)
+            if state is not None and state.status in ("running", "paused"):
+                netns_path = facts.get("netns_path", "")
+                if netns_path:
+                    with contextlib.suppress(Exception):  # the pod's netns may be gone with the pod
+                        tcp_lock.unlock_all(netns_path, container_id)
+                log.warning("recovery: stopping checkpoint interrupted before the kill; the container keeps "
+                            "running and the complete archive is kept",
+                            extra={"container": container_id, "location": str(location)})
+            elif location.is_file():
+                log.warning("recovery: stopping checkpoint interrupted after the kill; archive kept",
+                            extra={"container": container_id, "location": str(location)})
+        for path, what in ((Path(facts.get("work_dir", "")), "CRIU work directory"),
+                           (archive_tmp, "partial archive")):
+            if str(path) not in ("", ".") and (path.exists() or path.is_symlink()):
+                _remove_path(path)
+                log.warning(f"recovery: {what} of an interrupted checkpoint found; deleted it",
+                            extra={"container": container_id, "path": str(path), "step": intent.step})
+
+    def _runc_state(self, container_id: str):
+        try:
+            return self._runc.state(container_id)
+        except RuncError:
+            return None
+
+    def _thaw_after_crash(self, container_id: str, cgroups_path: str) -> str:
+        """Thaw a container a killed checkpoint may have left frozen; returns how ("" = was not frozen).
+        runc first (it keeps its state in step); the freezer cgroup itself when runc knows the
+        container no more (its processes would otherwise stay frozen, unkillable by a plain signal)."""
+        state = self._runc_state(container_id)
+        if state is not None and state.status == "paused":
+            try:
+                self._runc.resume(container_id)
+                return "runc resume"
+            except RuncError as e:
+                log.warning("recovery: runc resume failed; thawing the freezer cgroup directly",
+                            extra={"container": container_id, "error": e.message})
+        if cgroups_path and cgroups.freezer_state(cgroups_path) in ("FROZEN", "FREEZING"):
+            cgroups.thaw(cgroups_path)
+            return "freezer.state = THAWED"
+        return ""
 
     def _dump_and_diff(self, record, work: Path, members: "ArchiveMembers", lower_dirs: list, tcp: bool,
                        deadline: float, phases: PhaseTimer) -> list[str]:
@@ -168,7 +274,7 @@ class Checkpointer:
         return deleted
 
     def _package(self, record, work: Path, members: "ArchiveMembers", deleted: list[str], location: Path,
-                 deadline: float, phases: PhaseTimer) -> None:
+                 archive_tmp: Path, deadline: float, phases: PhaseTimer) -> None:
         """Metadata members, then the archive at `location` (complete or not at all)."""
         # Decoding them takes a crit process (~70 ms): never while frozen, nor on the caller's time.
         _log_dump_stats_later(record.id, work)
@@ -176,7 +282,7 @@ class Checkpointer:
         self._move_criu_outputs(work)
         phases.mark("metadata")
         _check_deadline(deadline, f"checkpoint of {record.id} ran out of time before the archive was written")
-        _write_archive_by_deadline(location, work, self._settings.compression, deadline,
+        _write_archive_by_deadline(location, archive_tmp, work, self._settings.compression, deadline,
                                    f"checkpoint of {record.id}")
         phases.mark("archive")
 
@@ -297,14 +403,27 @@ def _check_deadline(deadline: float, message: str) -> None:
 DEADLINE_MARGIN_SECONDS = 0.05
 
 
-def _write_archive_by_deadline(location: Path, work: Path, compression: str, deadline: float, what: str) -> None:
+def archive_temp_path(location: Path, token: str) -> Path:
+    """The hidden file an archive is written to before it is renamed to `location`."""
+    return location.parent / f".{location.name}.pyshim-{token}.tmp"
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        remove_tree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_archive_by_deadline(location: Path, archive_tmp: Path, work: Path, compression: str, deadline: float,
+                               what: str) -> None:
     """write_archive, but the archive appears at `location` only if it was finished in time: a caller
     that gave up must never find an archive it was told failed."""
     def in_time() -> None:
         if time.monotonic() + DEADLINE_MARGIN_SECONDS >= deadline:
             raise DeadlineExceeded(f"{what} ran out of time while writing the archive; it was discarded")
 
-    write_archive(location, work, compression, before_rename=in_time)
+    write_archive(location, work, compression, before_rename=in_time, tmp_path=archive_tmp)
 
 
 @dataclass

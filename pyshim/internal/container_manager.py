@@ -2,10 +2,17 @@
 
 Every operation that can fail midway undoes what it did (an ExitStack of undo steps), so a failed
 CreateContainer leaves no mount, runc container, directory or record behind.
+
+A daemon killed midway runs no undo step: each operation first writes its intent (the intent journal,
+pyshim/internal/intents.py) naming what it will make, and `recover` repairs what the intents and the
+machine (runc's state dir, conmon pid files, container dirs) say at start-up, before the socket is
+served. A container's status (state, pid, times, exit) changes only through `update_status`, under
+the container's lock, so that each transition, and its event, happens exactly once.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -22,10 +29,11 @@ from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_containe
 from oci.spec_schema import InvalidSpec, validate_spec
 from oci.tree_removal import remove_tree
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal import cgroups, mounts, netns, request_paths, tcp_lock
+from pyshim.internal import cgroups, crashpoints, mounts, netns, procs, request_paths, tcp_lock
 from pyshim.internal.checkpointer import CheckpointResult
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
+from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
 from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, OpenCheckpoint, Restorer, RestorePlan, TcpMode
@@ -67,6 +75,14 @@ def _with_command(config, plan: RestorePlan):
     return copy
 
 
+def _cgroups_path_in(config_json: Path) -> str:
+    """The cgroup a container's config.json put it in ("" if unreadable)."""
+    try:
+        return str(json.loads(config_json.read_text()).get("linux", {}).get("cgroupsPath", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def container_name_key(config, sandbox_config) -> str:
     m, p = config.metadata, sandbox_config.metadata
     return f"k8s_{m.name}_{p.name}_{p.namespace}_{p.uid}_{m.attempt}"
@@ -74,7 +90,7 @@ def container_name_key(config, sandbox_config) -> str:
 
 class ContainerManager:
     def __init__(self, root: Path, state_dir: Path, runc: Runc, conmon: Conmon, image_store, events: EventBus,
-                 restorer: Restorer):
+                 restorer: Restorer, intents: IntentJournal | None = None):
         self._root = Path(root) / "containers"
         self._records = RecordStore(Path(root) / "state" / "containers", ContainerRecord)
         self._exit_dir = Path(state_dir) / "exits"
@@ -86,22 +102,43 @@ class ContainerManager:
         self._images = image_store
         self._events = events
         self._restorer = restorer
+        self._intents = intents if intents is not None else IntentJournal(Path(root) / "state" / "intents")
         self._names: dict[str, str] = {}
         self._lock = threading.RLock()
-        self._container_locks: dict[str, threading.Lock] = {}
+        # Re-entrant: a status update (refresh) happens inside operations that hold the lock (stop, remove).
+        self._container_locks: dict[str, threading.RLock] = {}
+        # Until the server serves, exits are recorded but their STOPPED events wait (publish_pending_stops).
+        self._serving = False
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the records back after a restart and bring each one up to date with reality."""
+        """Read the records back after a restart; `recover` then brings them up to date with reality."""
         self._records.load()
         for record in self._records.all():
             self._names[record.name] = record.id  # records keep the full reservation key
-            self._reconcile(record)
 
-    def _lock_for(self, container_id: str) -> threading.Lock:
+    def _lock_for(self, container_id: str) -> threading.RLock:
         with self._lock:
-            return self._container_locks.setdefault(container_id, threading.Lock())
+            return self._container_locks.setdefault(container_id, threading.RLock())
+
+    def update_status(self, record: ContainerRecord, change) -> bool:
+        """The one way a container's status changes: `change(record)` mutates it and returns True, or
+        returns False when the transition no longer applies (another thread made it first). Runs under
+        the container's lock; the record is saved atomically before this returns True, and is left as
+        it was if saving fails. Callers publish an event only when this returns True."""
+        with self._lock_for(record.id):
+            if self._records.get(record.id) is not record:
+                return False  # removed meanwhile (or a stale copy)
+            before = copy.copy(record)
+            if not change(record):
+                return False
+            try:
+                self._records.save(record)
+            except BaseException:
+                vars(record).update(vars(before))
+                raise
+            return True
 
     def _paths(self, record: ContainerRecord) -> MonitorPaths:
         return MonitorPaths(bundle=record.bundle, exit_dir=self._exit_dir,
@@ -137,19 +174,23 @@ class ContainerManager:
         """Record a finished checkpoint; a stopping one also records the container's end."""
         record = self.get(container_id)
         with self._lock_for(record.id):
-            record.checkpointed_at = time.time_ns()
-            record.checkpoint_location = str(result.location)
-            record.last_checkpoint = {
-                "frozenMs": round(result.frozen_seconds * 1000, 1), "totalMs": round(result.total_seconds * 1000, 1),
-                "archiveBytes": result.archive_bytes, "tcpEstablished": result.tcp_established,
-                "stopped": result.stopped, "phasesMs": result.phases_ms}
             if result.stopped:
                 self._wait_exit(record, 30)
-                if record.state == ContainerState.EXITED:
+
+            def noted(r: ContainerRecord) -> bool:
+                r.checkpointed_at = time.time_ns()
+                r.checkpoint_location = str(result.location)
+                r.last_checkpoint = {
+                    "frozenMs": round(result.frozen_seconds * 1000, 1),
+                    "totalMs": round(result.total_seconds * 1000, 1),
+                    "archiveBytes": result.archive_bytes, "tcpEstablished": result.tcp_established,
+                    "stopped": result.stopped, "phasesMs": result.phases_ms}
+                if result.stopped and r.state == ContainerState.EXITED:
                     # Not an error and not a completion: kubelet and people should see why it ended.
-                    record.reason = "Checkpointed"
-                    record.message = f"stopped after a checkpoint to {result.location}"
-            self._records.save(record)
+                    r.reason = "Checkpointed"
+                    r.message = f"stopped after a checkpoint to {result.location}"
+                return True
+            self.update_status(record, noted)
 
     # ---- exit tracking -----------------------------------------------------------------------
 
@@ -164,30 +205,77 @@ class ContainerManager:
         self._mark_exited(record, code, int(when * 1e9))
         return record
 
-    def _mark_exited(self, record: ContainerRecord, code: int, finished_at_ns: int, reason: str = "") -> None:
-        record.state = ContainerState.EXITED
-        record.exit_code = code
-        # conmon's exit-file time and our start stamp come from two clocks reads apart: a process that
-        # exits at once may seem to end before it started.
-        record.finished_at = max(finished_at_ns, record.started_at)
-        oom = (record.bundle / "persist" / "oom").exists()
-        record.reason = reason or ("OOMKilled" if oom else "Completed" if code == 0 else "Error")
-        record.pid = 0
-        self._records.save(record)
-        self._publish(record, EventType.STOPPED)
+    def _mark_exited(self, record: ContainerRecord, code: int, finished_at_ns: int, reason: str = "",
+                     message: str | None = None) -> bool:
+        """RUNNING/CREATED -> EXITED, once: the exit watcher and request threads may all notice the
+        same exit; only the one whose transition happened publishes STOPPED."""
+        serving = self._serving
 
-    def _reconcile(self, record: ContainerRecord) -> None:
+        def to_exited(r: ContainerRecord) -> bool:
+            if r.state == ContainerState.EXITED:
+                return False
+            r.state = ContainerState.EXITED
+            r.exit_code = code
+            # conmon's exit-file time and our start stamp come from two clocks reads apart: a process
+            # that exits at once may seem to end before it started.
+            r.finished_at = max(finished_at_ns, r.started_at)
+            oom = (r.bundle / "persist" / "oom").exists()
+            r.reason = reason or ("OOMKilled" if oom else "Completed" if code == 0 else "Error")
+            if message is not None:
+                r.message = message
+            r.pid = 0
+            # Marked sent in the same save as the exit: a crash between the save and the publish loses
+            # this one event rather than sending it twice. Before serving there is nobody to send it to.
+            r.stopped_event_sent = serving
+            return True
+        if not self.update_status(record, to_exited):
+            return False
+        if serving:
+            self._publish(record, EventType.STOPPED)
+        return True
+
+    def publish_pending_stops(self) -> None:
+        """Once the server serves: STOPPED for every container whose exit was recorded while nobody
+        could hear it (it ended while the daemon was down), exactly once across restarts."""
+        self._serving = True
+        for record in self._records.all():
+            def sent(r: ContainerRecord) -> bool:
+                if r.stopped_event_sent or r.state != ContainerState.EXITED:
+                    return False
+                r.stopped_event_sent = True
+                return True
+            if self.update_status(record, sent):
+                self._publish(record, EventType.STOPPED)
+
+    def _reconcile(self, record: ContainerRecord, states: dict | None = None) -> None:
+        """Bring one record up to date with what runc and conmon say (start-up only); `states` is
+        runc's state of every container, None to ask runc for this one."""
         if record.state not in (ContainerState.RUNNING, ContainerState.CREATED) or record.pending_restore:
             return
         exited = Conmon.exit_code(self._paths(record), record.id)
         if exited is not None:
             self._mark_exited(record, exited[0], int(exited[1] * 1e9))
             return
-        state = self._runc.state(record.id)
+        state = states.get(record.id) if states is not None else self._runc.state(record.id)
         if state is None or state.status == "stopped":
             # The container is gone and nobody recorded its end (the host restarted, or runc state was wiped).
-            record.message = "container was gone when the daemon restarted"
-            self._mark_exited(record, UNKNOWN_EXIT_CODE, time.time_ns(), reason="Unknown")
+            log.warning("recovery: container gone without an exit record; marked exited",
+                        extra={"container": record.id, "recorded": record.state.value})
+            self._mark_exited(record, UNKNOWN_EXIT_CODE, time.time_ns(), reason="Unknown",
+                              message="container was gone when the daemon restarted")
+        elif record.state == ContainerState.CREATED and state.status in ("running", "paused"):
+            # StartContainer was killed between `runc start` and saving the record: it runs, say so.
+            started = procs.start_time_ns(state.pid) or time.time_ns()
+
+            def to_running(r: ContainerRecord) -> bool:
+                if r.state != ContainerState.CREATED:
+                    return False
+                r.state, r.pid, r.started_at = ContainerState.RUNNING, state.pid, started
+                return True
+            if self.update_status(record, to_running):
+                log.warning("recovery: container recorded CREATED is running (start interrupted); "
+                            "recorded it RUNNING", extra={"container": record.id, "pid": state.pid})
+                self._publish(record, EventType.STARTED)
 
     def poll_exits(self) -> None:
         """Called periodically: publishes STOPPED events promptly even if nobody asks for status."""
@@ -269,12 +357,26 @@ class ContainerManager:
             stop_signal=image.config.stop_signal or "TERM",
         )
         phases = PhaseTimer()
+        # Everything below is found by the container's id (its dir, runc's state, conmon's pid file
+        # in the dir, the cgroup named in config.json): the intent needs no more than that.
+        with self._intents.track(Operation.CREATE_CONTAINER, container_id, dir=str(cdir),
+                                 cgroups_path=record.cgroups_path) as intent:
+            self._create_tracked(record, sandbox, config, image, phases, intent)
+        self._publish(record, EventType.CREATED)
+        log.info("container created", extra={"container": container_id, "sandbox": sandbox.record.id,
+                                             "image": record.image_name, "ms": phases.report()})
+        return record
+
+    def _create_tracked(self, record: ContainerRecord, sandbox: SandboxContext, config, image,
+                        phases: PhaseTimer, intent: Intent) -> None:
+        container_id, key, cdir = record.id, record.name, record.bundle
         with contextlib.ExitStack() as undo:
             cdir.mkdir(mode=0o700)
             undo.callback(remove_tree, cdir, ignore_errors=True)
             for sub in (record.upper, record.work, record.rootfs):
                 sub.mkdir(mode=0o755)
             layers = self._images.layer_paths(image)
+            crashpoints.reached("create_container:rootfs")
             mounts.mount_overlay(layers, record.upper, record.work, record.rootfs)
             undo.callback(mounts.unmount, record.rootfs)
             phases.mark("rootfs")
@@ -288,16 +390,14 @@ class ContainerManager:
             # Before conmon starts: a create that fails or times out half-way leaves a runc state
             # dir, a `runc init` and the container's cgroups, which must go with it.
             undo.callback(self._discard_runc_container, record)
+            crashpoints.reached("create_container:runc_create")
             record.pid = self._conmon.create(container_id, key, self._paths(record), record.log_path,
                                              stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty)
             phases.mark("runc_create")
+            crashpoints.reached("create_container:record")
             self._records.save(record)
             phases.mark("record")
             undo.pop_all()
-        self._publish(record, EventType.CREATED)
-        log.info("container created", extra={"container": container_id, "sandbox": sandbox.record.id,
-                                             "image": record.image_name, "ms": phases.report()})
-        return record
 
     def _discard_runc_container(self, record: ContainerRecord) -> None:
         """Undo of a create: runc's container (state dir and processes) and its cgroups."""
@@ -352,11 +452,21 @@ class ContainerManager:
         with self._lock_for(record.id):
             if record.state != ContainerState.CREATED:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}, not CREATED: cannot start it")
-            self._runc.start(record.id)
-            record.state = ContainerState.RUNNING
-            record.started_at = time.time_ns()
-            self._records.save(record)
-        self._publish(record, EventType.STARTED)
+            # Killed after `runc start` and before the save, the record says CREATED while it runs:
+            # recovery (_reconcile) reads runc's state and records the truth.
+            with self._intents.track(Operation.START_CONTAINER, record.id):
+                self._runc.start(record.id)
+                crashpoints.reached("start_container:record")
+                started = time.time_ns()
+
+                def to_running(r: ContainerRecord) -> bool:
+                    if r.state != ContainerState.CREATED:
+                        return False
+                    r.state, r.started_at = ContainerState.RUNNING, started
+                    return True
+                changed = self.update_status(record, to_running)
+        if changed:
+            self._publish(record, EventType.STARTED)
         return self.refresh(record)
 
     def start_restore(self, container_id: str, sandbox: SandboxContext, base_image,
@@ -369,17 +479,19 @@ class ContainerManager:
             if record.state != ContainerState.CREATED or not record.pending_restore:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}, not a CREATED restore")
             try:
-                self._restore_locked(record, sandbox, base_image, checkpoint)
+                with self._intents.track(Operation.RESTORE_CONTAINER, record.id, step="rootfs",
+                                         images_dir=str(record.bundle / "checkpoint"),
+                                         base_image_id=base_image.id) as intent:
+                    self._restore_locked(record, sandbox, base_image, checkpoint, intent)
             except Exception as e:
                 message = getattr(e, "message", str(e))
-                record.message = message
-                self._mark_exited(record, 1, time.time_ns(), reason="RestoreFailed")
+                self._mark_exited(record, 1, time.time_ns(), reason="RestoreFailed", message=message)
                 raise
         self._publish(record, EventType.STARTED)
         return self.refresh(record)
 
     def _restore_locked(self, record: ContainerRecord, sandbox: SandboxContext, base_image,
-                        checkpoint: OpenCheckpoint) -> None:
+                        checkpoint: OpenCheckpoint, intent: Intent) -> None:
         config = self.config_of(record)
         plan = checkpoint.plan
         mode = self._restorer.tcp_mode(plan, config.annotations, [sandbox.record.ip, *sandbox.record.additional_ips])
@@ -393,6 +505,7 @@ class ContainerManager:
             phases.mark("rootfs")
             record.base_image_id = base_image.id
             spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
+            self._intents.advance(intent, "unpack")
             unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
                                              allow_devices=config.linux.security_context.privileged,
@@ -410,6 +523,7 @@ class ContainerManager:
                 spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
             (record.bundle / "config.json").write_text(json.dumps(spec))
             phases.mark("spec")
+            self._intents.advance(intent, "runc_restore", tcp=mode.value)
             try:
                 record.pid = self._conmon.create(record.id, record.name, self._paths(record), record.log_path,
                                                  stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty,
@@ -419,13 +533,15 @@ class ContainerManager:
                 self._runc.delete(record.id, force=True)
                 raise FailedPrecondition(self._restorer.failure_message(record.bundle, e.message)) from None
             phases.mark("runc_restore")
-            record.state = ContainerState.RUNNING
-            record.started_at = time.time_ns()
-            record.restored = True
-            record.restore_tcp = mode.value
-            record.restore_phases_ms = {**phases.report(), **{f"unpack_{k}": v for k, v in
-                                                              unpacked.milliseconds.items()}}
-            self._records.save(record)
+            crashpoints.reached("restore_container:record")
+            pid, started = record.pid, time.time_ns()
+            restore_ms = {**phases.report(), **{f"unpack_{k}": v for k, v in unpacked.milliseconds.items()}}
+
+            def to_running(r: ContainerRecord) -> bool:
+                r.state, r.pid, r.started_at = ContainerState.RUNNING, pid, started
+                r.restored, r.restore_tcp, r.restore_phases_ms = True, mode.value, restore_ms
+                return True
+            self.update_status(record, to_running)
             failed.pop_all()
         log.info("container restored", extra={"container": record.id, "checkpoint": record.restore_from,
                                                "tcp": mode.value, "image_bytes": unpacked.image_bytes,
@@ -451,6 +567,8 @@ class ContainerManager:
                 return
             if record.state != ContainerState.RUNNING:
                 return
+            # No intent: what a stop changes (the process's life) recovery reads back from conmon and runc.
+            crashpoints.reached("stop_container:kill")
             if timeout > 0:
                 self._runc.kill(record.id, record.stop_signal)
                 if self._wait_exit(record, timeout):
@@ -479,24 +597,170 @@ class ContainerManager:
         if record is None:
             return
         with self._lock_for(record.id):
-            self.refresh(record)
-            if record.state == ContainerState.RUNNING or (record.state == ContainerState.CREATED
-                                                          and not record.pending_restore):
-                self._runc.kill(record.id, "KILL", all_processes=True)
-                self._wait_exit(record, 10)
-            self._runc.delete(record.id, force=True)
-            mounts.unmount(record.rootfs)
-            # Any depth: the writable layer may hold a tree planted by the container or an archive.
-            remove_tree(record.dir, ignore_errors=True)
-            for leftover in (self._exit_dir / record.id, self._attach_dir / record.id):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-            self._records.delete(record.id)
-            with self._lock:
-                self._names.pop(record.name, None)
-                self._container_locks.pop(record.id, None)
+            if self._records.get(record.id) is not record:
+                return  # a concurrent RemoveContainer did it (and sent the one DELETED event)
+            # Killed midway, the intent makes recovery finish the removal: kubelet asked for it.
+            with self._intents.track(Operation.REMOVE_CONTAINER, record.id, dir=record.dir,
+                                     cgroups_path=record.cgroups_path):
+                self._remove_locked(record)
         self._publish(record, EventType.DELETED)
         log.info("container removed", extra={"container": record.id})
+
+    def _remove_locked(self, record: ContainerRecord) -> None:
+        self.refresh(record)
+        if record.state == ContainerState.RUNNING or (record.state == ContainerState.CREATED
+                                                      and not record.pending_restore):
+            self._runc.kill(record.id, "KILL", all_processes=True)
+            self._wait_exit(record, 10)
+        crashpoints.reached("remove_container:delete")
+        self._runc.delete(record.id, force=True)
+        mounts.unmount(record.rootfs)
+        # Any depth: the writable layer may hold a tree planted by the container or an archive.
+        remove_tree(record.dir, ignore_errors=True)
+        for leftover in (self._exit_dir / record.id, self._attach_dir / record.id):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        crashpoints.reached("remove_container:record")
+        self._records.delete(record.id)
+        with self._lock:
+            self._names.pop(record.name, None)
+            self._container_locks.pop(record.id, None)
+
+    # ---- recovery after a crash --------------------------------------------------------------
+
+    def recover(self, intents: list[Intent]) -> None:
+        """At start-up, before serving: finish or undo what a killed daemon left half-done, bring every
+        record up to date with runc and conmon, and remove what no record owns. Idempotent."""
+        handlers = {Operation.CREATE_CONTAINER: self._recover_create,
+                    Operation.START_CONTAINER: lambda intent: None,  # _reconcile reads runc's state
+                    Operation.RESTORE_CONTAINER: self._recover_restore,
+                    Operation.REMOVE_CONTAINER: self._recover_remove}
+        for intent in intents:
+            handler = handlers.get(intent.operation)
+            if handler is not None:
+                handler(intent)
+                self._intents.finish(intent)
+        # One `runc list` for all: a `runc state` per container costs ~10 ms each at start-up.
+        try:
+            states = self._runc.states()
+        except (RuncError, ValueError):
+            states = None  # a broken state dir breaks `runc list`: ask per container
+        for record in self._records.all():
+            self._reconcile(record, states)
+        self._sweep_unowned()
+
+    def _recover_create(self, intent: Intent) -> None:
+        if self._records.get(intent.target) is not None:
+            return  # the record was saved: the create finished, only the intent's close was lost
+        log.warning("recovery: interrupted CreateContainer left a container with no record; removed it",
+                    extra={"container": intent.target, "dir": intent.facts.get("dir", "")})
+        self._remove_leftovers(intent.target, intent.facts.get("cgroups_path", ""))
+
+    def _recover_remove(self, intent: Intent) -> None:
+        record = self._records.get(intent.target)
+        if record is not None:
+            log.warning("recovery: interrupted RemoveContainer; finished removing the container",
+                        extra={"container": record.id})
+            self._remove_locked(record)
+            self._publish(record, EventType.DELETED)
+        else:
+            self._remove_leftovers(intent.target, intent.facts.get("cgroups_path", ""))
+
+    def _recover_restore(self, intent: Intent) -> None:
+        """A restore's StartContainer killed midway. If conmon is alive and runc says the restored
+        container runs, it is adopted: it runs under its monitor, its output goes to its log, and
+        killing it would lose the very state the restore brought back. Anything else (killed before
+        or during the unpack, or `runc restore` failed or the process already ended) is killed and
+        reset to CREATED with the restore pending, images dir, mount and rootfs layer emptied, so that
+        kubelet's retried StartContainer restores cleanly and the workload runs exactly once."""
+        record = self._records.get(intent.target)
+        if record is None:
+            self._remove_leftovers(intent.target, "")
+            return
+        if not record.pending_restore:
+            return  # the record was saved restored: only the intent's close was lost
+        paths = self._paths(record)
+        conmon_pid = procs.read_pidfile(paths.conmon_pidfile)
+        state = self._runc_state(record.id)
+        images_dir = Path(intent.facts.get("images_dir") or record.bundle / "checkpoint")
+        if procs.is_conmon_of(conmon_pid, record.id) and state is not None and state.status == "running":
+            started = procs.start_time_ns(state.pid) or time.time_ns()
+
+            def adopted(r: ContainerRecord) -> bool:
+                if not r.pending_restore:
+                    return False
+                r.state, r.pid, r.started_at, r.restored = ContainerState.RUNNING, state.pid, started, True
+                r.restore_tcp = intent.facts.get("tcp", "")
+                r.base_image_id = intent.facts.get("base_image_id", r.base_image_id)
+                r.message = "restore adopted after a daemon restart"
+                return True
+            if self.update_status(record, adopted):
+                remove_tree(images_dir, ignore_errors=True)
+                log.warning("recovery: interrupted restore is running under its conmon; adopted it as RUNNING",
+                            extra={"container": record.id, "pid": state.pid, "conmon": conmon_pid})
+                self._publish(record, EventType.STARTED)
+            return
+        self._kill_container_processes(record.id, conmon_pid)
+        mounts.unmount(record.rootfs)
+        remove_tree(images_dir, ignore_errors=True)
+        for layer_dir in (record.upper, record.work):  # the diff is applied again at the retry
+            remove_tree(layer_dir, ignore_errors=True)
+            layer_dir.mkdir(mode=0o755, exist_ok=True)
+        for leftover in (self._exit_dir / record.id, paths.conmon_pidfile, paths.container_pidfile,
+                         paths.persist_dir / "oom"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        if record.cgroups_path:
+            cgroups.remove(record.cgroups_path)
+        log.warning("recovery: interrupted restore did not come up under a monitor; killed what it started "
+                    "and reset the container to CREATED for a clean retry",
+                    extra={"container": record.id, "step": intent.step,
+                           "runc": state.status if state else "none"})
+
+    def _runc_state(self, container_id: str):
+        try:
+            return self._runc.state(container_id)
+        except RuncError:
+            return None
+
+    def _kill_container_processes(self, container_id: str, conmon_pid: int) -> None:
+        with contextlib.suppress(RuncError):
+            self._runc.kill(container_id, "KILL", all_processes=True)
+        with contextlib.suppress(RuncError):
+            self._runc.delete(container_id, force=True)
+        if procs.is_conmon_of(conmon_pid, container_id):
+            procs.kill(conmon_pid)
+
+    def _remove_leftovers(self, container_id: str, cgroups_path: str) -> None:
+        """Everything a container with no record may have left: runc container, conmon, mount, dir, cgroup."""
+        cdir = self._root / container_id
+        cgroups_path = cgroups_path or _cgroups_path_in(cdir / "config.json")
+        self._kill_container_processes(container_id, procs.read_pidfile(cdir / "conmon.pid"))
+        mounts.unmount(cdir / "rootfs")
+        remove_tree(cdir, ignore_errors=True)
+        for leftover in (self._exit_dir / container_id, self._attach_dir / container_id):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        if cgroups_path:
+            cgroups.remove(cgroups_path)
+
+    def _sweep_unowned(self) -> None:
+        """runc containers and container dirs that no record owns (a CreateContainer killed before it
+        wrote its intent's close, or debris from before the journal existed)."""
+        known = {r.id for r in self._records.all()}
+        # runc's state dir, not `runc list`: one broken state dir makes `runc list` fail for all.
+        runc_ids = {p.name for p in self._runc.root.iterdir() if p.is_dir()} if self._runc.root.is_dir() else set()
+        dir_ids = {p.name for p in self._root.iterdir()}
+        for container_id in sorted((runc_ids | dir_ids) - known):
+            log.warning("recovery: container with no record found; removed it (runc container, conmon, "
+                        "rootfs mount, dir, cgroup)", extra={"container": container_id,
+                                                            "runc": container_id in runc_ids})
+            self._remove_leftovers(container_id, "")
+        for directory in (self._exit_dir, self._attach_dir):
+            for entry in directory.iterdir():
+                if entry.name not in known:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
 
     # ---- in-container operations -------------------------------------------------------------
 

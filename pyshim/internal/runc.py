@@ -103,6 +103,13 @@ class Runc:
         doc = json.loads(proc.stdout)
         return RuncState(doc["id"], int(doc.get("pid") or 0), doc["status"], doc.get("bundle", ""))
 
+    def states(self) -> dict[str, RuncState]:
+        """Every container's state in one runc call (start-up recovery reads them all at once)."""
+        proc = self._run("list", "--format", "json")
+        docs = json.loads(proc.stdout or b"null") or []
+        return {d["id"]: RuncState(d["id"], int(d.get("pid") or 0), d["status"], d.get("bundle", ""))
+                for d in docs}
+
     def list_ids(self) -> list[str]:
         proc = self._run("list", "-q")
         return [line for line in proc.stdout.decode().splitlines() if line]

@@ -91,6 +91,10 @@ class ContainerRecord:
     restore_tcp: str = ""  # restorer.TcpMode value chosen at restore
     restored_checkpoint_time: int = 0  # ns; when the checkpoint restored from was taken
     restore_phases_ms: dict = field(default_factory=dict)
+    # False while an exit is recorded but its STOPPED event not yet published: an exit noticed at
+    # start-up (the container ended while the daemon was down) is published once the server serves.
+    # True by default: nothing is pending for a running container, nor for a record older than this field.
+    stopped_event_sent: bool = True
 
     kind = "container"
 

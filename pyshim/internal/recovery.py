@@ -1,0 +1,42 @@
+"""Start-up recovery: make the records and the machine agree again after the daemon was killed.
+
+Runs once in `pyshim/daemon.py build_runtime`, before the CRI socket is served, so that no call
+ever sees a half-done operation. Each owner repairs its own intents (pyshim/internal/intents.py)
+and sweeps what no record of its kind owns; every repair is one WARNING line naming what was found
+and what was done. Every step is idempotent: a daemon killed during recovery recovers again.
+
+Order matters:
+1. pod sandboxes (netns, IPs, CNI cache, pod dirs, cgroups): a container's repair may need its pod;
+2. the image store (partial pulls): a restore's retry may need its base image whole;
+3. checkpoints: a container frozen by a killed checkpoint is thawed before the containers are
+   reconciled, so that runc's state read there is the truth (running, not paused);
+4. containers: creates, starts, restores and removals cut short, then every record against runc and
+   conmon, then runc containers and dirs no record owns.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from pyshim.internal.intents import IntentJournal
+
+log = logging.getLogger(__name__)
+
+
+def recover(parts, journal: IntentJournal) -> float:
+    """Repair what a killed daemon left; `parts` has sandboxes, registry, checkpointer, containers.
+    Returns the seconds it took."""
+    started = time.monotonic()
+    pending = journal.pending()
+    if pending:
+        log.warning("recovery: open intents of a previous daemon found", extra={
+            "count": len(pending), "intents": [f"{i.operation.value}:{i.step} {i.target}" for i in pending]})
+    parts.sandboxes.recover(pending)
+    parts.registry.recover(pending)  # the journaled puller (pyshim/internal/image_pulls.py)
+    parts.checkpointer.recover(pending)
+    parts.containers.recover(pending)
+    # Pod cgroups that only became empty once orphaned containers were removed above.
+    parts.sandboxes.sweep_cgroups()
+    seconds = time.monotonic() - started
+    log.info("recovery done", extra={"ms": round(seconds * 1000, 1), "intents": len(pending)})
+    return seconds
