@@ -16,6 +16,7 @@ from cri_api import api_pb2_grpc
 from oci.registry import RegistryClient
 from oci.store import ImageStore
 from pyshim.config import Config
+from criu_glue.checkpoint_cache import CheckpointCache
 from pyshim.internal.checkpointer import Checkpointer
 from pyshim.internal.restorer import Restorer
 from pyshim.internal.cni import CNINetwork, default_conflist, load_conflist
@@ -73,7 +74,7 @@ def build_runtime(config: Config) -> Runtime:
     events = EventBus()
     images = ImageStore(root / "images")
     checkpointer = Checkpointer(config.checkpoint, runc, root / "checkpoint-work")
-    restorer = Restorer(config.checkpoint, checkpointer.criu)
+    restorer = Restorer(config.checkpoint, checkpointer.criu, cache=CheckpointCache(images))
     containers = ContainerManager(root, state, runc, conmon, images, events, restorer)
     sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent)
     sandboxes.load()
