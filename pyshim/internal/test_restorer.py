@@ -128,3 +128,42 @@ def test_restore_gate():
     with pytest.raises(FailedPrecondition, match="too old"):
         Restorer(CheckpointSettings(), CriuAvailability(False, "3.17", "CRIU 3.17 is too old")).check_enabled()
     Restorer(CheckpointSettings(), USABLE).check_enabled()
+
+
+def _archive_with_real_images(path: Path) -> Path:
+    """_archive's metadata with the CRIU images CRIU 4.2.1 wrote for criu_glue's tests."""
+    _archive(path)
+    fixtures = Path(__file__).resolve().parents[2] / "criu_glue" / "testdata" / "criu-4.2-busybox"
+    with tarfile.open(path, "a") as tar:
+        for image in sorted(fixtures.iterdir()):
+            if image.name != "inventory.img":  # _archive has one
+                tar.add(image, f"checkpoint/{image.name}")
+    return path
+
+
+def test_unpack_links_the_stored_images_and_gives_each_restore_its_hostname(tmp_path):
+    from criu_glue.checkpoint_cache import CheckpointCache
+    from criu_glue.criu import SeccompMode
+    from oci.store import ImageStore
+
+    store = ImageStore(tmp_path / "store")
+    restorer = Restorer(CheckpointSettings(), USABLE, cache=CheckpointCache(store))
+    archive = _archive_with_real_images(tmp_path / "a.tar")
+    results = []
+    for name in ("one", "two"):
+        bundle = tmp_path / name
+        (bundle / "rootfs").mkdir(parents=True)
+        with restorer.open(archive, _config()) as checkpoint:
+            results.append(restorer.unpack(checkpoint, bundle / "checkpoint", bundle / "rootfs", "", f"pod-{name}"))
+    first, second = results
+    assert not first.images_from_cache and second.images_from_cache
+    assert first.facts.seccomp_modes["core-1.img"] == SeccompMode.FILTER and len(first.credentials) == 5
+    assert "criu_images_unpack" in first.milliseconds
+    (entry,) = (store.root / "checkpoints" / "sha256").iterdir()
+    for name in ("one", "two"):
+        images = tmp_path / name / "checkpoint"
+        assert (images / "core-1.img").stat().st_ino == (entry / "core-1.img").stat().st_ino
+        assert (images / "utsns-12.img").stat().st_ino != (entry / "utsns-12.img").stat().st_ino
+        assert f"pod-{name}".encode() in (images / "utsns-12.img").read_bytes()
+    assert b"fixture-host" in (entry / "utsns-12.img").read_bytes()
+    store.close()
