@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 deps:
 	bash scripts/install-system-deps.sh
 
-$(STAMP): pyproject.toml setup.py cri_api/api.proto
+$(STAMP): pyproject.toml setup.py cri_api/api.proto $(wildcard criu_glue/criu_pb/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -55,4 +55,4 @@ bench-migrate: install
 	$(PY) -m bench.migrate $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info cri_api/*_pb2*.py cri_api/*_pb2.pyi
+	rm -rf $(VENV) build *.egg-info cri_api/*_pb2*.py cri_api/*_pb2.pyi criu_glue/criu_pb/*_pb2.py

@@ -193,7 +193,7 @@ def _bare_run(settings: DaemonSettings, subject: Subject, scratch: Path) -> None
         subject.bare.append((time.perf_counter() - started) * 1000)
         stats = read_dump_stats(work / "stats-dump") or read_dump_stats(images / "stats-dump")
         if stats is None:
-            raise RuntimeError("bare runc checkpoint wrote no CRIU statistics (is crit installed?)")
+            raise RuntimeError("bare runc checkpoint wrote no readable CRIU statistics (stats-dump)")
         subject.bare_criu_frozen.append((stats.freezing_time_us + stats.frozen_time_us) / 1000)
     finally:
         shutil.rmtree(images, ignore_errors=True)

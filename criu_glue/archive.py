@@ -212,6 +212,16 @@ class CheckpointArchive:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    # ------------------------------------------------------------ the file itself
+
+    def file_stat(self) -> os.stat_result:
+        """fstat of the file indexed at open (the path may name another file by now)."""
+        return os.fstat(self._raw.fileno())
+
+    def reopen(self) -> BinaryIO:
+        """A new read handle, with its own position, on the very file indexed at open."""
+        return open(f"/proc/self/fd/{self._raw.fileno()}", "rb")
+
     # ------------------------------------------------------------ metadata
 
     def config(self) -> CheckpointConfig:

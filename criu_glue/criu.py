@@ -1,15 +1,17 @@
 """Facts about CRIU that pyshim needs around a `runc checkpoint`: is it usable, what went wrong, how long
-did it take. CRIU itself is driven by runc; images are decoded with CRIU's own `crit`, never by hand."""
+did it take, and what a restore must check in the images. CRIU itself is driven by runc; its images
+are decoded in this process from their protobuf messages (criu_glue.criu_images, CRIU's own .proto)."""
 from __future__ import annotations
 
 import enum
-import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import criu_images
+from .criu_pb import fdinfo_pb2, mnt_pb2
 from .restore_mounts import ImageMount
 
 CRIT = "/usr/bin/crit"
@@ -69,20 +71,17 @@ class DumpStats:
 
 
 def read_dump_stats(stats_file: Path) -> DumpStats | None:
-    """CRIU's `stats-dump`, decoded by crit; None if it is missing or crit is not installed."""
-    if not stats_file.exists() or not Path(CRIT).exists():
-        return None
-    proc = subprocess.run([CRIT, "decode", "-i", str(stats_file)], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        return None
+    """CRIU's `stats-dump`; None if it is missing or unreadable."""
     try:
-        dump = json.loads(proc.stdout)["entries"][0]["dump"]
-    except (ValueError, KeyError, IndexError):
+        image = criu_images.read_image(stats_file, criu_images.STATS)
+    except criu_images.CriuImageError:
         return None
+    if not image.entries or not image.entries[0].HasField("dump"):
+        return None
+    dump = image.entries[0].dump
     return DumpStats(
-        freezing_time_us=int(dump.get("freezing_time", 0)), frozen_time_us=int(dump.get("frozen_time", 0)),
-        memdump_time_us=int(dump.get("memdump_time", 0)), memwrite_time_us=int(dump.get("memwrite_time", 0)),
-        pages_scanned=int(dump.get("pages_scanned", 0)), pages_written=int(dump.get("pages_written", 0)))
+        freezing_time_us=dump.freezing_time, frozen_time_us=dump.frozen_time, memdump_time_us=dump.memdump_time,
+        memwrite_time_us=dump.memwrite_time, pages_scanned=dump.pages_scanned, pages_written=dump.pages_written)
 
 
 def has_established_tcp(pid: int) -> bool:
@@ -99,7 +98,7 @@ def has_established_tcp(pid: int) -> bool:
 
 
 class CritError(Exception):
-    """crit could not decode or encode a CRIU image."""
+    """crit could not decode or encode a CRIU image (kept for callers; the daemon no longer runs crit)."""
 
 
 # Linux capability numbers (include/uapi/linux/capability.h), as CRIU stores them: bit N of the sets.
@@ -142,86 +141,136 @@ def _cap_names(words: list[int]) -> set[str]:
 
 
 @dataclass(frozen=True)
+class MountPoint:
+    """One mount of the checkpointed mount namespace (mountpoints-<id>.img, mnt.proto)."""
+    mnt_id: int
+    parent_mnt_id: int
+    mountpoint: str  # where, as CRIU records it (relative to the namespace root, e.g. "/proc/sys")
+    fstype: str      # "proc", "sysfs", "tmpfs", ...; CRIU's fsname for types it handles as "auto"
+    source: str
+    root: str        # the mounted subtree of its filesystem ("/" for a whole one)
+    options: str
+    flags: int       # MS_* mount flags (MS_RDONLY = 1)
+    sb_flags: int
+    external: bool   # a bind mount from outside (runc hands these to CRIU as external)
+
+
+@dataclass(frozen=True)
+class TcpStream:
+    """One established TCP connection CRIU dumped (tcp-stream-<inode>.img)."""
+    image: str
+    inq_len: int   # bytes received, not yet read by the process
+    outq_len: int  # bytes in the send queue
+
+
+@dataclass(frozen=True)
 class RestoreImageFacts:
     credentials: list[ProcessCredentials]
     root_mode: int | None  # mode of the container's / when dumped
     mounts: tuple[ImageMount, ...] = ()  # what CRIU will mount (criu_glue.restore_mounts checks it)
-
-
-# One interpreter, CRIU's own pycriu: give the UTS namespace the new hostname (CRIU writes the dumped
-# one into the namespace it joins, which would rename the new pod after the old one), and report each
-# process's credentials and the mode of / (CRIU refuses open references to a / of another mode).
-_PREPARE_SCRIPT = """
-import glob, json, os, sys, pycriu
-images, hostname = sys.argv[1], sys.argv[2]
-def load(path):
-    with open(path, "rb") as f:
-        return pycriu.images.load(f)
-for path in sorted(glob.glob(os.path.join(images, "utsns-*.img"))):
-    doc = load(path)
-    for entry in doc["entries"]:
-        entry["nodename"] = hostname
-    with open(path + ".new", "wb") as f:
-        pycriu.images.dump(doc, f)
-    os.replace(path + ".new", path)
-creds = []
-for path in sorted(glob.glob(os.path.join(images, "core-*.img"))):
-    entry = load(path)["entries"][0]
-    thread = entry.get("thread_core", {})
-    # CRIU leaves the mode out when seccomp is disabled; older images kept it in the task core. A zombie's
-    # or a helper's image has no thread at all, hence nothing a filter could be restored to (None).
-    seccomp = thread.get("seccomp_mode", entry.get("tc", {}).get("old_seccomp_mode", "disabled")) \
-        if "thread_core" in entry else None
-    creds.append({"image": os.path.basename(path), "creds": thread.get("creds") or {}, "seccomp": seccomp})
-modes = []
-if os.path.exists(os.path.join(images, "files.img")):
-    for e in load(os.path.join(images, "files.img"))["entries"]:
-        if e.get("type") == "REG" and e["reg"].get("name") == "/" and "mode" in e["reg"]:
-            modes.append(e["reg"]["mode"])
-mounts = []
-for path in sorted(glob.glob(os.path.join(images, "mountpoints-*.img"))):
-    for e in load(path)["entries"]:
-        mounts.append(dict(e, image=os.path.basename(path)))
-json.dump({"creds": creds, "root_mode": modes[0] if modes else None, "mounts": mounts}, sys.stdout,
-          default=str)
-"""
+    seccomp_modes: dict[str, SeccompMode] = field(default_factory=dict)  # core-<tid>.img -> mode
+    mountpoints: tuple[MountPoint, ...] = ()
+    tcp_streams: tuple[TcpStream, ...] = ()
+    dumped_hostname: str = ""  # the UTS nodename in the images before the new pod's was written
 
 
 def prepare_restore_images(images_dir: Path, hostname: str) -> RestoreImageFacts:
-    """Set the restored hostname in the images and read what restore must check in them."""
-    python = Path(CRIT).read_text(errors="replace").splitlines()[0].removeprefix("#!").strip() \
-        if Path(CRIT).exists() else ""
-    if not python:
-        raise CritError(f"{CRIT} (python3-pycriu) is not installed: cannot read CRIU images")
-    proc = subprocess.run([python, "-c", _PREPARE_SCRIPT, str(images_dir), hostname], capture_output=True,
-                          text=True, timeout=120)
-    if proc.returncode != 0:
-        raise CritError(f"cannot decode the checkpoint's CRIU images: {proc.stderr.strip()[-300:]}")
-    doc = json.loads(proc.stdout)
-    try:
-        mounts = tuple(ImageMount.from_entry(e) for e in doc.get("mounts") or [])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CritError(f"the checkpoint's mountpoints image is malformed: {e}") from None
-    return RestoreImageFacts([_credentials(item) for item in doc["creds"]],
-                             int(doc["root_mode"]) if doc["root_mode"] is not None else None, mounts)
+    """Set the restored hostname in the images and read what restore must check in them.
+
+    Decoded here, from the protobuf messages (criu_glue.criu_images), not by crit: a second
+    interpreter cost ~150 ms per restore. CriuImageError (an ArchiveError) for a malformed image."""
+    facts = read_restore_facts(images_dir)
+    set_uts_hostname(images_dir, hostname)
+    return facts
 
 
-def _credentials(item: dict) -> ProcessCredentials:
-    c = item["creds"]
+def set_uts_hostname(images_dir: Path, hostname: str) -> None:
+    """Give the UTS namespace image the new pod's hostname: CRIU writes the dumped one into the
+    namespace it joins, which would rename the new pod after the old one. The image is replaced by
+    a new file (criu_images.write_image), never written through a link to a shared copy."""
+    for path in sorted(images_dir.glob("utsns-*.img")):
+        image = criu_images.read_image(path, criu_images.UTSNS)
+        for entry in image.entries:
+            entry.nodename = hostname
+        criu_images.write_image(path, image)
+
+
+def read_restore_facts(images_dir: Path) -> RestoreImageFacts:
+    """Each thread's credentials and seccomp mode, the mode of /, the mounts and the TCP streams."""
+    credentials, seccomp = [], {}
+    for path in sorted(images_dir.glob("core-*.img")):
+        core = _single_entry(criu_images.read_image(path, criu_images.CORE), path)
+        credentials.append(_credentials(path.name, core))
+        seccomp[path.name] = _seccomp_mode(core)
+    hostname = ""
+    for path in sorted(images_dir.glob("utsns-*.img")):
+        entries = criu_images.read_image(path, criu_images.UTSNS).entries
+        hostname = hostname or (entries[0].nodename if entries else "")
+    mounts = tuple(_mountpoint(entry) for path in sorted(images_dir.glob("mountpoints-*.img"))
+                   for entry in criu_images.read_image(path, criu_images.MNTS).entries)
+    image_mounts = tuple(_image_mount(path.name, entry) for path in sorted(images_dir.glob("mountpoints-*.img"))
+                         for entry in criu_images.read_image(path, criu_images.MNTS).entries)
+    streams = tuple(TcpStream(path.name, entry.inq_len, entry.outq_len)
+                    for path in sorted(images_dir.glob("tcp-stream-*.img"))
+                    for entry in criu_images.read_image(path, criu_images.TCP_STREAM).entries)
+    return RestoreImageFacts(credentials, _root_mode(images_dir), image_mounts, seccomp, mounts, streams, hostname)
+
+
+def _single_entry(image: criu_images.CriuImage, path: Path):
+    if len(image.entries) != 1:
+        raise criu_images.CriuImageError(f"CRIU image {path.name} holds {len(image.entries)} entries, "
+                                         "a core image holds one")
+    return image.entries[0]
+
+
+def _credentials(image: str, core) -> ProcessCredentials:
+    # No creds in the image reads as uid/gid 0 and no capabilities: the check then treats the
+    # process as root, the cautious reading.
+    c = core.thread_core.creds
     caps: set[str] = set()
-    for key in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb"):
-        caps |= _cap_names(c.get(key) or [])
-    return ProcessCredentials(
-        image=item["image"], uids=tuple(int(c.get(k, 0)) for k in ("uid", "euid", "suid", "fsuid")),
-        gids=tuple(int(c.get(k, 0)) for k in ("gid", "egid", "sgid", "fsgid")), capabilities=frozenset(caps),
-        seccomp_mode=_seccomp_mode(item.get("seccomp", "disabled"), item["image"]))
+    for words in (c.cap_inh, c.cap_prm, c.cap_eff, c.cap_bnd, c.cap_amb):
+        caps |= _cap_names(list(words))
+    # A zombie's or a CRIU helper's image has no thread: nothing a filter could be restored to (None).
+    seccomp = _seccomp_mode(core) if core.HasField("thread_core") else None
+    return ProcessCredentials(image=image, uids=(c.uid, c.euid, c.suid, c.fsuid),
+                              gids=(c.gid, c.egid, c.sgid, c.fsgid), capabilities=frozenset(caps),
+                              seccomp_mode=seccomp)
 
 
-def _seccomp_mode(value, image: str) -> SeccompMode | None:
-    """crit prints the enum's name ("filter"); a number is accepted too."""
-    if value is None:
+def _seccomp_mode(core) -> SeccompMode:
+    # CRIU >= 3.x records the mode per thread; older images only in the task's old_seccomp_mode.
+    if core.thread_core.HasField("seccomp_mode"):
+        value = core.thread_core.seccomp_mode
+    else:
+        value = core.tc.old_seccomp_mode
+    # An unknown mode reads as FILTER, the restrictive reading.
+    return SeccompMode(value) if value in SeccompMode._value2member_map_ else SeccompMode.FILTER
+
+
+def _mountpoint(entry) -> MountPoint:
+    fstype = mnt_pb2.fstype.Name(entry.fstype).lower() if entry.fstype in mnt_pb2.fstype.values() \
+        else str(entry.fstype)
+    if entry.fsname:
+        fstype = entry.fsname
+    return MountPoint(mnt_id=entry.mnt_id, parent_mnt_id=entry.parent_mnt_id, mountpoint=entry.mountpoint,
+                      fstype=fstype, source=entry.source, root=entry.root, options=entry.options,
+                      flags=entry.flags, sb_flags=entry.sb_flags, external=entry.ext_mount)
+
+
+def _image_mount(image: str, entry) -> ImageMount:
+    """The mount as criu_glue.restore_mounts checks it against the new request."""
+    return ImageMount.from_entry({"image": image, "mnt_id": entry.mnt_id, "parent_mnt_id": entry.parent_mnt_id,
+                                  "mountpoint": entry.mountpoint, "fstype": entry.fstype, "root": entry.root,
+                                  "flags": entry.flags, "sb_flags": entry.sb_flags, "ext_key": entry.ext_key})
+
+
+def _root_mode(images_dir: Path) -> int | None:
+    # CRIU refuses to restore open references to a / whose mode differs from the dumped one.
+    path = images_dir / "files.img"
+    if not path.exists():
         return None
-    try:
-        return SeccompMode[value.upper()] if isinstance(value, str) else SeccompMode(int(value))
-    except (KeyError, ValueError, TypeError):
-        raise CritError(f"{image}: unknown seccomp mode {value!r}") from None
+    for entry in criu_images.read_image(path, criu_images.FILES).entries:
+        if entry.type == fdinfo_pb2.REG and entry.HasField("reg") and entry.reg.name == "/" \
+                and entry.reg.HasField("mode"):
+            return entry.reg.mode
+    return None

@@ -1,6 +1,7 @@
 """Restore through CreateContainer/StartContainer into a new pod: real runc restore + CRIU."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -86,13 +87,31 @@ def test_restore_from_archive_continues_the_process_in_a_new_pod(client, pulled_
         cleanup(client, pod_id)
 
 
-def test_restoring_twice_from_one_archive_gives_two_independent_containers(client, pulled_busybox, archive_dir):
+def unpacked_checkpoint(daemon, digest: str) -> Path:
+    """Where the store keeps a checkpoint's CRIU images, unpacked once (criu_glue.checkpoint_cache)."""
+    return daemon.settings.root / "images" / "checkpoints" / "sha256" / digest.removeprefix("sha256:")
+
+
+def stored_hostname(entry: Path) -> str:
+    from criu_glue import criu_images
+    return criu_images.read_image(next(entry.glob("utsns-*.img")), criu_images.UTSNS).entries[0].nodename
+
+
+def test_restoring_twice_from_one_archive_gives_two_independent_containers(client, daemon, pulled_busybox,
+                                                                           archive_dir):
     archive = archive_dir / "counter.tar"
     checkpointed_counter(client, pulled_busybox, archive)
     _, pod_a, cid_a = restore_into_new_pod(client, str(archive))
     try:
-        _, pod_b, cid_b = restore_into_new_pod(client, str(archive))
+        # The first restore unpacked the CRIU images into the store, keyed by the archive's sha256.
+        entry = unpacked_checkpoint(daemon, hashlib.sha256(archive.read_bytes()).hexdigest())
+        assert entry.is_dir() and (entry / "inventory.img").stat().st_mode & 0o777 == 0o444
+        dumped_hostname = stored_hostname(entry)
+        pod_b_config, pod_b, cid_b = restore_into_new_pod(client, str(archive))
         try:
+            # Each restore got the new pod's hostname in a private UTS image; the shared one is untouched.
+            assert client.exec_sync(cid_b, ["hostname"]).stdout.decode().strip() == pod_b_config.hostname
+            assert stored_hostname(entry) == dumped_hostname != pod_b_config.hostname
             client.exec_sync(cid_a, ["sh", "-c", "echo only-a > /marker"])
             assert client.exec_sync(cid_b, ["test", "-e", "/marker"]).exit_code == 1
             client.stop(cid_a, timeout=0)
@@ -337,8 +356,17 @@ def test_restore_from_a_checkpoint_image_pulled_from_a_registry(client, daemon, 
     pushed = pyshim("checkpoint-image", "push", tag, "--root", root)
     assert pushed.returncode == 0, pushed.stderr
     remove_image(client, tag)
+    entry = None
     try:
+        used_before = client.images.ImageFsInfo(cri.ImageFsInfoRequest()).image_filesystems[0].used_bytes.value
         client.pull(tag)  # what kubelet does first with any image
+        # PullImage put the layer's CRIU images into the store, and ImageFsInfo counts them.
+        status = client.images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=tag), verbose=True))
+        entry = unpacked_checkpoint(daemon, json.loads(status.info["info"])["layers"][0])
+        assert entry.is_dir()
+        unpacked_bytes = sum(f.stat().st_size for f in entry.iterdir())
+        used_after = client.images.ImageFsInfo(cri.ImageFsInfoRequest()).image_filesystems[0].used_bytes.value
+        assert used_after - used_before >= unpacked_bytes
         _, pod_a, cid_a = restore_into_new_pod(client, tag)
         try:
             status = client.status(cid_a, verbose=True)
@@ -358,6 +386,7 @@ def test_restore_from_a_checkpoint_image_pulled_from_a_registry(client, daemon, 
             cleanup(client, pod_a)
     finally:
         remove_image(client, tag)
+    assert entry is None or not entry.exists(), "the unpacked checkpoint outlived its image"
 
 
 def test_restore_refuses_processes_with_more_privilege_than_the_new_request(client, counter_archive):

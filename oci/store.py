@@ -3,6 +3,10 @@
 On disk, under `root`:
     blobs/<alg>/<hex>         manifests, configs and layer blobs, verified against their digest
     layers/<alg>/<diff hex>   each layer unpacked once (overlay format), shared between images
+    checkpoints/<alg>/<hex>   the CRIU images of a checkpoint, unpacked once from the blob (or
+                              checkpoint archive) of that digest: read-only, shared by every
+                              restore through hard links, removed with the last image using the
+                              blob (criu_glue.checkpoint_cache fills and uses them)
     images.json               which images exist and their tags; everything else is derived
                               from the blobs, so this file stays small and is rewritten atomically
     tmp/                      partial blobs and unpacks, renamed into place only when complete
@@ -324,11 +328,12 @@ class ImageStore:
         self.root = Path(root)
         self._blobs = self.root / "blobs"
         self._layers = self.root / "layers"
+        self._checkpoints = self.root / "checkpoints"
         self._tmp = self.root / "tmp"
         self._state_path = self.root / _STATE_FILE
         self._lock = threading.RLock()
         self._unpack_locks: dict[str, threading.Lock] = {}
-        for d in (self.root, self._blobs, self._layers):
+        for d in (self.root, self._blobs, self._layers, self._checkpoints):
             d.mkdir(parents=True, exist_ok=True)
         self._images: dict[str, _StoredImage] = {}
         self._records: dict[str, ImageRecord] = {}
@@ -570,6 +575,95 @@ class ImageStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    # ------------------------------------------------------------ unpacked checkpoints
+
+    def blob_digest_of_path(self, path: Path) -> str | None:
+        """The digest of the stored blob at `path`, None if `path` is not a blob of this store."""
+        path = Path(path)
+        try:
+            relative = path.relative_to(self._blobs)
+        except ValueError:
+            return None
+        parts = relative.parts
+        if len(parts) != 2 or not _HEX_RE.match(parts[1]):
+            return None
+        digest = f"{parts[0]}:{parts[1]}"
+        return digest if self.blob_path(digest) == path else None
+
+    def unpacked_checkpoint_path(self, digest: str) -> Path:
+        algorithm, hexpart = split_digest(digest)
+        return self._checkpoints / algorithm / hexpart
+
+    def has_unpacked_checkpoint(self, digest: str) -> bool:
+        return self.unpacked_checkpoint_path(digest).is_dir()
+
+    def add_unpacked_checkpoint(self, digest: str | None, fill) -> Path:
+        """The entry of `digest`, made by `fill(tmp_dir)` if it does not exist yet.
+
+        `fill` writes into an empty private directory under tmp/ and returns the entry's digest
+        (the content's, which it may only learn as it reads: then `digest` is None). Only when
+        it returns is the directory made read-only (files 0444) and renamed into place, so a
+        failed or interrupted fill leaves nothing that could be used (tmp/ is cleared at the next
+        start). An entry that already exists is kept and the new one discarded."""
+        if digest is not None and self.has_unpacked_checkpoint(digest):
+            return self.unpacked_checkpoint_path(digest)
+        with self._lock:
+            unpack_lock = self._unpack_locks.setdefault(f"checkpoint {digest}", threading.Lock()) \
+                if digest is not None else threading.Lock()
+        with unpack_lock:
+            if digest is not None and self.has_unpacked_checkpoint(digest):
+                return self.unpacked_checkpoint_path(digest)
+            tmp = Path(tempfile.mkdtemp(dir=self._tmp, prefix="checkpoint-"))
+            try:
+                filled = fill(tmp)
+                if digest is not None and filled != digest:
+                    raise DigestMismatch(f"unpacked checkpoint {digest}", digest, str(filled))
+                path = self.unpacked_checkpoint_path(filled)
+                for dirpath, _, filenames in os.walk(tmp):
+                    for name in filenames:
+                        os.chmod(os.path.join(dirpath, name), 0o444)
+                os.chmod(tmp, 0o755)
+                path.parent.mkdir(exist_ok=True)
+                try:
+                    os.rename(tmp, path)
+                except OSError:
+                    if not path.is_dir():
+                        raise
+                    # Another restore or process finished the same entry first: keep theirs.
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def link_unpacked_checkpoint(self, digest: str, dest: Path) -> bool:
+        """Hard-link every file of the entry of `digest` into the empty directory `dest` (copies
+        where the filesystems differ). False if there is no entry. Held against a concurrent
+        remove of the entry (this process's or another's), so a link set is never partial."""
+        with self._exclusive():
+            source = self.unpacked_checkpoint_path(digest)
+            if not source.is_dir():
+                return False
+            _link_tree(source, Path(dest))
+            return True
+
+    def remove_unpacked_checkpoint(self, digest: str) -> None:
+        """Delete the entry of `digest` unless an image's blob of that digest still needs it."""
+        with self._exclusive():
+            if any(digest in record.blob_digests() for record in self._records.values()):
+                return
+            self._remove_unpacked_checkpoint(digest)
+
+    def unpacked_checkpoints(self) -> list[str]:
+        """The digests that have an entry."""
+        return sorted(f"{alg.name}:{entry.name}" for alg in self._checkpoints.iterdir() if alg.is_dir()
+                      for entry in alg.iterdir() if entry.is_dir())
+
+    def _remove_unpacked_checkpoint(self, digest: str) -> None:
+        with self._lock:
+            unpack_lock = self._unpack_locks.setdefault(f"checkpoint {digest}", threading.Lock())
+        with unpack_lock:
+            shutil.rmtree(self.unpacked_checkpoint_path(digest), ignore_errors=True)
+
     # ------------------------------------------------------------ filesystem info
 
     @property
@@ -654,6 +748,7 @@ class ImageStore:
             still_used_diffs |= {layer.diff_id for layer in record.layers}
         for digest in removed.blob_digests() - still_used_blobs:
             self.blob_path(digest).unlink(missing_ok=True)
+            self._remove_unpacked_checkpoint(digest)
         for layer in removed.layers:
             if layer.diff_id not in still_used_diffs:
                 with self._unpack_locks.setdefault(layer.diff_id, threading.Lock()):
@@ -667,6 +762,7 @@ class ImageStore:
                 used |= record.blob_digests()
             for digest in set(digests) - used:
                 self.blob_path(digest).unlink(missing_ok=True)
+                self._remove_unpacked_checkpoint(digest)
 
     def _check_layers_present(self, manifest_digest: str, manifest: Manifest) -> None:
         missing = [layer.digest for layer in manifest.layers if not self.has_blob(layer.digest)]
@@ -800,6 +896,25 @@ class ImageStore:
         if old is not None:
             os.close(old)
         _fsync_dir(self.root)
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Hard links in `dest` (created 0700, must be empty) to the regular files under `source`."""
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.listdir(dest):
+        raise ImageError(f"directory {dest} for the linked checkpoint files is not empty")
+    for dirpath, dirnames, filenames in os.walk(source):
+        target_dir = dest / os.path.relpath(dirpath, source)
+        for name in dirnames:
+            (target_dir / name).mkdir(mode=0o700)
+        for name in filenames:
+            src, dst = os.path.join(dirpath, name), target_dir / name
+            try:
+                os.link(src, dst, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.copyfile(src, dst, follow_symlinks=False)
 
 
 def _open_lock_file(path: Path) -> int:

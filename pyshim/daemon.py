@@ -16,6 +16,7 @@ from cri_api import api_pb2_grpc
 from oci.registry import RegistryClient
 from oci.store import ImageStore
 from pyshim.config import Config
+from criu_glue.checkpoint_cache import CheckpointCache
 from pyshim.internal.checkpointer import Checkpointer
 from pyshim.internal.restorer import Restorer
 from pyshim.internal.cni import CNINetwork, default_conflist, load_conflist
@@ -77,7 +78,7 @@ def build_runtime(config: Config) -> Runtime:
     images = ImageStore(root / "images")
     journal = IntentJournal(root / "state" / "intents")
     checkpointer = Checkpointer(config.checkpoint, runc, root / "checkpoint-work", intents=journal)
-    restorer = Restorer(config.checkpoint, checkpointer.criu)
+    restorer = Restorer(config.checkpoint, checkpointer.criu, cache=CheckpointCache(images))
     containers = ContainerManager(root, state, runc, conmon, images, events, restorer, intents=journal)
     sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent,
                                intents=journal, runc=runc)

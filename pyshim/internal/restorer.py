@@ -25,7 +25,9 @@ from typing import Iterator
 
 from criu_glue import archive_format as fmt
 from criu_glue.archive import CheckpointArchive, open_archive
-from criu_glue.criu import (CriuAvailability, CritError, ProcessCredentials, SeccompMode, log_excerpt,
+from criu_glue.checkpoint_cache import CheckpointCache
+from criu_glue.criu import (CriuAvailability, CritError, ProcessCredentials, RestoreImageFacts, SeccompMode,
+                            log_excerpt,
                             prepare_restore_images)
 from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
@@ -87,6 +89,8 @@ class UnpackResult:
     milliseconds: dict[str, float]
     credentials: list[ProcessCredentials]  # what CRIU will give each process
     mounts: tuple[ImageMount, ...] = ()    # what CRIU will mount
+    facts: RestoreImageFacts | None = None  # everything read from the images (seccomp modes, mounts, ...)
+    images_from_cache: bool = False  # the CRIU images were already unpacked in the image store
 
 
 def _unreadable(source: Path, exc: Exception) -> Exception:
@@ -96,10 +100,13 @@ def _unreadable(source: Path, exc: Exception) -> Exception:
 
 
 class Restorer:
-    def __init__(self, settings: CheckpointSettings, criu: CriuAvailability, limits: Limits = Limits()):
+    def __init__(self, settings: CheckpointSettings, criu: CriuAvailability, limits: Limits = Limits(),
+                 cache: CheckpointCache | None = None):
         self._settings = settings
         self.criu = criu
         self.limits = limits
+        # Where CRIU images are unpacked once and linked from; None: copied out of the archive per restore.
+        self.cache = cache
 
     def check_enabled(self) -> None:
         if not self._settings.enable_restore:
@@ -190,28 +197,39 @@ class Restorer:
                allow_devices: bool = False, keep_setid: bool = False) -> UnpackResult:
         """CRIU images into `images_dir` (with the new pod's `hostname`); deleted files and the diff onto
         the mounted `rootfs` (set-id bits and file capabilities only with `keep_setid`, see
-        keeps_setid_bits); the old log lines into `log_path`."""
+        keeps_setid_bits); the old log lines into `log_path`.
+
+        With a cache, `images_dir` holds hard links to the images unpacked once in the image store
+        (unpacked now if this is the first restore of this checkpoint image or archive file) and a
+        private UTS image; without one, a copy of every image."""
         archive, source = checkpoint.archive, checkpoint.plan.source
         ms: dict[str, float] = {}
         started = time.perf_counter()
-        limits = self._limits_for(images_dir.parent)
+        limits = self.limits_for(images_dir.parent)
+        from_cache = False
         try:
-            image_bytes = archive.extract_checkpoint_images(images_dir, limits)
+            if self.cache is not None:
+                cached = self.cache.images_of(archive, limits)
+                ms["criu_images_unpack"] = _ms_since(started)
+                self.cache.link(cached, images_dir)
+                image_bytes, from_cache = cached.image_bytes, not cached.unpacked
+            else:
+                image_bytes = archive.extract_checkpoint_images(images_dir, limits)
             facts = prepare_restore_images(images_dir, hostname)
             if facts.root_mode is not None:
                 os.chmod(rootfs, stat.S_IMODE(facts.root_mode) & 0o777)
             ms["criu_images"] = _ms_since(started)
             self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, keep_setid, limits)
-            ms["rootfs_diff"] = _ms_since(started) - sum(ms.values())
+            ms["rootfs_diff"] = _ms_since(started) - ms["criu_images"]
             if log_path:
                 self._carry_log(archive, Path(log_path))
         except ArchiveError as e:
             raise _unreadable(source, e) from None
         except CritError as e:
             raise InvalidArgument(f"checkpoint {source}: {e}") from None
-        return UnpackResult(image_bytes, ms, facts.credentials, facts.mounts)
+        return UnpackResult(image_bytes, ms, facts.credentials, facts.mounts, facts, from_cache)
 
-    def _limits_for(self, directory: Path) -> Limits:
+    def limits_for(self, directory: Path) -> Limits:
         """An archive never gets to fill the disk: what it may unpack is bounded by the free space too."""
         st = os.statvfs(directory)
         free = st.f_bavail * st.f_frsize

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from cri_api import api_pb2 as cri
-from criu_glue import criu
 from criu_glue.criu import CriuAvailability, ProcessCredentials, SeccompMode
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -181,19 +180,6 @@ def test_a_process_without_seccomp_filter_is_refused_when_the_request_asks_for_a
     Restorer.check_privileges([creds(SeccompMode.FILTER)], restored_spec(None))
 
 
-@pytest.mark.parametrize("raw, mode", [("filter", SeccompMode.FILTER), ("disabled", SeccompMode.DISABLED),
-                                       ("strict", SeccompMode.STRICT), (2, SeccompMode.FILTER), (None, None)])
-def test_seccomp_mode_as_crit_prints_it(raw, mode):
-    item = {"image": "core-1.img", "creds": {"uid": 0, "cap_bnd": [1]}, "seccomp": raw}
-    assert criu._credentials(item).seccomp_mode is mode
-    assert criu._credentials({"image": "core-1.img", "creds": {}}).seccomp_mode is SeccompMode.DISABLED
-
-
-def test_unknown_seccomp_mode_in_a_core_image_is_an_error():
-    with pytest.raises(criu.CritError, match="core-3.img: unknown seccomp mode 'loose'"):
-        criu._credentials({"image": "core-3.img", "creds": {}, "seccomp": "loose"})
-
-
 @pytest.mark.parametrize("spec, privileged, keep", [
     ({"process": {"user": {"uid": 0, "gid": 0}}}, False, True),
     ({"process": {"user": {"uid": 1000, "gid": 1000}}}, False, False),
@@ -214,3 +200,42 @@ def test_mounts_weaker_than_the_request_are_refused(tmp_path):
     Restorer.check_mounts((proc, ro_sys), spec, tmp_path)
     with pytest.raises(FailedPrecondition, match="/proc/sys is writable"):
         Restorer.check_mounts((proc,), spec, tmp_path)
+
+
+def _archive_with_real_images(path: Path) -> Path:
+    """_archive's metadata with the CRIU images CRIU 4.2.1 wrote for criu_glue's tests."""
+    _archive(path)
+    fixtures = Path(__file__).resolve().parents[2] / "criu_glue" / "testdata" / "criu-4.2-busybox"
+    with tarfile.open(path, "a") as tar:
+        for image in sorted(fixtures.iterdir()):
+            if image.name != "inventory.img":  # _archive has one
+                tar.add(image, f"checkpoint/{image.name}")
+    return path
+
+
+def test_unpack_links_the_stored_images_and_gives_each_restore_its_hostname(tmp_path):
+    from criu_glue.checkpoint_cache import CheckpointCache
+    from criu_glue.criu import SeccompMode
+    from oci.store import ImageStore
+
+    store = ImageStore(tmp_path / "store")
+    restorer = Restorer(CheckpointSettings(), USABLE, cache=CheckpointCache(store))
+    archive = _archive_with_real_images(tmp_path / "a.tar")
+    results = []
+    for name in ("one", "two"):
+        bundle = tmp_path / name
+        (bundle / "rootfs").mkdir(parents=True)
+        with restorer.open(archive, _config()) as checkpoint:
+            results.append(restorer.unpack(checkpoint, bundle / "checkpoint", bundle / "rootfs", "", f"pod-{name}"))
+    first, second = results
+    assert not first.images_from_cache and second.images_from_cache
+    assert first.facts.seccomp_modes["core-1.img"] == SeccompMode.FILTER and len(first.credentials) == 5
+    assert "criu_images_unpack" in first.milliseconds
+    (entry,) = (store.root / "checkpoints" / "sha256").iterdir()
+    for name in ("one", "two"):
+        images = tmp_path / name / "checkpoint"
+        assert (images / "core-1.img").stat().st_ino == (entry / "core-1.img").stat().st_ino
+        assert (images / "utsns-12.img").stat().st_ino != (entry / "utsns-12.img").stat().st_ino
+        assert f"pod-{name}".encode() in (images / "utsns-12.img").read_bytes()
+    assert b"fixture-host" in (entry / "utsns-12.img").read_bytes()
+    store.close()

@@ -5,6 +5,8 @@ import json
 import time
 
 from cri_api import api_pb2 as cri
+from criu_glue.checkpoint_image import is_checkpoint_image
+from criu_glue.errors import ArchiveError
 from oci.registry import Credentials
 from pyshim.errors import FailedPrecondition, InvalidArgument
 from pyshim.server.runtime import Runtime
@@ -58,7 +60,25 @@ def pull_image(rt: Runtime, request) -> "cri.PullImageResponse":
     record = rt.registry.pull(rt.images, name, _credentials(request.auth))
     rt.log.info("image pulled", extra={"image": name, "id": record.id,
                                        "seconds": round(time.monotonic() - started, 3)})
+    _unpack_checkpoint(rt, record)
     return cri.PullImageResponse(image_ref=record.id)
+
+
+def _unpack_checkpoint(rt: Runtime, record) -> None:
+    """A checkpoint image's CRIU images go into the store at pull, so that its restores only link
+    them. Not fatal: the restore unpacks (and reports a broken checkpoint) itself."""
+    if rt.restorer.cache is None or not is_checkpoint_image(record) or len(record.layers) != 1:
+        return
+    started = time.monotonic()
+    try:
+        cached = rt.restorer.cache.unpack_image(record, rt.restorer.limits_for(rt.images.root))
+    except (ArchiveError, OSError) as e:
+        rt.log.warning("checkpoint image pulled but its CRIU images could not be unpacked; a restore "
+                       "will try again", extra={"id": record.id, "error": getattr(e, "message", str(e))})
+        return
+    rt.log.info("checkpoint image unpacked", extra={"id": record.id, "image_bytes": cached.image_bytes,
+                                                     "unpacked": cached.unpacked,
+                                                     "seconds": round(time.monotonic() - started, 3)})
 
 
 def remove_image(rt: Runtime, request) -> "cri.RemoveImageResponse":
