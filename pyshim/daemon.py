@@ -22,6 +22,8 @@ from pyshim.internal.cni import CNINetwork, default_conflist, load_conflist
 from pyshim.internal.conmon import Conmon
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
+from pyshim.internal.intents import IntentJournal
+from pyshim.internal.pod_checkpointer import PodCheckpointer, recover_pod_checkpoints
 from pyshim.internal.runc import Runc
 from pyshim.internal.sandbox_manager import SandboxManager
 from pyshim.server.runtime import Runtime
@@ -78,12 +80,17 @@ def build_runtime(config: Config) -> Runtime:
     sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent)
     sandboxes.load()
     containers.load()
+    # Until the start-up recovery (pyshim/internal/recovery.py) calls it: thaw what an interrupted
+    # CheckpointPod left frozen.
+    journal = IntentJournal(state / "intents")
+    recover_pod_checkpoints(journal, runc)
+    pod_checkpointer = PodCheckpointer(checkpointer, runc, journal, root / "checkpoint-work")
     return Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
                    registry=RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
                                            timeout=config.images.pull_timeout),
                    events=events, checkpointer=checkpointer, restorer=restorer,
                    runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
-                   log=log)
+                   log=log, pod_checkpointer=pod_checkpointer)
 
 
 def _bind(server: grpc.Server, socket_path: Path) -> None:

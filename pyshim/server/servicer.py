@@ -17,7 +17,8 @@ from oci import errors as oci_errors
 from oci.runtime_spec import SpecInputError
 from pyshim.errors import CRIError
 from pyshim.server import (container_checkpoint, container_events, container_lifecycle, container_ops, container_status,
-                           container_streaming, images, pod_sandbox, runtime_info, stats)
+                           container_streaming, images, pod_checkpoint, pod_restore, pod_sandbox, runtime_info,
+                           stats)
 from pyshim.server.runtime import Runtime
 
 log = logging.getLogger("pyshim.cri")
@@ -109,6 +110,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     CheckpointContainer = unary(container_checkpoint.checkpoint_container, with_deadline=True,
                                 with_metadata=True)
+    CheckpointPod = unary(pod_checkpoint.checkpoint_pod, with_deadline=True)
+    RestorePod = unary(pod_restore.restore_pod, with_deadline=True)
 
     ContainerStats = unary(stats.container_stats)
     ListContainerStats = unary(stats.list_container_stats)
