@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 from cri_api import api_pb2 as cri
 from criu_glue import pod_checkpoint as podfmt
 from criu_glue.archive import open_archive
-from integration.conftest import container_config, pod_config
+from integration.conftest import container_config, discard, new_settings, pod_config
+from integration.daemon import Daemon, leftovers, remove_everything
 from integration.test_checkpoint import _error, assert_running_and_thawed, counter_value
 from integration.test_lifecycle import cleanup
 
@@ -75,7 +77,7 @@ def restore_pod(client, out: Path, pod, configs, timeout=120, **kwargs):
 
 
 def echoes(client, cid) -> int:
-    return int(client.exec_sync(cid, ["sh", "-c", "wc -l < /tmp/echoes"]).stdout)
+    return int(client.exec_sync(cid, ["sh", "-c", "cat /tmp/echoes 2>/dev/null | wc -l"]).stdout)
 
 
 def wait_for(predicate, what: str, timeout: float = 20) -> None:
@@ -261,3 +263,48 @@ def test_restore_pod_refuses_bad_requests_and_leaves_nothing(client, pulled_busy
     shared_pid.linux.security_context.namespace_options.pid = cri.NamespaceMode.POD
     code, details = _error(lambda: restore_pod(client, out_dir, shared_pid, configs))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "PID namespace" in details
+
+
+@pytest.fixture
+def crash_daemon(registry, busybox_ref):
+    settings = new_settings("pc", "10.86.7.0/24")
+    d = Daemon(settings)
+    yield d
+    d.start()
+    with d.client() as c:
+        remove_everything(c)
+    d.stop()
+    found = leftovers(settings) + discard(settings)
+    assert not found, f"left behind: {found}"
+
+
+def test_daemon_killed_while_the_pod_is_frozen_thaws_it_at_restart(crash_daemon, busybox_ref, out_dir):
+    counter = "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
+    crash_daemon.start(crash_at="checkpoint_pod:frozen")
+    with crash_daemon.client() as c:
+        c.pull(busybox_ref)
+        pod, pod_id, ids = run_pod(c, [container_config(busybox_ref, ["sh", "-c", counter], name=f"c{i}",
+                                                        linux=own_pid_namespace()) for i in range(2)])
+        with pytest.raises(grpc.RpcError):
+            checkpoint_pod(c, pod_id, ids, out_dir)
+    crash_daemon.wait_crashed()
+    runc_root = str(crash_daemon.settings.state_dir / "runc")
+    # Killed with both frozen (the crash point is right after the last freeze).
+    assert {runc_state(runc_root, cid) for cid in ids} == {"paused"}
+    crash_daemon.start()
+    with crash_daemon.client() as c:
+        for cid in ids:
+            assert runc_state(runc_root, cid) == "running"
+            _assert_progress(c, cid)
+        assert list(out_dir.iterdir()) == []
+        work = crash_daemon.settings.root / "checkpoint-work"
+        assert not work.exists() or list(work.iterdir()) == []
+        # And the pod can be checkpointed now.
+        checkpoint_pod(c, pod_id, ids, out_dir)
+        assert podfmt.is_pod_checkpoint(out_dir)
+        cleanup(c, pod_id)
+
+
+def runc_state(root: str, cid: str) -> str:
+    out = subprocess.run(["runc", "--root", root, "state", cid], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["status"]

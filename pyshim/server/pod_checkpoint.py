@@ -19,10 +19,19 @@ from pyshim.server.container_checkpoint import archive_members
 from pyshim.server.runtime import Runtime
 
 
+# gRPC reports a call without a deadline as one in the infinite future; anything beyond this is that.
+NO_DEADLINE_SECONDS = 10 * 365 * 86400
+
+
+def caller_deadline(time_remaining: float | None, call: str) -> float:
+    """The caller's deadline as time.monotonic(); the pod calls require one (the CRI says so)."""
+    if time_remaining is None or time_remaining > NO_DEADLINE_SECONDS:
+        raise InvalidArgument(f"{call}: the call has no deadline; set one (the CRI requires it)")
+    return time.monotonic() + time_remaining
+
+
 def checkpoint_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.CheckpointPodResponse":
-    if time_remaining is None:
-        raise InvalidArgument("CheckpointPod: the call has no deadline; set one (the CRI requires it)")
-    deadline = time.monotonic() + time_remaining
+    deadline = caller_deadline(time_remaining, "CheckpointPod")
     rt.checkpointer.check_enabled()
     if not request.pod_sandbox_id:
         raise InvalidArgument("CheckpointPod: pod_sandbox_id is empty")

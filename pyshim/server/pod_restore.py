@@ -19,13 +19,12 @@ from pyshim.internal import netns, pod_restorer
 from pyshim.internal.container_manager import RestoreSource
 from pyshim.internal.restorer import TCP_ANNOTATION
 from pyshim.server.container_lifecycle import _sandbox_context
+from pyshim.server.pod_checkpoint import caller_deadline
 from pyshim.server.runtime import Runtime
 
 
 def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.RestorePodResponse":
-    if time_remaining is None:
-        raise InvalidArgument("RestorePod: the call has no deadline; set one (the CRI requires it)")
-    deadline = time.monotonic() + time_remaining
+    deadline = caller_deadline(time_remaining, "RestorePod")
     rt.restorer.check_enabled()
     if not request.HasField("config"):
         raise InvalidArgument("RestorePod: config is missing")
