@@ -189,13 +189,15 @@ def test_bad_checkpoint_pod_requests_freeze_nothing_and_write_nothing(client, da
 
 def test_criu_failing_on_one_container_thaws_all_and_empties_the_output(client, daemon, pulled_busybox, out_dir):
     counter = "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
-    # The second container holds an inotify watch on its overlay rootfs, which CRIU cannot dump.
+    # The second container holds a deleted 4 MiB file open: more than CRIU's ghost-file limit (1 MiB),
+    # so CRIU refuses to dump it.
     configs = [container_config(pulled_busybox, ["sh", "-c", counter], name=f"c{i}", linux=own_pid_namespace())
                for i in range(3)]
-    configs[1] = container_config(pulled_busybox, ["sh", "-c", f"inotifyd - /tmp:w > /dev/null & {counter}"],
-                                  name="c1", linux=own_pid_namespace())
+    ghost = f"dd if=/dev/zero of=/tmp/ghost bs=1M count=4 2>/dev/null; exec 3</tmp/ghost; rm /tmp/ghost; {counter}"
+    configs[1] = container_config(pulled_busybox, ["sh", "-c", ghost], name="c1", linux=own_pid_namespace())
     pod, pod_id, ids = run_pod(client, configs)
     try:
+        counter_value(client, ids[1])  # the counter runs only once the ghost file is held
         code, details = _error(lambda: checkpoint_pod(client, pod_id, ids, out_dir))
         assert code == grpc.StatusCode.FAILED_PRECONDITION, details
         assert ids[1] in details and "CRIU log" in details, details
