@@ -38,8 +38,8 @@ class FakeRunc:
 class FakeCheckpointer:
     """Just the pieces of Checkpointer the pod checkpointer reuses."""
 
-    def __init__(self, runc: FakeRunc, fail: set[str] = frozenset(), slow: float = 0.0):
-        self.runc, self.fail, self.slow = runc, fail, slow
+    def __init__(self, runc: FakeRunc, fail: set[str] = frozenset(), slow: float = 0.0, barrier=None):
+        self.runc, self.fail, self.slow, self.barrier = runc, fail, slow, barrier
         self.locks: dict[str, threading.Lock] = {}
 
     def check_enabled(self):
@@ -55,6 +55,8 @@ class FakeCheckpointer:
         assert not any(e[0] == "pause" for e in self.runc.events[first_dump:]), self.runc.events
         assert not any(e[0] == "resume" for e in self.runc.events), self.runc.events
         self.runc.events.append(("dump", record.id))
+        if self.barrier is not None:
+            self.barrier.wait()  # every dump must be in flight at once, or this breaks
         time.sleep(self.slow)
         if record.id in self.fail:
             raise FailedPrecondition(f"checkpoint of {record.id} failed: boom\nCRIU log (dump.log):\nError (criu/x)")
@@ -106,12 +108,11 @@ def test_all_frozen_before_any_dump_and_all_thawed_after(setup, tmp_path):
 
 def test_dumps_run_side_by_side(setup):
     runc, journal, out, make = setup
-    started = time.monotonic()
-    make(slow=0.5).checkpoint("pod", {}, [], [part("a"), part("b"), part("c"), part("d")], out,
-                              pc.PodCheckpointOptions(tcp="established"), time.monotonic() + 30)
-    # Sequential dumps would take 2 s; side by side about 0.5 s. Generous: this checks concurrency,
-    # not speed.
-    assert time.monotonic() - started < 1.9
+    # A barrier of four: sequential dumps would never all reach it (BrokenBarrierError after 20 s).
+    make(barrier=threading.Barrier(4, timeout=20)).checkpoint(
+        "pod", {}, [], [part("a"), part("b"), part("c"), part("d")], out,
+        pc.PodCheckpointOptions(tcp="established"), time.monotonic() + 60)
+    assert podfmt.is_pod_checkpoint(out)
 
 
 def test_criu_failing_on_the_second_of_three_thaws_all_and_leaves_the_directory_empty(setup, tmp_path):
