@@ -16,6 +16,7 @@ from integration.conftest import container_config, discard, new_settings, pod_co
 from integration.daemon import Daemon, leftovers, remove_everything
 from integration.test_checkpoint import _error, assert_running_and_thawed, counter_value
 from integration.test_lifecycle import cleanup
+from pyshim.cli import main as cli_main
 
 # The server echoes over the pod's loopback; the client sends a numbered line every 0.1 s and
 # appends the echo to /tmp/echoes. Each keeps its own counter, and the server leaves a file in
@@ -88,7 +89,7 @@ def wait_for(predicate, what: str, timeout: float = 20) -> None:
 
 
 def test_pod_checkpoint_and_restore_keeps_the_loopback_connection(client, daemon, pulled_busybox, out_dir,
-                                                                   tmp_path):
+                                                                   tmp_path, capsys):
     shared = tmp_path / "shared"
     shared.mkdir()
     configs = pod_containers(pulled_busybox, shared)
@@ -113,6 +114,12 @@ def test_pod_checkpoint_and_restore_keeps_the_loopback_connection(client, daemon
                 assert archive.config().name == entry.name
                 at_checkpoint[entry.name] = archive.config().checkpointed_time_ns
         assert sorted(p.name for p in out_dir.iterdir()) == ["containers", podfmt.MANIFEST]
+        # `pyshim inspect-checkpoint DIR`: the pod's summary, then every part as a container archive.
+        capsys.readouterr()
+        assert cli_main(["inspect-checkpoint", str(out_dir)]) == 0
+        shown = capsys.readouterr().out
+        assert "Pod checkpoint" in shown and "server" in shown and "client" in shown
+        assert shown.count("containers/") >= 2
     finally:
         cleanup(client, pod_id)
 
