@@ -49,6 +49,7 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         loopback = pod_restorer.loopback_connections(manifest)
         if loopback and manifest.tcp != "close" and sandbox.netns_name:
             pod_restorer.lock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox.id, loopback)
+            _lock_marker(sandbox).touch(mode=0o600)
         restored = []
         for (entry, config), plan in zip(configs, plans):
             context = _sandbox_context(rt, sandbox.id, config)
@@ -69,11 +70,18 @@ def after_restore_started(rt: Runtime, sandbox_id: str) -> None:
     """Called by StartContainer after a restore (whatever its outcome): once no container of the pod
     waits for its restore any more, its loopback connections are released."""
     sandbox = rt.sandboxes.find(sandbox_id)
-    if sandbox is None or not sandbox.netns_name:
-        return
+    if sandbox is None or not sandbox.netns_name or not _lock_marker(sandbox).exists():
+        return  # not a RestorePod pod holding loopback connections: nothing to do (and no iptables call)
     waiting = [c for c in rt.containers.in_sandbox(sandbox_id) if c.pending_restore and c.state.value == "CREATED"]
     if not waiting:
         pod_restorer.unlock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox_id)
+        _lock_marker(sandbox).unlink(missing_ok=True)
+
+
+def _lock_marker(sandbox) -> Path:
+    """Present while RestorePod holds the pod's loopback connections; in the pod's pin directory,
+    which goes with the pod."""
+    return Path(sandbox.pin_dir) / "pod-restore-loopback-lock"
 
 
 def _read_checkpoint(checkpoint_path: str) -> podfmt.PodManifest:
