@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit conformance bench bench-checkpoint bench-restore bench-streaming bench-migrate deps install clean
+.PHONY: run test unit conformance bench bench-checkpoint bench-restore bench-streaming bench-migrate bench-pod deps install clean
 
 deps:
 	bash scripts/install-system-deps.sh
@@ -53,6 +53,11 @@ bench-streaming: install
 # (ARGS="--sizes 16,256 --runs 3").
 bench-migrate: install
 	$(PY) -m bench.migrate $(ARGS)
+
+# CheckpointPod frozen time vs sequential CheckpointContainer, RestorePod+StartContainer vs sequential
+# restores, pods of 1, 2 and 4 containers x 64 MiB (ARGS="--sizes 1,2,4 --runs 3").
+bench-pod: install
+	$(PY) -m bench.pod_checkpoint $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info cri_api/*_pb2*.py cri_api/*_pb2.pyi criu_glue/criu_pb/*_pb2.py

@@ -29,7 +29,8 @@ RUNTIME_RPCS = [
     "ExecSync", "Exec", "Attach", "PortForward",
     "ContainerStats", "ListContainerStats", "StreamContainerStats",
     "PodSandboxStats", "ListPodSandboxStats", "StreamPodSandboxStats",
-    "UpdateRuntimeConfig", "Status", "CheckpointContainer", "GetContainerEvents",
+    "UpdateRuntimeConfig", "Status", "CheckpointContainer", "CheckpointPod", "RestorePod",
+    "GetContainerEvents",
     "ListMetricDescriptors", "ListPodSandboxMetrics", "StreamPodSandboxMetrics",
     "RuntimeConfig", "UpdatePodSandboxResources",
 ]
@@ -81,6 +82,10 @@ def test_method_message_types():
     assert rt["CheckpointContainer"].input_type.name == "CheckpointContainerRequest"
     assert rt["CheckpointContainer"].output_type.name == "CheckpointContainerResponse"
     assert rt["RuntimeConfig"].output_type.name == "RuntimeConfigResponse"
+    assert rt["CheckpointPod"].input_type.name == "CheckpointPodRequest"
+    assert rt["CheckpointPod"].output_type.name == "CheckpointPodResponse"
+    assert rt["RestorePod"].input_type.name == "RestorePodRequest"
+    assert rt["RestorePod"].output_type.name == "RestorePodResponse"
     img = cri.DESCRIPTOR.services_by_name["ImageService"].methods_by_name
     assert img["ImageFsInfo"].output_type.name == "ImageFsInfoResponse"
 
@@ -151,6 +156,47 @@ def test_container_config_fields():
     assert labels.GetOptions().map_entry
 
 
+def test_pod_checkpoint_messages():
+    # cri-api v0.37 (KEP-5823): CheckpointPod and RestorePod.
+    _check(cri.CheckpointPodRequest, {
+        "pod_sandbox_id": (1, STR, False, None),
+        "output_path": (2, STR, False, None),
+        "container_ids": (3, STR, True, None),
+        "options": (4, MSG, True, "OptionsEntry"),
+    })
+    _check(cri.CheckpointPodResponse, {})
+    _check(cri.RestorePodRequest, {
+        "checkpoint_path": (1, STR, False, None),
+        "config": (2, MSG, False, "PodSandboxConfig"),
+        "runtime_handler": (3, STR, False, None),
+        "options": (4, MSG, True, "OptionsEntry"),
+        "container_configs": (5, MSG, True, "ContainerConfig"),
+    })
+    _check(cri.RestoredContainer, {"name": (1, STR, False, None), "container_id": (2, STR, False, None)})
+    _check(cri.RestorePodResponse, {
+        "pod_sandbox_id": (1, STR, False, None),
+        "restored_containers": (2, MSG, True, "RestoredContainer"),
+    })
+    for message in (cri.CheckpointPodRequest, cri.RestorePodRequest):
+        assert message.DESCRIPTOR.fields_by_name["options"].message_type.GetOptions().map_entry
+    _check(cri.RuntimeFeatures, {
+        "supplemental_groups_policy": (1, BOOL, False, None),
+        "user_namespaces_host_network": (2, BOOL, False, None),
+        "mount_options": (3, BOOL, False, None),
+    })
+
+
+def test_pod_checkpoint_request_exact_bytes():
+    # Hand-encoded: field 1 (LEN) "p", field 2 (LEN) "/o", field 3 (LEN) "a", field 3 (LEN) "b",
+    # field 4 (LEN) map entry {1: "k", 2: "v"}.
+    req = cri.CheckpointPodRequest(pod_sandbox_id="p", output_path="/o", container_ids=["a", "b"],
+                                   options={"k": "v"})
+    assert req.SerializeToString() == b"\x0a\x01p\x12\x02/o\x1a\x01a\x1a\x01b\x22\x06\x0a\x01k\x12\x01v"
+    resp = cri.RestorePodResponse.FromString(b"\x0a\x01s\x12\x08\x0a\x02n1\x12\x02c1")
+    assert resp.pod_sandbox_id == "s"
+    assert [(c.name, c.container_id) for c in resp.restored_containers] == [("n1", "c1")]
+
+
 def test_other_messages_pyshim_relies_on():
     _check(cri.KeyValue, {"key": (1, STR, False, None), "value": (2, STR, False, None)})
     _check(cri.ContainerMetadata, {"name": (1, STR, False, None), "attempt": (2, U32, False, None)})
@@ -168,7 +214,7 @@ def test_other_messages_pyshim_relies_on():
         "propagation": (5, ENUM, False, "MountPropagation"),
         "uidMappings": (6, MSG, True, "IDMapping"), "gidMappings": (7, MSG, True, "IDMapping"),
         "recursive_read_only": (8, BOOL, False, None), "image": (9, MSG, False, "ImageSpec"),
-        "image_sub_path": (10, STR, False, None),
+        "image_sub_path": (10, STR, False, None), "mount_options": (11, STR, True, None),
     })
     _check(cri.LinuxContainerResources, {
         "cpu_period": (1, I64, False, None), "cpu_quota": (2, I64, False, None),

@@ -360,11 +360,94 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
-def cmd_inspect_checkpoint(args) -> int:
-    """Show a checkpoint archive of any engine, as `checkpointctl show`/`inspect` do."""
-    from criu_glue.inspect import main as inspect_main
+def cmd_checkpointp(args) -> int:
+    """CheckpointPod: the pod's running containers (or --container ones) at one instant into DIR
+    (like the `crictl checkpointp` proposed upstream). DIR is created if missing; it must be empty."""
+    from cri_api import api_pb2 as cri
 
-    return inspect_main(args.args)
+    out = Path(args.export).absolute()
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    options = dict(o.split("=", 1) for o in args.option or [])
+    with _client(args) as c:
+        ids = args.container or [ctr.id for ctr in c.runtime.ListContainers(cri.ListContainersRequest(
+            filter=cri.ContainerFilter(pod_sandbox_id=args.pod, state=cri.ContainerStateValue(
+                state=cri.CONTAINER_RUNNING))), timeout=c.timeout).containers]
+        if not ids:
+            print(f"pyshim checkpointp: pod {args.pod} has no running container", file=sys.stderr)
+            return 1
+        c.checkpoint_pod(args.pod, str(out), ids, options)
+    print(out)
+    return 0
+
+
+def cmd_restorep(args) -> int:
+    """RestorePod, then StartContainer for each returned container (what the kubelet does). Container
+    configs default to the checkpointed ones; --container-config NAME=FILE replaces one."""
+    from google.protobuf import json_format
+
+    from cri_api import api_pb2 as cri
+    from criu_glue import pod_checkpoint as podfmt
+
+    checkpoint = Path(args.checkpoint).absolute()
+    manifest = podfmt.read_manifest(checkpoint)
+    given = {}
+    for item in args.container_config or []:
+        name, _, path = item.partition("=")
+        if not path:
+            print(f"pyshim restorep: --container-config wants NAME=FILE, not {item!r}", file=sys.stderr)
+            return 2
+        given[name] = _load_message(path, cri.ContainerConfig)
+    configs = []
+    for entry in manifest.containers:
+        config = given.pop(entry.name, None)
+        if config is None:
+            config = json_format.ParseDict(entry.config, cri.ContainerConfig(), ignore_unknown_fields=True)
+        configs.append(config)
+    configs.extend(given.values())  # names not in the checkpoint: the daemon says so
+    with _client(args) as c:
+        response = c.restore_pod(str(checkpoint), _load_message(args.config, cri.PodSandboxConfig), configs,
+                                 args.runtime_handler)
+        print(response.pod_sandbox_id)
+        for restored in response.restored_containers:
+            if not args.no_start:
+                c.start(restored.container_id)
+            print(f"{restored.name}\t{restored.container_id}")
+    return 0
+
+
+def cmd_inspect_checkpoint(args) -> int:
+    """Show a checkpoint archive of any engine, as `checkpointctl show`/`inspect` do; a pod checkpoint
+    directory is shown as its manifest's summary followed by each container part."""
+    from criu_glue.inspect import main as inspect_main
+    from criu_glue import pod_checkpoint as podfmt
+
+    expanded = []
+    for arg in args.args:
+        if arg.startswith("-") or not podfmt.is_pod_checkpoint(Path(arg)):
+            expanded.append(arg)
+            continue
+        manifest = podfmt.read_manifest(Path(arg))
+        if "--json" not in args.args:
+            print(_pod_checkpoint_summary(Path(arg), manifest))
+        expanded.extend(str(Path(arg) / c.part) for c in manifest.containers)
+    return inspect_main(expanded)
+
+
+def _pod_checkpoint_summary(path: Path, manifest) -> str:
+    from criu_glue.archive_format import format_rfc3339_ns
+
+    meta = manifest.pod_config.get("metadata", {})
+    lines = [f"Pod checkpoint {path} (format {manifest.version}, engine {manifest.engine})",
+             f"  Pod:          {meta.get('namespace', '')}/{meta.get('name', '')} ({manifest.pod_id[:12]})",
+             f"  Checkpointed: {format_rfc3339_ns(manifest.checkpointed_time_ns)}",
+             f"  Pod IPs:      {', '.join(manifest.pod_ips) or '-'}",
+             f"  TCP policy:   {manifest.tcp}",
+             "  Containers:"]
+    for c in manifest.containers:
+        loopback = sum(1 for t in c.tcp_connections if t.loopback)
+        lines.append(f"    {c.name:<20} {c.id[:12]}  {c.part}  tcp: {len(c.tcp_connections)} "
+                     f"({loopback} on the pod's loopback)")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,8 +547,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--export", required=True, help="archive to write (a tar, as kubelet expects)")
     p.add_argument("--checkpoint-timeout", type=int, default=300, help="seconds CRIU may take")
-    p = sub.add_parser("inspect-checkpoint", help="show checkpoint archives (pyshim, CRI-O, Podman, containerd): "
-                                                  "ARCHIVE... [--ps] [--files] [--mem] [--all] [--json]")
+    p = client_command("checkpointp", cmd_checkpointp,
+                       "checkpoint a pod's containers at one instant into a directory (they keep running)")
+    p.add_argument("pod", metavar="POD")
+    p.add_argument("--export", required=True, metavar="DIR", help="empty (or missing) directory to write")
+    p.add_argument("--container", action="append", metavar="ID",
+                   help="a container to include (repeatable; default every running container of the pod)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="CheckpointPod option: compression=none|gzip|zstd, tcp=auto|established|close")
+    p = client_command("restorep", cmd_restorep,
+                       "restore a pod checkpoint into a new pod and start its containers")
+    p.add_argument("checkpoint", metavar="DIR")
+    p.add_argument("--config", required=True, metavar="POD.json", help="the new pod's PodSandboxConfig (JSON)")
+    p.add_argument("--container-config", action="append", metavar="NAME=FILE",
+                   help="ContainerConfig (JSON) for container NAME (default: the checkpointed one)")
+    p.add_argument("--runtime-handler", default="")
+    p.add_argument("--no-start", action="store_true", help="leave the restored containers CREATED")
+    p = sub.add_parser("inspect-checkpoint", help="show checkpoint archives (pyshim, CRI-O, Podman, containerd) "
+                                                  "and pod checkpoint directories: "
+                                                  "PATH... [--ps] [--files] [--mem] [--all] [--json]")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_inspect_checkpoint)
 

@@ -43,6 +43,18 @@ class Client:
     def version(self):
         return self.runtime.Version(cri.VersionRequest(), timeout=self.timeout)
 
+    def checkpoint_pod(self, pod_id: str, output_path: str, container_ids: list[str],
+                       options: dict[str, str] | None = None) -> None:
+        self.runtime.CheckpointPod(cri.CheckpointPodRequest(
+            pod_sandbox_id=pod_id, output_path=output_path, container_ids=container_ids, options=options or {}),
+            timeout=self.timeout)
+
+    def restore_pod(self, checkpoint_path: str, config, container_configs: list,
+                    runtime_handler: str = "") -> "cri.RestorePodResponse":
+        return self.runtime.RestorePod(cri.RestorePodRequest(
+            checkpoint_path=checkpoint_path, config=config, container_configs=container_configs,
+            runtime_handler=runtime_handler), timeout=self.timeout)
+
     def run_pod(self, config) -> str:
         return self.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=self.timeout).pod_sandbox_id
 

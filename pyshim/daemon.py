@@ -25,6 +25,7 @@ from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
 from pyshim.internal.image_pulls import ImagePuller
 from pyshim.internal.intents import IntentJournal
+from pyshim.internal.pod_checkpointer import PodCheckpointer
 from pyshim.internal.recovery import recover
 from pyshim.internal.runc import Runc
 from pyshim.internal.sandbox_manager import SandboxManager
@@ -86,10 +87,11 @@ def build_runtime(config: Config) -> Runtime:
     puller = ImagePuller(RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
                                         timeout=config.images.pull_timeout), images, journal)
     containers.load()
+    pod_checkpointer = PodCheckpointer(checkpointer, runc, journal, root / "checkpoint-work")
     runtime = Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
                       registry=puller, events=events, checkpointer=checkpointer, restorer=restorer,
                       runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
-                      log=log)
+                      log=log, pod_checkpointer=pod_checkpointer)
     # Before the socket is served: no call may see a half-done operation of the previous daemon.
     recover(runtime, journal)
     return runtime

@@ -46,6 +46,7 @@ class Operation(str, enum.Enum):
     STOP_CONTAINER = "stop_container"
     REMOVE_CONTAINER = "remove_container"
     CHECKPOINT_CONTAINER = "checkpoint_container"
+    CHECKPOINT_POD = "checkpoint_pod"  # pyshim/internal/pod_checkpointer.py recovers it
     PULL_IMAGE = "pull_image"
 
 

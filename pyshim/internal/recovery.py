@@ -8,7 +8,7 @@ and what was done. Every step is idempotent: a daemon killed during recovery rec
 Order matters:
 1. pod sandboxes (netns, IPs, CNI cache, pod dirs, cgroups): a container's repair may need its pod;
 2. the image store (partial pulls): a restore's retry may need its base image whole;
-3. checkpoints: a container frozen by a killed checkpoint is thawed before the containers are
+3. checkpoints (CheckpointPod's, then CheckpointContainer's): a container frozen by a killed checkpoint is thawed before the containers are
    reconciled, so that runc's state read there is the truth (running, not paused);
 4. containers: creates, starts, restores and removals cut short, then every record against runc and
    conmon, then runc containers and dirs no record owns.
@@ -33,6 +33,7 @@ def recover(parts, journal: IntentJournal) -> float:
             "count": len(pending), "intents": [f"{i.operation.value}:{i.step} {i.target}" for i in pending]})
     parts.sandboxes.recover(pending)
     parts.registry.recover(pending)  # the journaled puller (pyshim/internal/image_pulls.py)
+    parts.pod_checkpointer.recover()
     parts.checkpointer.recover(pending)
     parts.containers.recover(pending)
     # Pod cgroups that only became empty once orphaned containers were removed above.

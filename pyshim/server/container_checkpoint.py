@@ -59,16 +59,10 @@ def _stop_requested(metadata: dict[str, str]) -> bool:
     return mode == "stop"
 
 
-def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
-                         metadata: dict[str, str]) -> "cri.CheckpointContainerResponse":
-    rt.checkpointer.check_enabled()
-    stop = _stop_requested(metadata)
-    record = rt.containers.get(request.container_id)
-    location = validate_location(request.location)
-    deadline = _deadline(request.timeout, time_remaining)
+def archive_members(rt: Runtime, record, sandbox) -> ArchiveMembers:
+    """What a container's archive holds besides CRIU's images and the diff (also CheckpointPod's parts)."""
     config = rt.containers.config_of(record)
-    sandbox = rt.sandboxes.find(record.sandbox_id)
-    members = ArchiveMembers(
+    return ArchiveMembers(
         config=fmt.CheckpointConfig(
             id=record.id, name=config.metadata.name, **_base_image_fields(rt, record), runtime="runc",
             created_time_ns=record.created_at, checkpointed_time_ns=time.time_ns(),
@@ -82,6 +76,17 @@ def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
         log_path=record.log_path,
         diff_exclusions=diff_exclusions([m.container_path for m in config.mounts]),
     )
+
+
+def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
+                         metadata: dict[str, str]) -> "cri.CheckpointContainerResponse":
+    rt.checkpointer.check_enabled()
+    stop = _stop_requested(metadata)
+    record = rt.containers.get(request.container_id)
+    location = validate_location(request.location)
+    deadline = _deadline(request.timeout, time_remaining)
+    sandbox = rt.sandboxes.find(record.sandbox_id)
+    members = archive_members(rt, record, sandbox)
     netns_path = str(netns.netns_path(sandbox.netns_name)) if sandbox and sandbox.netns_name else ""
     result = rt.checkpointer.checkpoint(record, members, location, deadline, stop=stop, netns_path=netns_path)
     rt.containers.note_checkpoint(record.id, result)

@@ -50,9 +50,13 @@ def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
         config = rt.containers.config_of(record)
         context = _sandbox_context(rt, record.sandbox_id, config)
         # Checked again: the archive may have changed since CreateContainer.
-        with rt.restorer.open(Path(record.restore_from), config) as checkpoint:
-            rt.containers.start_restore(record.id, context, base_image(rt, checkpoint.plan.base_image_refs),
-                                        checkpoint)
+        try:
+            with rt.restorer.open(Path(record.restore_from), config) as checkpoint:
+                rt.containers.start_restore(record.id, context, base_image(rt, checkpoint.plan.base_image_refs),
+                                            checkpoint)
+        finally:
+            from pyshim.server.pod_restore import after_restore_started  # RestorePod's pods (no cycle at import)
+            after_restore_started(rt, record.sandbox_id)
     else:
         rt.containers.start(record.id)
     return cri.StartContainerResponse()

@@ -28,3 +28,4 @@ class Runtime:
     conmon_version: str
     log: object  # logging.Logger of the daemon
     streaming: object = None  # pyshim.streaming.server.StreamingServer, once serving
+    pod_checkpointer: object = None  # pyshim.internal.pod_checkpointer.PodCheckpointer

@@ -19,7 +19,8 @@ from oci.runtime_spec import SpecInputError
 from pyshim import errors
 from pyshim.internal.cni import CNIPluginBusy, CNIPluginError
 from pyshim.server import (container_checkpoint, container_events, container_lifecycle, container_ops, container_status,
-                           container_streaming, images, pod_sandbox, runtime_info, stats)
+                           container_streaming, images, pod_checkpoint, pod_restore, pod_sandbox, runtime_info,
+                           stats)
 from pyshim.server.runtime import Runtime
 
 log = logging.getLogger("pyshim.cri")
@@ -125,6 +126,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     CheckpointContainer = unary(container_checkpoint.checkpoint_container, with_deadline=True,
                                 with_metadata=True)
+    CheckpointPod = unary(pod_checkpoint.checkpoint_pod, with_deadline=True)
+    RestorePod = unary(pod_restore.restore_pod, with_deadline=True)
 
     ContainerStats = unary(stats.container_stats)
     ListContainerStats = unary(stats.list_container_stats)
