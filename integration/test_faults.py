@@ -12,6 +12,7 @@ from cri_api import api_pb2 as cri
 from integration.conftest import container_config, pod_config
 from integration.test_lifecycle import cleanup, run_container
 from pyshim.annotations import POD_IP_ANNOTATION
+from pyshim.internal import cgroups
 
 
 def _error(call) -> grpc.RpcError:
@@ -116,6 +117,8 @@ def test_kubelets_cgroupfs_parent_is_accepted(client, daemon, pulled_busybox):
         assert Path(f"/sys/fs/cgroup/memory{parent}/{cid}").is_dir()
     finally:
         cleanup(client, pod_id)
+        # /kubepods/burstable is kubelet's, not the pod's: the runtime removes only the pod's cgroup.
+        cgroups.remove(f"{daemon.settings.cgroup_parent}/kubepods")
 
 
 def test_conmon_writes_nothing_in_the_daemons_working_directory(client, daemon, pulled_busybox):

@@ -54,10 +54,25 @@ import pyshim.cli, oci.registry, oci.store, criu_glue.checkpoint_image, criu_glu
 """
 
 
+# Runs argv[2:] and writes its peak RSS (KiB) to argv[1]. Why a launcher: a child forked straight
+# from pytest inherits pytest's RSS as its starting peak (ru_maxrss survives exec), which grows with
+# the session and hid the difference the control below looks for.
+_LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def measured(argv: list[str], timeout: float = 600) -> tuple[int, str, str, int]:
     """Run argv to completion; (exit code, stdout, stderr, peak RSS in KiB) of exactly that process."""
     out_r, out_w = os.pipe()
     err_path = Path(f"/tmp/pyshim-measured-{os.getpid()}-{uuid.uuid4().hex[:6]}.err")
+    peak_path = err_path.with_suffix(".peak")
+    argv = [sys.executable, "-c", _LAUNCHER, str(peak_path), *argv]
     with open(err_path, "wb") as err_f, os.fdopen(out_r, "rb") as out_f:
         proc = subprocess.Popen(argv, stdout=out_w, stderr=err_f, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         os.close(out_w)
@@ -74,7 +89,9 @@ def measured(argv: list[str], timeout: float = 600) -> tuple[int, str, str, int]
         proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits for it again
     err = err_path.read_text(errors="replace")
     err_path.unlink()
-    return proc.returncode, out.decode(errors="replace"), err, rusage.ru_maxrss
+    peak = int(peak_path.read_text())
+    peak_path.unlink()
+    return proc.returncode, out.decode(errors="replace"), err, peak
 
 
 def pyshim(*args: str) -> list[str]:

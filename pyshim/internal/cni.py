@@ -295,6 +295,8 @@ class CNINetwork:
         plugins = self.conflist["plugins"]
         result: dict | None = None
         for index, plugin in enumerate(plugins):
+            if plugin.get("type") == "bridge":
+                _give_bridge_a_mac(str(plugin.get("bridge") or "cni0"))
             try:
                 result = self._exec(
                     "ADD", plugin, self.conflist, sandbox_id, str(netns_path), cni_args, mappings, result
@@ -542,6 +544,31 @@ def _plugin_error(where: str, plugin_type: str, command: str, proc: subprocess.C
                            plugin=plugin_type, command=command, cni_code=code, msg=msg, details=details)  # fmt: skip
     text = stderr or stdout or f"exit status {proc.returncode}, no output"
     return CNIPluginError(f"{where} failed: {text}", plugin=plugin_type, command=command, msg=text)
+
+
+def _give_bridge_a_mac(name: str) -> None:
+    """Give an existing bridge with the all-zero MAC a fixed random one, so the bridge plugin can ADD.
+
+    A bridge whose kernel-assigned MAC was never fixed takes its lowest port's MAC and falls back to
+    00:00:00:00:00:00 when its last port goes. The bridge plugin fixes the MAC only after IPAM
+    succeeded, so a first ADD that IPAM refused (a requested IP outside the range) leaves a zero-MAC
+    bridge, and every later ADD then fails with "could not set bridge's mac: invalid argument"."""
+    try:
+        current = Path(f"/sys/class/net/{name}/address").read_text().strip()
+    except OSError:
+        return  # no bridge yet: the plugin creates it
+    if current.strip("0:"):
+        return
+    mac = ":".join(f"{b:02x}" for b in bytes([0x02]) + os.urandom(5))  # locally administered, unicast
+    from pyroute2 import IPRoute  # noqa: PLC0415 - only needed on this rare repair path
+
+    try:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=name)
+            if index:
+                ipr.link("set", index=index[0], address=mac)
+    except Exception as exc:  # noqa: BLE001 - the plugin's own error then says what is wrong
+        raise CNIConfigError(f"bridge {name} has no MAC address and setting one failed: {exc}") from exc
 
 
 def _effective_mappings(port_mappings) -> list[PortMapping]:
