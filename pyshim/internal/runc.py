@@ -32,6 +32,10 @@ class ExecResult:
     timed_out: bool = False
 
 
+# How long runc gets to reap the exec'd process we killed at an ExecSync timeout.
+EXEC_REAP_SECONDS = 2.0
+
+
 def _runc_message(stderr: bytes) -> str:
     """runc logs JSON-ish `level=error msg="..."` lines; the last error line is the useful one."""
     text = stderr.decode(errors="replace").strip()
@@ -169,8 +173,19 @@ class Runc:
             except subprocess.TimeoutExpired:
                 # Killing runc alone leaves the process it exec'd running in the container (a hung
                 # probe would pile up). While runc lives, the exec'd pid is its child and cannot have
-                # been reused: stop and kill that process, its descendants and its session, and runc's.
-                proctree.kill_family([pid for pid in (proc.pid, _read_pid(pid_file)) if pid])
+                # been reused. Kill that process and its descendants first, and let runc reap it: a
+                # process whose parent runc died first is reparented to the container's init, which
+                # may never reap it, and `ps` in the container would show it on (as a zombie).
+                exec_pid = _read_pid(pid_file)
+                if exec_pid:
+                    proctree.kill_family([exec_pid])
+                    try:
+                        out, err = proc.communicate(timeout=EXEC_REAP_SECONDS)
+                        return ExecResult(-1, out, err, timed_out=True)
+                    except subprocess.TimeoutExpired:
+                        pass
+                # Then runc and whatever is left in its session.
+                proctree.kill_family([proc.pid])
                 out, err = proc.communicate()
                 return ExecResult(-1, out, err, timed_out=True)
         if proc.returncode == 255 and b"level=error" in err:
