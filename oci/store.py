@@ -564,13 +564,7 @@ class ImageStore:
             diff_id = unpack_layer(blob, layer.media_type, tmp)
             if diff_id != layer.diff_id:
                 raise DigestMismatch(f"uncompressed layer {layer.digest}", layer.diff_id, diff_id)
-            path.parent.mkdir(exist_ok=True)
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                if not path.is_dir():
-                    raise
-                # Another process sharing the root finished the same layer first: keep theirs.
+            _publish_dir(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -623,13 +617,7 @@ class ImageStore:
                     for name in filenames:
                         os.chmod(os.path.join(dirpath, name), 0o444)
                 os.chmod(tmp, 0o755)
-                path.parent.mkdir(exist_ok=True)
-                try:
-                    os.rename(tmp, path)
-                except OSError:
-                    if not path.is_dir():
-                        raise
-                    # Another restore or process finished the same entry first: keep theirs.
+                _publish_dir(tmp, path)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -934,3 +922,14 @@ def _signature_of_path(path: Path) -> tuple | None:
         return _signature(os.stat(path))
     except FileNotFoundError:
         return None
+
+
+def _publish_dir(tmp: Path, path: Path) -> None:
+    """Move a finished directory into place in one rename. If another process sharing the root
+    finished the same content first, keep theirs (the caller removes `tmp`)."""
+    path.parent.mkdir(exist_ok=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not path.is_dir():
+            raise

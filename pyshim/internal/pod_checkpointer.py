@@ -18,7 +18,6 @@ which belongs to the caller, never is.
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from pathlib import Path
 from criu_glue import archive_format as fmt
 from criu_glue import pod_checkpoint as podfmt
 from criu_glue.criu import has_established_tcp
+from oci.tree_removal import remove_tree
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.internal import cgroups, mounts, tcp_lock
 from pyshim.internal.checkpointer import ArchiveMembers, Checkpointer, _write_archive_by_deadline
@@ -187,7 +187,7 @@ class PodCheckpointer:
             raise
         finally:
             for w in works:
-                shutil.rmtree(w.directory, ignore_errors=True)
+                remove_tree(w.directory, ignore_errors=True)
             if intent is not None:
                 self._journal.finish(intent)
         log.info("pod checkpointed", extra={
@@ -341,7 +341,7 @@ def recover_pod_checkpoints(journal: IntentJournal, runc: Runc) -> list[str]:
             _remove_outputs(files[0].parent.parent if files[0].parent.name == podfmt.PARTS_DIR
                             else files[0].parent, files)
         for d in filter(None, intent.facts.get("work_dirs", "").split("\n")):
-            shutil.rmtree(d, ignore_errors=True)
+            remove_tree(d, ignore_errors=True)
         journal.finish(intent)
         log.warning("interrupted pod checkpoint recovered", extra={"sandbox": intent.target, "thawed": thawed,
                                                                    "intent": intent.id})

@@ -20,7 +20,7 @@ from oci.tree_removal import remove_tree
 from pyshim.annotations import POD_IP_ANNOTATION, POD_MAC_ANNOTATION
 from pyshim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, crashpoints, netns, pod_files, pod_namespaces, request_paths, sandbox_leftovers
-from pyshim.internal.cni import (CNI_IFNAME, CNINetwork, NetworkAttachment, PortMapping, cache_temp_files,
+from pyshim.internal.cni import (CNI_IFNAME, CNINetwork, PortMapping, cache_temp_files,
                                  host_local_network_dirs)
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.state import RecordStore, SandboxRecord, SandboxState, decode_config, encode_config
@@ -447,12 +447,12 @@ class SandboxManager:
 
     def sweep(self, exclude: set[str] = frozenset()) -> None:
         """Release what no sandbox record (nor an intent in `exclude`) owns: netns with our prefix, IP
-        allocations and CNI cache entries of unknown ids, pod dirs, pid infra processes, and empty
-        cgroups under our cgroup parent."""
+        allocations and CNI cache entries of unknown ids, pod dirs and pid infra processes. Empty
+        cgroups are swept by `sweep_cgroups`, once, after the containers' recovery (recovery.py):
+        before it, an orphaned container still holds its pod's cgroup."""
         known = {r.id for r in self._records.all()} | set(exclude)
         self._sweep_network(known)
         self._sweep_pod_dirs(known)
-        self.sweep_cgroups(exclude)
 
     def _sweep_network(self, known: set[str]) -> None:
         owned_netns = {r.netns_name for r in self._records.all() if r.netns_name}
