@@ -313,14 +313,19 @@ class PodCheckpointer:
                                                  deadline, PhaseTimer())
 
     def _thaw_all(self, paused: list[_Work]) -> list[Exception]:
-        errors = []
-        for w in paused:
+        """Side by side, as the freezes: the last container is not kept frozen for the others' `runc resume`."""
+        def thaw(w: _Work) -> Exception | None:
             try:
                 self._checkpointer._thaw(w.part.record)
+                return None
             except RuncError as e:
-                errors.append(FailedPrecondition(f"CheckpointPod: container {w.part.record.id} could not be "
-                                                 f"thawed: {e.message}"))
-        return errors
+                return FailedPrecondition(f"CheckpointPod: container {w.part.record.id} could not be thawed: "
+                                          f"{e.message}")
+
+        if len(paused) <= 1:
+            return [e for e in map(thaw, paused) if e is not None]
+        with ThreadPoolExecutor(max_workers=len(paused), thread_name_prefix="pod-thaw") as pool:
+            return [e for e in pool.map(thaw, paused) if e is not None]
 
     def _wants_tcp(self, w: _Work, options: PodCheckpointOptions) -> bool:
         # "close" still dumps the connections (CRIU refuses established sockets otherwise); RestorePod

@@ -45,21 +45,23 @@ def create_container(rt: Runtime, request) -> "cri.CreateContainerResponse":
 def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
     """Start a created container; a container created from a checkpoint is restored now."""
     record = rt.containers.get(request.container_id)
-    if record.pending_restore:
-        rt.restorer.check_enabled()
-        config = rt.containers.config_of(record)
-        context = _sandbox_context(rt, record.sandbox_id, config)
-        # Checked again: the archive may have changed since CreateContainer.
-        try:
-            with rt.restorer.open(Path(record.restore_from), config) as checkpoint:
-                rt.containers.start_restore(record.id, context, base_image(rt, checkpoint.plan.base_image_refs),
-                                            checkpoint)
-        finally:
-            from pyshim.server.pod_restore import after_restore_started  # RestorePod's pods (no cycle at import)
-            after_restore_started(rt, record.sandbox_id)
+    from pyshim.server.pod_restore_start import start_with_pod  # RestorePod's pods (no cycle at import)
+    if start_with_pod(rt, record, lambda r: _restore(rt, r, cached=False)):
+        pass  # restored with its pod, by this call or an earlier one
+    elif record.pending_restore:
+        _restore(rt, record)
     else:
         rt.containers.start(record.id)
     return cri.StartContainerResponse()
+
+
+def _restore(rt: Runtime, record, cached: bool = True) -> None:
+    rt.restorer.check_enabled()
+    config = rt.containers.config_of(record)
+    context = _sandbox_context(rt, record.sandbox_id, config)
+    # Checked again: the archive may have changed since CreateContainer.
+    with rt.restorer.open(Path(record.restore_from), config, cached=cached) as checkpoint:
+        rt.containers.start_restore(record.id, context, base_image(rt, checkpoint.plan.base_image_refs), checkpoint)
 
 
 def stop_container(rt: Runtime, request) -> "cri.StopContainerResponse":

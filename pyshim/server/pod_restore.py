@@ -20,6 +20,7 @@ from pyshim.internal.container_manager import RestoreSource
 from pyshim.internal.restorer import TCP_ANNOTATION
 from pyshim.server.container_lifecycle import _sandbox_context
 from pyshim.server.pod_checkpoint import caller_deadline
+from pyshim.server.pod_restore_start import record_group
 from pyshim.server.runtime import Runtime
 
 
@@ -56,6 +57,8 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
             record = rt.containers.create_restore(context, config, RestoreSource(plan))
             created.append(record.id)
             restored.append(cri.RestoredContainer(name=entry.name, container_id=record.id))
+        # The first StartContainer of any of them restores them all together (pod_restore_start.py).
+        record_group(sandbox, created)
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
     except BaseException:
