@@ -121,7 +121,8 @@ def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: P
             for restored in response.restored_containers:
                 c.start(restored.container_id)
             figures["restore_pod"].append((time.monotonic() - started) * 1000)
-            phases["pod_restore"].append({"RestorePod": restore_pod_ms, **{
+            restore_pod_phases = _log_entries(daemon, "pod restored (containers CREATED)")[-1].get("phases_ms", {})
+            phases["pod_restore"].append({"RestorePod": restore_pod_ms, **restore_pod_phases, **{
                 f"{k}[{i}]": v for i, e in enumerate(_log_entries(daemon, "container restored")[before:])
                 for k, v in e.get("ms", {}).items()}})
             _remove_pod(c, response.pod_sandbox_id)

@@ -17,6 +17,7 @@ from criu_glue.errors import ArchiveError
 from pyshim.errors import DeadlineExceeded, InvalidArgument, NotFound
 from pyshim.internal import netns, pod_restorer
 from pyshim.internal.container_manager import RestoreSource
+from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.restorer import TCP_ANNOTATION
 from pyshim.server.container_lifecycle import _sandbox_context
 from pyshim.server.pod_checkpoint import caller_deadline
@@ -26,6 +27,7 @@ from pyshim.server.runtime import Runtime
 
 def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.RestorePodResponse":
     deadline = caller_deadline(time_remaining, "RestorePod")
+    phases = PhaseTimer()
     rt.restorer.check_enabled()
     if not request.HasField("config"):
         raise InvalidArgument("RestorePod: config is missing")
@@ -43,8 +45,10 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
     # Every part, checked as a container archive is (hostile-archive checks, expected bind mounts),
     # before anything is created.
     plans = [rt.restorer.plan(checkpoint_dir / entry.part, config) for entry, config in configs]
+    phases.mark("check")
 
     sandbox = rt.sandboxes.run(request.config, request.runtime_handler)
+    phases.mark("sandbox")
     created: list[str] = []
     try:
         loopback = pod_restorer.loopback_connections(manifest)
@@ -59,13 +63,15 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
             restored.append(cri.RestoredContainer(name=entry.name, container_id=record.id))
         # The first StartContainer of any of them restores them all together (pod_restore_start.py).
         record_group(sandbox, created)
+        phases.mark("containers")
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
     except BaseException:
         _undo(rt, sandbox.id, created)
         raise
     rt.log.info("pod restored (containers CREATED)", extra={
-        "sandbox": sandbox.id, "checkpoint": str(checkpoint_dir), "containers": created})
+        "sandbox": sandbox.id, "checkpoint": str(checkpoint_dir), "containers": created,
+        "phases_ms": phases.report()})
     return cri.RestorePodResponse(pod_sandbox_id=sandbox.id, restored_containers=restored)
 
 
