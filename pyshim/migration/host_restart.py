@@ -16,7 +16,7 @@ checkpoint in the manifest, so that restore-all can be run again. Manifests of e
 archive per container) are still restored, container by container.
 
 Pods whose containers share one PID namespace (the CRI's zero value; kubelet's shareProcessNamespace)
-are checkpointed at one instant all the same, but RestorePod refuses them (pod_restorer.py: a
+are checkpointed at one instant all the same, but RestorePod refuses them (checkpoint_restore/pod_restore.py: a
 container restored first may take PIDs the next one needs). restore-all brings them back as before:
 their pod recreated at its address, each container restored from its part of the pod checkpoint
 (an ordinary container archive) by CreateContainer + StartContainer, one after another.
@@ -36,7 +36,7 @@ from criu_glue import pod_checkpoint as podfmt
 from criu_glue.errors import ArchiveError
 from pyshim.client import Client
 from pyshim.errors import FailedPrecondition
-from pyshim.internal import pod_restorer
+from pyshim.checkpoint_restore import pod_restore as pod_restorer
 from pyshim.internal.atomic import write_json_atomic
 from pyshim.migration.pod_move import checkpoint_pod_and_stop
 from pyshim.migration.workload import (MoveError, Workload, capture, container_config_from, containers_in_pod,

@@ -37,7 +37,7 @@ from cri_api import api_pb2 as cri
 from pyshim.annotations import CHECKPOINT_MODE_KEY
 from pyshim.client import Client
 from pyshim.errors import FailedPrecondition
-from pyshim.internal import pod_restorer
+from pyshim.checkpoint_restore import pod_restore as pod_restorer
 from pyshim.internal.atomic import write_json_atomic
 from pyshim.migration.journal import JournalLock, journal_path
 from pyshim.migration.migrate import _require_checkpoint_restore
