@@ -9,6 +9,7 @@ removed before it returns. The checkpoint is only read.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cri_api import api_pb2 as cri
@@ -44,8 +45,9 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         configs.append((entry, _with_tcp_decision(config, pod_restorer.tcp_annotation(manifest, entry))))
     checkpoint_dir = Path(request.checkpoint_path)
     # Every part, checked as a container archive is (hostile-archive checks, expected bind mounts),
-    # before anything is created.
-    plans = [rt.restorer.plan(checkpoint_dir / entry.part, config) for entry, config in configs]
+    # before anything is created; side by side (each reads its own archive's index).
+    with ThreadPoolExecutor(max_workers=min(len(configs), 4), thread_name_prefix="pod-plan") as pool:
+        plans = list(pool.map(lambda pair: rt.restorer.plan(checkpoint_dir / pair[0].part, pair[1]), configs))
     phases.mark("check")
 
     sandbox = rt.sandboxes.run(request.config, request.runtime_handler)
