@@ -7,7 +7,8 @@ from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus, EventType
 from pyshim.internal.intents import IntentJournal, Operation
 from pyshim.internal.runc import RuncState
-from pyshim.internal.state import ContainerRecord, ContainerState
+from pyshim.checkpoint_restore.records import RestoreOrigin
+from pyshim.internal.state import ContainerMetadata, ContainerRecord, ContainerState, ContainerStatus
 
 
 class FakeRunc:
@@ -51,14 +52,17 @@ def _manager(tmp_path: Path, runc: FakeRunc | None = None, events: EventBus | No
     return manager, runc, journal
 
 
-def _record(manager: ContainerManager, container_id: str, state: ContainerState, **extra) -> ContainerRecord:
+def _record(manager: ContainerManager, container_id: str, state: ContainerState, restore_from: str = "",
+            **status) -> ContainerRecord:
     cdir = manager._root / container_id
     for sub in ("", "upper", "work", "rootfs"):
         (cdir / sub).mkdir(parents=True, exist_ok=True)
-    record = ContainerRecord(id=container_id, sandbox_id="pod", name=f"k8s_{container_id}", attempt=0,
-                             config_b64="", image_ref="busybox", image_id="sha256:x", image_name="busybox",
-                             created_at=time.time_ns(), dir=str(cdir), log_path="", state=state, **extra)
-    manager._records.save(record)
+    metadata = ContainerMetadata(id=container_id, sandbox_id="pod", name=f"k8s_{container_id}", attempt=0,
+                                 config_b64="", image_ref="busybox", image_id="sha256:x", image_name="busybox",
+                                 created_at=time.time_ns(), dir=str(cdir), log_path="",
+                                 restore=RestoreOrigin(restore_from) if restore_from else None)
+    record = ContainerRecord(metadata, ContainerStatus(state=state, **status))
+    manager.add(record)
     manager._names[record.name] = record.id
     return record
 
