@@ -63,6 +63,15 @@ def _cgroups_path_in(config_json: Path) -> str:
         return ""
 
 
+def _with_checkpoint(status: ContainerStatus, facts: CheckpointFacts) -> ContainerStatus:
+    """A status that records a finished checkpoint; a stopping one's exit is the checkpoint's."""
+    if facts.stopped and status.state == ContainerState.EXITED:
+        # Not an error and not a completion: kubelet and people should see why it ended.
+        return replace(status, last_checkpoint=facts, reason="Checkpointed",
+                       message=f"stopped after a checkpoint to {facts.location}")
+    return replace(status, last_checkpoint=facts)
+
+
 def container_name_key(config, sandbox_config) -> str:
     m, p = config.metadata, sandbox_config.metadata
     return f"k8s_{m.name}_{p.name}_{p.namespace}_{p.uid}_{m.attempt}"
@@ -169,14 +178,15 @@ class ContainerManager:
                 frozen_ms=round(result.frozen_seconds * 1000, 1), total_ms=round(result.total_seconds * 1000, 1),
                 archive_bytes=result.archive_bytes, tcp_established=result.tcp_established,
                 stopped=result.stopped, phases_ms=result.phases_ms)
+            self.update_status(record, lambda s: _with_checkpoint(s, facts))
 
-            def noted(s: ContainerStatus) -> ContainerStatus:
-                if result.stopped and s.state == ContainerState.EXITED:
-                    # Not an error and not a completion: kubelet and people should see why it ended.
-                    return replace(s, last_checkpoint=facts, reason="Checkpointed",
-                                   message=f"stopped after a checkpoint to {result.location}")
-                return replace(s, last_checkpoint=facts)
-            self.update_status(record, noted)
+    def note_stopped_by_checkpoint(self, container_id: str, facts: CheckpointFacts) -> None:
+        """Start-up: a stopping checkpoint killed this container and the daemon died before
+        note_checkpoint. Recovery has recorded the exit (SIGKILL, "Error"); say it was the checkpoint."""
+        record = self._records.get(container_id)
+        if record is not None:
+            self.update_status(record, lambda s: _with_checkpoint(s, facts) if s.state == ContainerState.EXITED
+                               else None)
 
     # ---- exit tracking -----------------------------------------------------------------------
 
@@ -195,7 +205,6 @@ class ContainerManager:
                      message: str | None = None) -> bool:
         """RUNNING/CREATED -> EXITED, once: the exit watcher and request threads may all notice the
         same exit; only the one whose transition happened publishes STOPPED."""
-        serving = self._serving
         oom_file = record.bundle / "persist" / "oom"
 
         def to_exited(s: ContainerStatus) -> ContainerStatus | None:
@@ -209,26 +218,36 @@ class ContainerManager:
                 finished_at=max(finished_at_ns, s.started_at),
                 reason=reason or ("OOMKilled" if oom else "Completed" if code == 0 else "Error"),
                 message=s.message if message is None else message,
-                # Marked sent in the same save as the exit: a crash between the save and the publish loses
-                # this one event rather than sending it twice. Before serving there is nobody to send it to.
-                stopped_event_sent=serving)
-        if not self.update_status(record, to_exited):
-            return False
-        if serving:
-            self.publish(record, EventType.STOPPED)
+                # Saved unsent, marked sent once published (_publish_stop): a daemon killed in between
+                # sends it again after its restart (publish_pending_stops) rather than never.
+                stopped_event_sent=False)
+        with self.lock_for(record.id):
+            if not self.update_status(record, to_exited):
+                return False
+            # Read under the lock that publish_pending_stops takes for each record after setting it:
+            # either this publishes, or that does, never neither (and never both).
+            if self._serving:
+                self._publish_stop(record)
         return True
 
+    def _publish_stop(self, record: ContainerRecord) -> None:
+        """STOPPED for a recorded exit, then the record marked sent; the caller holds the container's
+        lock, so that no other thread publishes the same exit meanwhile."""
+        crashpoints.reached("container_exit:publish")
+        self.publish(record, EventType.STOPPED)
+        crashpoints.reached("container_exit:mark_sent")
+        self.update_status(record, lambda s: None if s.stopped_event_sent else replace(s, stopped_event_sent=True))
+
     def publish_pending_stops(self) -> None:
-        """Once the server serves: STOPPED for every container whose exit was recorded while nobody
-        could hear it (it ended while the daemon was down), exactly once across restarts."""
+        """Once the server serves: STOPPED for every container whose exit was recorded but not yet
+        published (it ended while the daemon was down, or the daemon was killed before publishing).
+        At least once across restarts: a daemon killed between a publish and its mark sends it twice."""
         self._serving = True
         for record in self._records.all():
-            def sent(s: ContainerStatus) -> ContainerStatus | None:
-                if s.stopped_event_sent or s.state != ContainerState.EXITED:
-                    return None
-                return replace(s, stopped_event_sent=True)
-            if self.update_status(record, sent):
-                self.publish(record, EventType.STOPPED)
+            with self.lock_for(record.id):
+                if (self._records.get(record.id) is record and record.state == ContainerState.EXITED
+                        and not record.stopped_event_sent):
+                    self._publish_stop(record)
 
     def _reconcile(self, record: ContainerRecord, states: dict | None = None) -> None:
         """Bring one record up to date with what runc and conmon say (start-up only); `states` is
