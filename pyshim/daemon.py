@@ -85,7 +85,9 @@ def build_runtime(config: Config) -> Runtime:
                                intents=journal, runc=runc)
     sandboxes.load()
     puller = ImagePuller(RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
-                                        timeout=config.images.pull_timeout), images, journal)
+                                        timeout=config.images.pull_timeout,
+                                        mirrors={r: tuple(h) for r, h in config.images.mirrors.items()}),
+                         images, journal)
     containers.load()
     restores = RestoreEngine(containers, restorer, runc, conmon, images, puller, journal)
     pod_checkpointer = PodCheckpointer(checkpointer, runc, journal, root / "checkpoint-work")
