@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from cri_api import api_pb2 as cri
 from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_container_spec, linux_resources_from_cri,
@@ -110,7 +111,8 @@ class ContainerManager:
         with self._lock:
             return self._container_locks.setdefault(container_id, threading.RLock())
 
-    def update_status(self, record: ContainerRecord, change) -> bool:
+    def update_status(self, record: ContainerRecord,
+                      change: Callable[[ContainerStatus], ContainerStatus | None]) -> bool:
         """The one way a container's status changes: `change(status)` returns the new status (a
         dataclasses.replace of the one given), or None when the transition no longer applies (another
         thread made it first). Runs under the container's lock; the new status is saved atomically
