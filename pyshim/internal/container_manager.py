@@ -131,8 +131,12 @@ class ContainerManager:
         return self._root / container_id
 
     def add(self, record: ContainerRecord) -> None:
-        """Save a new container's record, its name already reserved (reserve_name): from now on it exists."""
-        self._records.save(record)
+        """Save a new container's record, its name already reserved (reserve_name): from now on it exists.
+        Never over a stored one: a stored record's status changes only through update_status."""
+        with self._lock:
+            if self._records.get(record.id) is not None:
+                raise AlreadyExists(f"container {record.id} is already recorded")
+            self._records.save(record)
 
     def paths(self, record: ContainerRecord) -> MonitorPaths:
         return MonitorPaths(bundle=record.bundle, exit_dir=self._exit_dir,
@@ -369,7 +373,7 @@ class ContainerManager:
             phases.mark("runc_create")
             crashpoints.reached("create_container:record")
             record = ContainerRecord(record.metadata, ContainerStatus(pid=pid))  # not stored yet: a new one
-            self._records.save(record)
+            self.add(record)
             phases.mark("record")
             undo.pop_all()
         return record

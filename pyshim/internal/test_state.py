@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from pyshim.checkpoint_restore.records import CheckpointFacts, RestoredFacts, RestoreOrigin
+from pyshim.errors import AlreadyExists
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
 from pyshim.internal.state import (CONTAINER_RECORD_VERSION, ContainerMetadata, ContainerRecord, ContainerState,
@@ -164,3 +165,11 @@ def test_facts_without_figures_are_valid(tmp_path):
     adopted = _record(tmp_path, restored=RestoredFacts("sha256:base", tcp="none"))
     assert dict(adopted.status.restored.phases_ms) == {} and not adopted.pending_restore
     assert ContainerRecord.from_doc(adopted.to_doc()).status == adopted.status
+
+
+def test_a_stored_record_cannot_be_replaced_by_adding_another_with_its_id(tmp_path):
+    record = _record(tmp_path)
+    manager = _manager_with(tmp_path, record)
+    with pytest.raises(AlreadyExists):
+        manager.add(ContainerRecord(record.metadata, ContainerStatus(state=ContainerState.RUNNING)))
+    assert manager.recorded("c1") is record and record.state == ContainerState.CREATED
