@@ -39,7 +39,9 @@ from oci.tree_removal import remove_tree
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.checkpoint_restore import tcp_lock
 from pyshim.internal import cgroups, mounts
-from pyshim.checkpoint_restore.checkpoint import ArchiveMembers, Checkpointer, _write_archive_by_deadline
+from pyshim.checkpoint_restore.checkpoint import (ArchiveMembers, Checkpointer, StoppedByCheckpoint,
+                                                  _write_archive_by_deadline)
+from pyshim.checkpoint_restore.records import CheckpointFacts
 from pyshim.internal.intents import IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import Runc, RuncError
@@ -145,9 +147,13 @@ class PodCheckpointer:
         self._work_root = Path(work_root)
         self._work_root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def recover(self) -> list[str]:
-        """Start-up repair (pyshim/internal/recovery.py): thaw what an interrupted CheckpointPod froze."""
-        return recover_pod_checkpoints(self._journal, self._runc)
+    def recover(self) -> list[StoppedByCheckpoint]:
+        """Start-up repair (pyshim/internal/recovery.py): thaw what an interrupted CheckpointPod froze.
+        Returns the containers a stop-mode CheckpointPod may have killed once its output was complete:
+        recovery records them as stopped by it when their exit is found (as for CheckpointContainer)."""
+        stopped: list[StoppedByCheckpoint] = []
+        recover_pod_checkpoints(self._journal, self._runc, stopped)
+        return stopped
 
     def checkpoint(self, sandbox_id: str, pod_config_doc: dict, pod_ips: list[str], parts: list[PodPart],
                    output: Path, options: PodCheckpointOptions, deadline: float, stop: bool = False,
@@ -411,9 +417,11 @@ def _check_deadline(deadline: float, message: str) -> None:
         raise DeadlineExceeded(message)
 
 
-def recover_pod_checkpoints(journal: IntentJournal, runc: Runc) -> list[str]:
+def recover_pod_checkpoints(journal: IntentJournal, runc: Runc,
+                            stopped: list[StoppedByCheckpoint] | None = None) -> list[str]:
     """Start-up repair of CheckpointPod calls a killed daemon left open: thaw every container they
-    froze, remove their partial output and work directories. Returns the ids thawed."""
+    froze, remove their partial output and work directories. Returns the ids thawed; adds to `stopped`
+    every container of a stop-mode call cut at its kill step (those that exited ended by it)."""
     thawed = []
     for intent in journal.pending():
         if intent.operation != Operation.CHECKPOINT_POD:
@@ -434,6 +442,8 @@ def recover_pod_checkpoints(journal: IntentJournal, runc: Runc) -> list[str]:
             # frozen, nothing ran since), so it is kept. The caller was never told it succeeded, so the
             # containers not killed yet run on, their connections unlocked; a retry checkpoints afresh.
             _unlock_survivors(intent, runc)
+            if stopped is not None:
+                stopped.extend(_stopped_by(intent, files))
             files = []
         if files:
             _remove_outputs(files[0].parent.parent if files[0].parent.name == podfmt.PARTS_DIR
@@ -444,6 +454,16 @@ def recover_pod_checkpoints(journal: IntentJournal, runc: Runc) -> list[str]:
         log.warning("interrupted pod checkpoint recovered", extra={"sandbox": intent.target, "thawed": thawed,
                                                                    "intent": intent.id})
     return thawed
+
+
+def _stopped_by(intent, files: list[Path]) -> list[StoppedByCheckpoint]:
+    """Container i's part is output_files[i] (the intent names both in the parts' order)."""
+    ids = [c for c in intent.facts.get("containers", "").split(",") if c]
+    found = []
+    for cid, part in zip(ids, files):
+        when = part.stat().st_mtime_ns if part.exists() else time.time_ns()
+        found.append(StoppedByCheckpoint(cid, CheckpointFacts(location=str(part), time_ns=when, stopped=True)))
+    return found
 
 
 def _unlock_survivors(intent, runc: Runc) -> None:

@@ -151,8 +151,12 @@ def test_recovery_at_the_kill_step_keeps_the_complete_output(tmp_path):
     journal.begin(Operation.CHECKPOINT_POD, "pod", step="kill", containers="a",
                   output_files=f"{out}/containers/0.tar\n{out}/{podfmt.MANIFEST}", work_dirs="", mode="stop")
     runc.pause("a")
-    assert pc.recover_pod_checkpoints(journal, runc) == ["a"]
+    stopped = []
+    assert pc.recover_pod_checkpoints(journal, runc, stopped) == ["a"]
     assert not runc.paused and (out / podfmt.MANIFEST).exists() and (out / "containers" / "0.tar").exists()
+    # Container "a" is reported as stopped by this checkpoint, its part as the location.
+    assert [(s.container_id, s.checkpoint.location, s.checkpoint.stopped) for s in stopped] == \
+        [("a", f"{out}/containers/0.tar", True)]
     assert journal.pending() == []
 
 
