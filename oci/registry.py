@@ -158,14 +158,28 @@ class RegistryClient:
 
         Returns the manifest digest the registry confirmed.
         """
-        target = Reference.parse(target_ref)
-        session = _Session(self, target, auth, actions="pull,push")
         manifest_raw = store.manifest_bytes(image)
         manifest = parse_manifest(manifest_raw, f"manifest of {image.id}")
-        for descriptor in [*manifest.layers, manifest.config]:
-            if not session.blob_exists(descriptor.digest):
-                session.upload_blob(store, descriptor)
+        sources = {d.digest: _file_opener(store.blob_path(d.digest)) for d in [*manifest.layers, manifest.config]}
         media_type = image.manifest_media_type or detect_media_type(manifest_raw)
+        return self.push_blobs(target_ref, manifest_raw, media_type, sources, auth)
+
+    def push_blobs(self, target_ref: str, manifest_raw: bytes, media_type: str,
+                   sources: dict[str, Callable[[], BinaryIO]], auth: Credentials | None = None) -> str:
+        """Upload the blobs `manifest_raw` names, each read from `sources[digest]()` (a fresh stream of
+        exactly the descriptor's size), skipping those the registry has, then the manifest.
+
+        No image store is needed: a checkpoint image is pushed straight from its archive file. The
+        registry checks every blob against its digest. Returns the manifest digest it confirmed.
+        """
+        target = Reference.parse(target_ref)
+        session = _Session(self, target, auth, actions="pull,push")
+        manifest = parse_manifest(manifest_raw, f"manifest for {target_ref}")
+        for descriptor in [*manifest.layers, manifest.config]:
+            if descriptor.digest not in sources:
+                raise ImageError(f"push to {target_ref}: no content given for blob {descriptor.digest}")
+            if not session.blob_exists(descriptor.digest):
+                session.upload_blob(descriptor, sources[descriptor.digest])
         return session.put_manifest(target.tag or target.digest, manifest_raw, media_type)
 
     def check_push_access(self, target_ref: str, auth: Credentials | None = None) -> None:
@@ -324,7 +338,7 @@ class _Session:
                           expected=(200, 404), follow_redirects=True) as resp:
             return resp.status == 200
 
-    def upload_blob(self, store: ImageStore, descriptor: Descriptor) -> None:
+    def upload_blob(self, descriptor: Descriptor, open_source: Callable[[], BinaryIO]) -> None:
         step = f"start upload of blob {descriptor.digest}"
         with self.request("POST", f"/v2/{self.repository}/blobs/uploads/", step,
                           {"Content-Length": "0"}, body=b"", expected=(202,)) as resp:
@@ -333,11 +347,10 @@ class _Session:
             raise self._error(step, 202, "no Location header for the upload")
         url = urllib.parse.urljoin(self._base_url(), location)
         url += ("&" if "?" in url else "?") + urllib.parse.urlencode({"digest": descriptor.digest})
-        path = store.blob_path(descriptor.digest)
         with self.request("PUT", url, f"upload blob {descriptor.digest}",
                           {"Content-Type": "application/octet-stream",
                            "Content-Length": str(descriptor.size)},
-                          body=lambda: open(path, "rb"), expected=(201, 204)):
+                          body=open_source, expected=(201, 204)):
             pass
 
     def probe_upload(self) -> None:
@@ -504,6 +517,10 @@ class _Session:
         if not token:
             raise self._error(step, 200, f"token service {realm} returned no token")
         return token
+
+
+def _file_opener(path) -> Callable[[], BinaryIO]:
+    return lambda: open(path, "rb")
 
 
 def _basic_token(user: str, password: str) -> str:

@@ -185,6 +185,8 @@ class ContainerManager:
                     "totalMs": round(result.total_seconds * 1000, 1),
                     "archiveBytes": result.archive_bytes, "tcpEstablished": result.tcp_established,
                     "stopped": result.stopped, "phasesMs": result.phases_ms}
+                if result.archive_digest is not None:
+                    r.last_checkpoint["archive"] = result.archive_digest.to_json()
                 if result.stopped and r.state == ContainerState.EXITED:
                     # Not an error and not a completion: kubelet and people should see why it ended.
                     r.reason = "Checkpointed"

@@ -9,7 +9,6 @@ a rerun after a kill finish the move or roll it back. The workload is never dead
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +16,12 @@ from pathlib import Path
 import grpc
 
 from cri_api import api_pb2 as cri
-from criu_glue.checkpoint_image import build_checkpoint_image
+from criu_glue.archive import ArchiveDigest
 from oci.errors import ImageError
 from oci.reference import Reference
 from oci.registry import Credentials, RegistryClient
-from oci.store import ImageStore
 from pyshim.client import Client
+from pyshim.migration.archive_push import push_checkpoint_archive
 from pyshim.migration.journal import Journal, JournalLock, Phase, open_journal
 from pyshim.migration.workload import (MoveError, Workload, capture, checkpoint_and_stop, container_config_from,
                                        container_info, containers_in_pod, describe, remove_quietly)
@@ -72,6 +71,7 @@ class Migration:
         self.report = MigrationReport(options.container_id)
         self._last = time.monotonic()
         self._frozen_at = 0.0
+        self._checkpoint_figures: dict = {}
 
     # ---- the move, resumable ------------------------------------------------------------------
 
@@ -124,7 +124,9 @@ class Migration:
         archive = self.options.work_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive))
         started = time.monotonic()
-        figures = checkpoint_and_stop(self.source, workload.container_id, str(archive), self.options.timeout)
+        figures = checkpoint_and_stop(self.source, workload.container_id, str(archive), self.options.timeout,
+                                      throwaway_archive=True)
+        self._checkpoint_figures = figures
         # Frozen from the runc pause on: the daemon's "prepare" phase ran before it.
         self._frozen_at = started + figures.get("phasesMs", {}).get("prepare", 0) / 1000
         self.report.checkpoint_phases_ms = figures.get("phasesMs", {})
@@ -184,15 +186,11 @@ class Migration:
     def _push(self, journal: Journal) -> None:
         workload = Workload.from_json(journal.workload)
         tag = self._image_tag(workload)
-        store_dir = Path(journal.archive).with_suffix(".store")
-        try:
-            store = ImageStore(store_dir)
-            image = build_checkpoint_image(store, journal.archive, tag)
-            self._mark("build_image")
-            digest = self._registry().push(store, image, tag, self.options.credentials)
-            self._mark("push")
-        finally:
-            shutil.rmtree(store_dir, ignore_errors=True)
+        # The digest the source computed while writing the archive (asked again after a resume).
+        figures = self._checkpoint_figures or container_info(self.source, workload.container_id)[1].get("lastCheckpoint", {})
+        digest = push_checkpoint_archive(self._registry(), Path(journal.archive),
+                                         ArchiveDigest.from_json(figures.get("archive")), tag,
+                                         self.options.credentials, self._mark)
         journal.advance(Phase.PUSHED, image_ref=f"{Reference.parse(tag).name}@{digest}")
         self.report.image = journal.image_ref
 
