@@ -36,7 +36,7 @@ from criu_glue.rootfs_diff import write_rootfs_diff
 from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from pyshim.internal import cgroups, mounts, tcp_lock
+from pyshim.internal import cgroups, crashpoints, mounts, tcp_lock
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout
@@ -149,7 +149,9 @@ class Checkpointer:
             frozen_at = time.monotonic()
             phases.mark("pause")
             try:
-                self._intents.advance(intent, "dump")
+                # No journal write here: recovery does for "dump" exactly what it does for "freeze" (thaw,
+                # delete), and an fsync would lengthen the frozen window for nothing. The crash point stays.
+                crashpoints.reached(f"{Operation.CHECKPOINT_CONTAINER.value}:dump")
                 deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
                 if stop:
                     # Stopping for a move: the process must not run on after its image was taken, or
