@@ -186,6 +186,9 @@ def documents_for_written_archive(archive_path: str | os.PathLike, written: Arch
             raise CheckpointImageError(f"checkpoint archive {archive_path} is {archive.file_stat().st_size} "
                                        f"bytes, but {written.size} were written; it changed since")
         summary, config, compression = summary_of(archive), archive.config(), archive.compression
+    if compression == "none" and written.diff_id != written.digest:
+        raise CheckpointImageError(f"checkpoint archive {archive_path} is a plain tar, whose diff_id is its digest, "
+                                   f"not {written.diff_id}")
     documents = _image_documents(summary, config, _LAYER_MEDIA_TYPES[compression], written.digest,
                                  written.diff_id, written.size)
     return CheckpointImageDocuments(documents.manifest, documents.config, archive_path, written.digest,

@@ -18,6 +18,9 @@ the pull itself is not failed by the unpacking (restore unpacks from the blob an
 itself, as before). A crash leaves only the scratch directory under tmp/, which the store clears at
 its next start.
 
+`receive_checkpoint_image` does the same for an archive piped from another node (`pyshim migrate
+--direct`, `pyshim checkpoint-image receive`), and records it as a checkpoint image.
+
 Only plain tar layers are unpacked this way (a checkpoint image built from a pyshim archive by a move or
 `checkpoint-image build` with compression "keep" of an uncompressed archive); compressed ones are
 unpacked after the download, from the blob, as before.
@@ -30,12 +33,15 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from typing import BinaryIO
+
+from oci.errors import ImageError
 from oci.layout import MEDIA_TYPE_LAYER_TAR
-from oci.store import Descriptor, ImageStore
+from oci.store import Descriptor, ImageRecord, ImageStore, normalize_tag
 from oci.tree_removal import remove_tree
 
-from .archive import extract_checkpoint_images_from_stream, open_archive
-from .checkpoint_image import CHECKPOINT_ANNOTATIONS
+from .archive import ArchiveDigest, extract_checkpoint_images_from_stream, open_archive
+from .checkpoint_image import CHECKPOINT_ANNOTATIONS, CheckpointImageError, documents_for_written_archive
 from .errors import ArchiveError
 from .limits import Limits
 
@@ -73,6 +79,10 @@ class CheckpointUnpackTap:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._unpack, name="checkpoint-pull-unpack", daemon=True)
         self._thread.start()
+
+    def reading(self, stream: BinaryIO) -> BinaryIO:
+        """`stream`, with every chunk read from it seen by this tap."""
+        return _Tee(stream, self)
 
     def write(self, chunk: bytes) -> None:
         self._fed += len(chunk)
@@ -142,6 +152,47 @@ def _tree(root: Path) -> dict[str, int | None]:
         for name in filenames:
             found[os.path.normpath(os.path.join(rel, name))] = os.lstat(os.path.join(dirpath, name)).st_size
     return found
+
+
+def receive_checkpoint_image(store: ImageStore, stream: BinaryIO, tag: str, written: ArchiveDigest,
+                             limits: Limits) -> ImageRecord:
+    """A plain-tar checkpoint archive read once from `stream` (e.g. piped from another node by `pyshim
+    migrate --direct`) becomes the checkpoint image `tag` in `store`: stored as its layer blob, checked
+    against `written` (the digest and size its writer computed), with its CRIU images unpacked in the
+    same pass. Nothing is left in the store if anything fails."""
+    if written.diff_id != written.digest:
+        raise CheckpointImageError("only a plain tar checkpoint archive can be received (its diff_id is its digest)")
+    try:
+        tag = normalize_tag(tag)
+    except ImageError as exc:
+        raise CheckpointImageError(f"cannot tag a checkpoint image {tag!r}: {exc}") from None
+    descriptor = Descriptor(MEDIA_TYPE_LAYER_TAR, written.digest, written.size)
+    tap = None if store.has_unpacked_checkpoint(written.digest) else CheckpointUnpackTap(store, descriptor, limits)
+    try:
+        store.write_blob(tap.reading(stream) if tap else stream, written.digest, written.size)
+    except BaseException:
+        if tap:
+            tap.abort()
+        raise
+    try:
+        if tap:
+            tap.complete()
+        documents = documents_for_written_archive(store.blob_path(written.digest), written, limits)
+        return store.add_image(documents.manifest, documents.config, [tag])
+    except BaseException:
+        store.discard_unreferenced_blobs({written.digest})
+        raise
+
+
+class _Tee:
+    def __init__(self, raw: BinaryIO, tap: CheckpointUnpackTap):
+        self._raw, self._tap = raw, tap
+
+    def read(self, *size: int) -> bytes:
+        chunk = self._raw.read(*size)
+        if chunk:
+            self._tap.write(chunk)
+        return chunk
 
 
 class _ChunkPipe:

@@ -14,8 +14,8 @@ import pytest
 import criu_glue.archive as archive_mod
 from criu_glue.archive import write_archive
 from criu_glue.checkpoint_cache import CheckpointCache
-from criu_glue.checkpoint_image import ANNOTATION_CRIO_NAME
-from criu_glue.checkpoint_pull import CheckpointUnpackTap, unpack_while_pulling
+from criu_glue.checkpoint_image import ANNOTATION_CRIO_NAME, is_checkpoint_image
+from criu_glue.checkpoint_pull import CheckpointUnpackTap, receive_checkpoint_image, unpack_while_pulling
 from criu_glue.limits import Limits
 from criu_glue.test_archive import IMAGES, base_entries, prepare_members, tar_of
 from oci.errors import DigestMismatch
@@ -144,3 +144,25 @@ def test_the_size_budget_and_a_full_disk_mid_unpack_leave_nothing(tmp_path, stor
     tap = download(store, data, layer(data))
     assert isinstance(tap._error, OSError) and tap._error.errno == errno.ENOSPC
     assert nothing_left(store)
+
+
+def test_a_received_archive_becomes_an_unpacked_checkpoint_image(tmp_path, store):
+    out = tmp_path / "ck.tar"
+    written = write_archive(out, prepare_members(tmp_path))
+    record = receive_checkpoint_image(store, io.BytesIO(out.read_bytes()), "localhost/moved/app:1", written, Limits())
+    assert record.repo_tags == ["localhost/moved/app:1"] and record.layers[0].digest == written.digest
+    assert is_checkpoint_image(record)
+    assert store.unpacked_checkpoints() == [written.digest] and os.listdir(store.root / "tmp") == []
+
+
+def test_a_received_stream_that_is_not_what_was_written_leaves_nothing(tmp_path, store):
+    out = tmp_path / "ck.tar"
+    written = write_archive(out, prepare_members(tmp_path))
+    data = bytearray(out.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    with pytest.raises(DigestMismatch):
+        receive_checkpoint_image(store, io.BytesIO(bytes(data)), "localhost/moved/app:1", written, Limits())
+    short = io.BytesIO(out.read_bytes()[:-4096])
+    with pytest.raises(DigestMismatch):
+        receive_checkpoint_image(store, short, "localhost/moved/app:1", written, Limits())
+    assert nothing_left(store) and store.list() == [] and not store.has_blob(written.digest)

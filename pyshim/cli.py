@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,30 @@ def cmd_checkpoint_image_build(args) -> int:
     record = build_checkpoint_image(store, archive, args.tag, compression=args.compression)
     print(f"{record.id} {' '.join(record.repo_tags)} (checkpoint of container "
           f"{checkpoint_name_of(record)!r}, layer {record.layers[0].size} bytes)")
+    return 0
+
+
+@_one_line_errors
+def cmd_checkpoint_image_receive(args) -> int:
+    """A checkpoint archive on stdin (`pyshim migrate --direct` pipes it here) into the local store."""
+    from criu_glue.archive import ArchiveDigest
+    from criu_glue.checkpoint_pull import receive_checkpoint_image
+    from criu_glue.limits import Limits
+
+    _, store = _local_image_store(args)
+    if args.check:  # migrate's preflight: this node's store can be opened and written
+        store.scratch_dir("receive-check-").rmdir()
+        print("ready")
+        return 0
+    if not (args.tag and args.digest and args.size is not None):
+        raise _CommandFailed("receive needs --tag, --digest and --size (or --check)")
+    written = ArchiveDigest.from_json({"digest": args.digest, "diffId": args.digest, "size": args.size})
+    if written is None:
+        raise _CommandFailed(f"--digest {args.digest!r} is not a sha256 digest, or --size is negative")
+    stat = os.statvfs(store.root)
+    limits = Limits(max_total_bytes=min(Limits().max_total_bytes, stat.f_bavail * stat.f_frsize))
+    record = receive_checkpoint_image(store, sys.stdin.buffer, args.tag, written, limits)
+    print(f"{record.id} {' '.join(record.repo_tags)}")
     return 0
 
 
@@ -508,6 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
     push.add_argument("--config", help="the daemon's TOML configuration file (its insecure_registries apply)")
     push.set_defaults(func=cmd_checkpoint_image_push)
+    receive = cpi_sub.add_parser(
+        "receive", help="store a checkpoint archive read from stdin as a checkpoint image (migrate --direct)",
+        description="Read a plain-tar checkpoint archive from stdin, check it against --digest and --size, and "
+                    "add it to the local store as the checkpoint image --tag, its CRIU images unpacked in the same "
+                    "pass. `pyshim migrate --direct` runs this on the target node. Nothing is kept on any error.")
+    receive.add_argument("--tag", "-t", metavar="NAME[:TAG]", help="name of the image")
+    receive.add_argument("--digest", metavar="sha256:HEX", help="the archive's digest, as its writer computed it")
+    receive.add_argument("--size", type=int, help="the archive's size in bytes")
+    receive.add_argument("--check", action="store_true", help="only check that the store can be written")
+    receive.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
+    receive.add_argument("--config", help="the daemon's TOML configuration file")
+    receive.set_defaults(func=cmd_checkpoint_image_receive)
 
     def client_command(name, func, help_text):
         p = sub.add_parser(name, help=help_text)

@@ -21,6 +21,7 @@ from oci.errors import ImageError
 from oci.reference import Reference
 from oci.registry import Credentials, RegistryClient
 from pyshim.client import Client
+from pyshim.migration import direct
 from pyshim.migration.archive_push import push_checkpoint_archive
 from pyshim.migration.journal import Journal, JournalLock, Phase, open_journal
 from pyshim.migration.workload import (MoveError, Workload, capture, checkpoint_and_stop, container_config_from,
@@ -34,13 +35,14 @@ class MigrateOptions:
     container_id: str
     source: str  # CRI endpoint of node A
     target: str  # CRI endpoint of node B
-    repository: str  # REGISTRY/REPO the checkpoint image goes to
+    repository: str  # REGISTRY/REPO the checkpoint image goes to (with `direct`: only its name on the target)
     work_dir: Path = Path(DEFAULT_WORK_DIR)
     insecure: bool = False
     credentials: Credentials | None = None
     keep_pod: bool = False  # keep A's pod when the moved container was its last
     verify_seconds: float = 1.0  # how long it must stay running on B before A forgets it
     timeout: float = 600.0
+    direct: str = ""  # a command streaming the archive to the target's `checkpoint-image receive` (direct.py)
 
 
 @dataclass
@@ -158,7 +160,10 @@ class Migration:
         _require_checkpoint_restore(self.source, "checkpointEnabled", "checkpoint")
         _require_checkpoint_restore(self.target, "restoreEnabled", "restore")
         self._require_base_image(workload)
-        self._registry().check_push_access(self._image_tag(workload), self.options.credentials)
+        if self.options.direct:
+            direct.check_receiver(self.options.direct, self.options.timeout)
+        else:
+            self._registry().check_push_access(self._image_tag(workload), self.options.credentials)
         self._mark("preflight")
         return workload
 
@@ -188,10 +193,15 @@ class Migration:
         tag = self._image_tag(workload)
         # The digest the source computed while writing the archive (asked again after a resume).
         figures = self._checkpoint_figures or container_info(self.source, workload.container_id)[1].get("lastCheckpoint", {})
-        digest = push_checkpoint_archive(self._registry(), Path(journal.archive),
-                                         ArchiveDigest.from_json(figures.get("archive")), tag,
-                                         self.options.credentials, self._mark)
-        journal.advance(Phase.PUSHED, image_ref=f"{Reference.parse(tag).name}@{digest}")
+        written = ArchiveDigest.from_json(figures.get("archive"))
+        if self.options.direct:
+            direct.send_archive(self.options.direct, Path(journal.archive), written, tag, self.options.timeout)
+            self._mark("transfer")
+            journal.advance(Phase.PUSHED, image_ref=tag)  # in the target's store already: nothing to pull
+        else:
+            digest = push_checkpoint_archive(self._registry(), Path(journal.archive), written, tag,
+                                             self.options.credentials, self._mark)
+            journal.advance(Phase.PUSHED, image_ref=f"{Reference.parse(tag).name}@{digest}")
         self.report.image = journal.image_ref
 
     def _start_on_target(self, journal: Journal) -> None:
@@ -200,8 +210,9 @@ class Migration:
             remove_quietly(self.target, journal.target_container, journal.target_pod)
         journal.advance(Phase.RESTORING, target_pod="", target_container="")
         try:
-            self.target.pull(journal.image_ref)
-            self._mark("pull")
+            if not self.options.direct:
+                self.target.pull(journal.image_ref)
+                self._mark("pull")
             pod_id = self.target.run_pod(workload.pod_config)
             journal.advance(Phase.RESTORING, target_pod=pod_id)
             self._mark("create_pod")
@@ -328,6 +339,6 @@ def _require_checkpoint_restore(client: Client, flag: str, what: str) -> None:
 
 
 def transfer_rate(report: MigrationReport) -> float:
-    """MiB/s of the archive through push and pull together (what loopback would make instant)."""
-    seconds = (report.phases_ms.get("push", 0) + report.phases_ms.get("pull", 0)) / 1000
+    """MiB/s of the archive through push and pull together, or the direct transfer."""
+    seconds = sum(report.phases_ms.get(p, 0) for p in ("push", "pull", "transfer")) / 1000
     return round(report.archive_bytes / (1 << 20) / seconds, 1) if seconds and report.archive_bytes else 0.0
