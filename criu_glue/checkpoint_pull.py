@@ -96,7 +96,7 @@ class CheckpointUnpackTap:
         try:
             self._check_and_adopt()
             return True
-        except (ArchiveError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - the pull goes on; the blob is unpacked later instead
             log.warning("checkpoint image: the CRIU images unpacked during the download were discarded; "
                         "they are unpacked from the stored layer instead",
                         extra={"digest": self._descriptor.digest, "error": getattr(e, "message", str(e))})
