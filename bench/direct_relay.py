@@ -12,7 +12,6 @@ and answers its exit status and stderr. Benchmark tooling only: no authenticatio
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -44,14 +43,7 @@ def send(ip: str, port: int, args: list[str]) -> int:
     with socket.create_connection((ip, port), timeout=1800) as s:
         s.sendall(json.dumps(args).encode() + b"\n")
         if "--check" not in args:
-            stdin = sys.stdin.buffer
-            size = os.fstat(stdin.fileno()).st_size
-            offset = 0
-            while offset < size:
-                sent = os.sendfile(s.fileno(), stdin.fileno(), offset, size - offset)
-                if sent == 0:
-                    break
-                offset += sent
+            s.sendfile(sys.stdin.buffer)  # sendfile(2) from the archive file, waiting on a full socket buffer
         s.shutdown(socket.SHUT_WR)
         answer = b""
         while chunk := s.recv(65536):
