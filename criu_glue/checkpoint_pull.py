@@ -156,18 +156,19 @@ def _tree(root: Path) -> dict[str, int | None]:
 
 def receive_checkpoint_image(store: ImageStore, stream: BinaryIO, tag: str, written: ArchiveDigest,
                              limits: Limits) -> ImageRecord:
-    """A plain-tar checkpoint archive read once from `stream` (e.g. piped from another node by `pyshim
-    migrate --direct`) becomes the checkpoint image `tag` in `store`: stored as its layer blob, checked
-    against `written` (the digest and size its writer computed), with its CRIU images unpacked in the
-    same pass. Nothing is left in the store if anything fails."""
-    if written.diff_id != written.digest:
-        raise CheckpointImageError("only a plain tar checkpoint archive can be received (its diff_id is its digest)")
+    """A checkpoint archive read once from `stream` (e.g. piped from another node by `pyshim migrate
+    --direct`) becomes the checkpoint image `tag` in `store`: stored as its layer blob, checked against
+    `written` (the digest and size its writer computed), with its CRIU images unpacked in the same pass
+    when it is a plain tar (a compressed one is unpacked from the blob at its first restore). Nothing is
+    left in the store if anything fails."""
     try:
         tag = normalize_tag(tag)
     except ImageError as exc:
         raise CheckpointImageError(f"cannot tag a checkpoint image {tag!r}: {exc}") from None
     descriptor = Descriptor(MEDIA_TYPE_LAYER_TAR, written.digest, written.size)
-    tap = None if store.has_unpacked_checkpoint(written.digest) else CheckpointUnpackTap(store, descriptor, limits)
+    plain = written.diff_id == written.digest
+    tap = CheckpointUnpackTap(store, descriptor, limits) \
+        if plain and not store.has_unpacked_checkpoint(written.digest) else None
     try:
         store.write_blob(tap.reading(stream) if tap else stream, written.digest, written.size)
     except BaseException:

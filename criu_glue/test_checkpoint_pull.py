@@ -166,3 +166,13 @@ def test_a_received_stream_that_is_not_what_was_written_leaves_nothing(tmp_path,
     with pytest.raises(DigestMismatch):
         receive_checkpoint_image(store, short, "localhost/moved/app:1", written, Limits())
     assert nothing_left(store) and store.list() == [] and not store.has_blob(written.digest)
+
+
+def test_a_received_compressed_archive_is_stored_and_unpacked_later(tmp_path, store):
+    out = tmp_path / "ck.tar.zst"
+    written = write_archive(out, prepare_members(tmp_path), "zstd")
+    record = receive_checkpoint_image(store, io.BytesIO(out.read_bytes()), "localhost/moved/app:2", written, Limits())
+    assert record.layers[0].diff_id == written.diff_id != written.digest
+    assert store.unpacked_checkpoints() == [] and os.listdir(store.root / "tmp") == []
+    with archive_mod.open_archive(store.blob_path(written.digest)) as archive:
+        assert CheckpointCache(store).images_of(archive).unpacked

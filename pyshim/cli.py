@@ -134,9 +134,10 @@ def cmd_checkpoint_image_receive(args) -> int:
         return 0
     if not (args.tag and args.digest and args.size is not None):
         raise _CommandFailed("receive needs --tag, --digest and --size (or --check)")
-    written = ArchiveDigest.from_json({"digest": args.digest, "diffId": args.digest, "size": args.size})
+    written = ArchiveDigest.from_json({"digest": args.digest, "diffId": args.diff_id or args.digest, "size": args.size})
     if written is None:
-        raise _CommandFailed(f"--digest {args.digest!r} is not a sha256 digest, or --size is negative")
+        raise _CommandFailed(f"--digest/--diff-id {args.digest!r}/{args.diff_id!r} are not sha256 digests, "
+                             "or --size is negative")
     stat = os.statvfs(store.root)
     limits = Limits(max_total_bytes=min(Limits().max_total_bytes, stat.f_bavail * stat.f_frsize))
     record = receive_checkpoint_image(store, sys.stdin.buffer, args.tag, written, limits)
@@ -541,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--tag", "-t", metavar="NAME[:TAG]", help="name of the image")
     receive.add_argument("--digest", metavar="sha256:HEX", help="the archive's digest, as its writer computed it")
     receive.add_argument("--size", type=int, help="the archive's size in bytes")
+    receive.add_argument("--diff-id", metavar="sha256:HEX",
+                         help="a compressed archive's uncompressed digest (default: --digest, a plain tar)")
     receive.add_argument("--check", action="store_true", help="only check that the store can be written")
     receive.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
     receive.add_argument("--config", help="the daemon's TOML configuration file")

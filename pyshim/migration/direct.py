@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from criu_glue.archive import ArchiveDigest
+from criu_glue.tarstream import detect_compression
 from pyshim.migration.workload import MoveError
 
 _STDERR_LINES = 5
@@ -34,11 +35,16 @@ def send_archive(command: str, archive: Path, written: ArchiveDigest | None, tag
     """Stream `archive` into `command`, which stores it on the target as the checkpoint image `tag`."""
     if written is None:  # a source daemon that reports no digest: learn it here (one more read)
         with open(archive, "rb") as f:
+            if detect_compression(f) != "none":
+                raise MoveError(f"the source daemon reported no digest for the compressed archive {archive}; "
+                                "move it through a registry (--registry) instead")
             digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
         written = ArchiveDigest(digest, digest, archive.stat().st_size)
     with open(archive, "rb") as stdin:  # the transport reads the file itself: no copy through this process
-        _run(command, ["--tag", tag, "--digest", written.digest, "--size", str(written.size)], stdin, timeout,
-             f"send the checkpoint archive {archive} to the target")
+        args = ["--tag", tag, "--digest", written.digest, "--size", str(written.size)]
+        if written.diff_id != written.digest:  # a compressed archive ([checkpoint] compression on the source)
+            args += ["--diff-id", written.diff_id]
+        _run(command, args, stdin, timeout, f"send the checkpoint archive {archive} to the target")
 
 
 def _run(command: str, args: list[str], stdin, timeout: float, what: str) -> None:
