@@ -5,8 +5,8 @@ raw TCP copy.
     python -m bench.direct_relay serve IP PORT -- RECEIVE-COMMAND...   (in node B's netns, runs forever)
     python -m bench.direct_relay send IP PORT ARGS...                  (the --direct command on node A)
 
-`send` passes its ARGS (what migrate appends: --check, or --tag/--digest/--size) as one JSON line, then
-its stdin with sendfile(2); `serve` runs RECEIVE-COMMAND ARGS with the rest of the connection as stdin
+`send` passes its ARGS (what migrate appends: --check, or --stdin-header) as one JSON line at once (so
+the receiver starts while the source still checkpoints), then its stdin; `serve` runs RECEIVE-COMMAND ARGS with the rest of the connection as stdin
 and answers its exit status and stderr. Benchmark tooling only: no authentication, loopback wire only.
 """
 from __future__ import annotations
@@ -35,15 +35,20 @@ def serve(ip: str, port: int, command: list[str]) -> None:
             args = json.loads(header or b"[]")
             # The connection's fd is the receiver's stdin: the archive goes from the socket straight to it.
             proc = subprocess.run([*command, *args], stdin=conn.fileno(), capture_output=True)
-            conn.sendall(json.dumps({"rc": proc.returncode, "stderr": proc.stderr.decode("utf-8", "replace"),
-                                     "stdout": proc.stdout.decode("utf-8", "replace")}).encode())
+            try:
+                conn.sendall(json.dumps({"rc": proc.returncode, "stderr": proc.stderr.decode("utf-8", "replace"),
+                                         "stdout": proc.stdout.decode("utf-8", "replace")}).encode())
+            except OSError:
+                pass  # the sender went away (migrate cancelled its receiver)
 
 
 def send(ip: str, port: int, args: list[str]) -> int:
     with socket.create_connection((ip, port), timeout=1800) as s:
         s.sendall(json.dumps(args).encode() + b"\n")
         if "--check" not in args:
-            s.sendfile(sys.stdin.buffer)  # sendfile(2) from the archive file, waiting on a full socket buffer
+            # stdin: the archive file, or (--stdin-header, the receiver started early) a pipe from migrate
+            while chunk := sys.stdin.buffer.read1(1 << 20):
+                s.sendall(chunk)
         s.shutdown(socket.SHUT_WR)
         answer = b""
         while chunk := s.recv(65536):

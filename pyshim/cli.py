@@ -132,15 +132,25 @@ def cmd_checkpoint_image_receive(args) -> int:
         store.scratch_dir("receive-check-").rmdir()
         print("ready")
         return 0
-    if not (args.tag and args.digest and args.size is not None):
-        raise _CommandFailed("receive needs --tag, --digest and --size (or --check)")
+    stdin = sys.stdin.buffer
+    if args.stdin_header:  # started early by `migrate --direct`: the figures come first, as one JSON line
+        try:
+            header = json.loads(stdin.readline(4096) or b"null")
+        except ValueError as exc:
+            raise _CommandFailed(f"the header line on stdin is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise _CommandFailed("no header line on stdin (the sender gave up before the archive)")
+        args.tag, args.digest, args.diff_id, args.size = (header.get("tag"), header.get("digest"),
+                                                          header.get("diffId"), header.get("size"))
+    if not (isinstance(args.tag, str) and args.tag and args.digest and isinstance(args.size, int)):
+        raise _CommandFailed("receive needs --tag, --digest and --size (or --stdin-header, or --check)")
     written = ArchiveDigest.from_json({"digest": args.digest, "diffId": args.diff_id or args.digest, "size": args.size})
     if written is None:
         raise _CommandFailed(f"--digest/--diff-id {args.digest!r}/{args.diff_id!r} are not sha256 digests, "
                              "or --size is negative")
     stat = os.statvfs(store.root)
     limits = Limits(max_total_bytes=min(Limits().max_total_bytes, stat.f_bavail * stat.f_frsize))
-    record = receive_checkpoint_image(store, sys.stdin.buffer, args.tag, written, limits)
+    record = receive_checkpoint_image(store, stdin, args.tag, written, limits)
     print(f"{record.id} {' '.join(record.repo_tags)}")
     return 0
 
@@ -545,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--diff-id", metavar="sha256:HEX",
                          help="a compressed archive's uncompressed digest (default: --digest, a plain tar)")
     receive.add_argument("--check", action="store_true", help="only check that the store can be written")
+    receive.add_argument("--stdin-header", action="store_true",
+                         help="read tag, digest, diffId and size as one JSON line on stdin before the archive")
     receive.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
     receive.add_argument("--config", help="the daemon's TOML configuration file")
     receive.set_defaults(func=cmd_checkpoint_image_receive)

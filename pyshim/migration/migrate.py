@@ -74,6 +74,7 @@ class Migration:
         self._last = time.monotonic()
         self._frozen_at = 0.0
         self._checkpoint_figures: dict = {}
+        self._receiver: direct.Receiver | None = None  # --direct: started before the freeze
 
     # ---- the move, resumable ------------------------------------------------------------------
 
@@ -125,6 +126,8 @@ class Migration:
         # One name per container: a rerun racing a still-running checkpoint of a killed run names the same file.
         archive = self.options.work_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive))
+        if self.options.direct:  # its start-up is paid while the container still runs
+            self._receiver = direct.Receiver(self.options.direct, self.options.timeout)
         started = time.monotonic()
         figures = checkpoint_and_stop(self.source, workload.container_id, str(archive), self.options.timeout,
                                       throwaway_archive=True)
@@ -195,7 +198,9 @@ class Migration:
         figures = self._checkpoint_figures or container_info(self.source, workload.container_id)[1].get("lastCheckpoint", {})
         written = ArchiveDigest.from_json(figures.get("archive"))
         if self.options.direct:
-            direct.send_archive(self.options.direct, Path(journal.archive), written, tag, self.options.timeout)
+            receiver, self._receiver = self._receiver, None
+            receiver = receiver or direct.Receiver(self.options.direct, self.options.timeout)  # after a resume
+            receiver.send(Path(journal.archive), written, tag)
             self._mark("transfer")
             journal.advance(Phase.PUSHED, image_ref=tag)  # in the target's store already: nothing to pull
         else:
@@ -278,6 +283,9 @@ class Migration:
 
     def _fail(self, journal: Journal, error: Exception) -> None:
         message = describe(error) if isinstance(error, grpc.RpcError) else str(error)
+        if self._receiver is not None:
+            self._receiver.cancel()
+            self._receiver = None
         try:
             where = self._roll_back(journal)
         except MoveError as rollback_error:
