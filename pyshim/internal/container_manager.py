@@ -31,7 +31,7 @@ from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, I
 from pyshim.internal import cgroups, crashpoints, mounts, procs, request_paths
 from pyshim.checkpoint_restore.checkpoint import CheckpointResult
 from pyshim.internal.conmon import Conmon, MonitorPaths
-from pyshim.internal.host_caps import can_lower_oom_score_adj
+from pyshim.internal.host_caps import can_lower_oom_score_adj, recursive_read_only_mounts
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
@@ -381,6 +381,7 @@ class ContainerManager:
             annotations={"io.kubernetes.cri.image-name": record.image_name,
                          "io.kubernetes.cri.sandbox-id": sandbox.record.id},
             sysctls=sysctls,
+            recursive_read_only_supported=recursive_read_only_mounts(self._runc.mount_options),
         )
         try:
             spec = build_container_spec(inp)
@@ -634,6 +635,10 @@ class ContainerManager:
                 with contextlib.suppress(OSError):
                     used += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
         return used, inodes
+
+    def runc_mount_options(self) -> frozenset[str]:
+        """What runc can mount (Status reports recursive read-only support from it)."""
+        return self._runc.mount_options
 
     def pid_namespace_path(self, container_id: str) -> str:
         record = self.get(container_id)

@@ -27,7 +27,24 @@ def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
             "config": json_format.MessageToDict(config),
             **_restore_info(record),
         })
-    return cri.ContainerStatusResponse(status=convert.container_status(record, config), info=info)
+    status = convert.container_status(record, config)
+    user = _process_user(rt, record)
+    if user is not None:
+        status.user.CopyFrom(user)
+    return cri.ContainerStatusResponse(status=status, info=info)
+
+
+def _process_user(rt: Runtime, record) -> "cri.ContainerUser | None":
+    """The identity the container's first process runs with, from its OCI config, as containerd
+    reports it: supplemental groups include the primary group (they are what setgroups(2) got)."""
+    try:
+        user = rt.containers.spec_of(record).get("process", {}).get("user", {})
+    except (OSError, ValueError):
+        return None  # the bundle is gone (a container being removed): say nothing rather than guess
+    gid = user.get("gid", 0)
+    groups = list(dict.fromkeys([gid, *user.get("additionalGids", [])]))
+    return cri.ContainerUser(linux=cri.LinuxContainerUser(uid=user.get("uid", 0), gid=gid,
+                                                          supplemental_groups=groups))
 
 
 def _restore_info(record) -> dict:
