@@ -114,3 +114,15 @@ def test_receive_refuses_a_stream_that_does_not_match_its_digest_and_keeps_nothi
     after = (nodes.b.settings.root / "images" / "images.json").read_bytes() \
         if (nodes.b.settings.root / "images" / "images.json").exists() else b""
     assert after == images_before
+
+
+def test_the_source_reports_the_digest_of_the_archive_it_wrote(nodes, tmp_path):
+    from pyshim.migration.workload import checkpoint_and_stop
+    archive = tmp_path / "ck.tar"
+    _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", COUNTER])
+    with nodes.a.client() as c:
+        figures = checkpoint_and_stop(c, cid, str(archive), timeout=120, throwaway_archive=True)
+    data = archive.read_bytes()
+    assert figures["archive"] == {"digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                                  "diffId": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert figures["stopped"] and figures["archiveBytes"] == len(data)
