@@ -433,6 +433,13 @@ def cmd_migrate_pod(args) -> int:
     if not args.pod or args.container:
         print("pyshim migrate: give a container id or --pod POD, not both", file=sys.stderr)
         return 2
+    unused = [flag for flag, value in (("--registry", args.repository), ("--direct", getattr(args, "direct", None)),
+                                       ("--creds", args.creds), ("--insecure", args.insecure),
+                                       ("--keep-pod", args.keep_pod)) if value]
+    if unused:
+        print(f"pyshim migrate --pod: {', '.join(unused)} do not apply to a pod move (its checkpoint goes "
+              "directly, see --transfer-dir; the source pod is always removed)", file=sys.stderr)
+        return 2
     options = PodMoveOptions(pod_id=args.pod, source=args.source, target=args.target, work_dir=Path(args.work_dir),
                              transfer_dir=Path(args.transfer_dir) if args.transfer_dir else None,
                              verify_seconds=args.verify_seconds, timeout=args.timeout)
