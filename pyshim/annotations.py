@@ -10,3 +10,11 @@ POD_MAC_ANNOTATION = "io.pyshim.network.mac"
 # (a move); "leave-running" (kubelet's forensic checkpoint, the default) keeps it running.
 CHECKPOINT_MODE_KEY = "pyshim-checkpoint-mode"
 CHECKPOINT_MODES = ("leave-running", "stop")
+
+# On a restoring CreateContainer: "true" restores post-copy (the process runs before its memory is
+# in place; CRIU's lazy-pages daemon brings the pages), "false" eagerly; absent: the config's
+# [checkpoint] lazy_restore. pyshim/internal/lazy_restore.py.
+RESTORE_LAZY_ANNOTATION = "io.pyshim.restore.lazy"
+# With lazy restore: the pages come from the CRIU page server at "ADDR:PORT" (the source node of a
+# `pyshim migrate --lazy`) instead of the checkpoint's page images.
+RESTORE_PAGE_SERVER_ANNOTATION = "io.pyshim.restore.page-server"

@@ -80,7 +80,8 @@ def build_runtime(config: Config) -> Runtime:
     journal = IntentJournal(root / "state" / "intents")
     checkpointer = Checkpointer(config.checkpoint, runc, root / "checkpoint-work", intents=journal)
     restorer = Restorer(config.checkpoint, checkpointer.criu, cache=CheckpointCache(images))
-    containers = ContainerManager(root, state, runc, conmon, images, events, restorer, intents=journal)
+    containers = ContainerManager(root, state, runc, conmon, images, events, restorer, intents=journal,
+                                  lazy_restore_default=config.checkpoint.lazy_restore)
     sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent,
                                intents=journal, runc=runc)
     sandboxes.load()

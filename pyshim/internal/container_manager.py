@@ -28,12 +28,14 @@ from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_containe
                               linux_resources_from_cri, validate_container_config)
 from oci.spec_schema import InvalidSpec, validate_spec
 from oci.tree_removal import remove_tree
+from criu_glue import lazy_pages
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, crashpoints, mounts, netns, procs, request_paths, tcp_lock
 from pyshim.internal.checkpointer import CheckpointResult
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj
 from pyshim.internal.intents import Intent, IntentJournal, Operation
+from pyshim.internal.lazy_restore import PAGES_LOST_REASON, LazyRestores, lazy_choice
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
 from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, OpenCheckpoint, Restorer, RestorePlan, TcpMode
@@ -90,7 +92,7 @@ def container_name_key(config, sandbox_config) -> str:
 
 class ContainerManager:
     def __init__(self, root: Path, state_dir: Path, runc: Runc, conmon: Conmon, image_store, events: EventBus,
-                 restorer: Restorer, intents: IntentJournal | None = None):
+                 restorer: Restorer, intents: IntentJournal | None = None, lazy_restore_default: bool = False):
         self._root = Path(root) / "containers"
         self._records = RecordStore(Path(root) / "state" / "containers", ContainerRecord)
         self._exit_dir = Path(state_dir) / "exits"
@@ -102,6 +104,10 @@ class ContainerManager:
         self._images = image_store
         self._events = events
         self._restorer = restorer
+        # Post-copy restores: their lazy-pages daemons (pyshim/internal/lazy_restore.py).
+        self._lazy = LazyRestores(self._root)
+        self._lazy.on_pages_lost(self._kill_for_lost_pages)
+        self._lazy_default = lazy_restore_default
         self._intents = intents if intents is not None else IntentJournal(Path(root) / "state" / "intents")
         self._names: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -323,6 +329,7 @@ class ContainerManager:
             check_seccomp_profile(config.linux.security_context)  # the spec is built only at StartContainer
         except SpecInputError as e:
             raise InvalidArgument(str(e)) from None
+        lazy_choice(config.annotations, self._lazy_default)  # a bad lazy annotation fails here, not at start
         plan = source.plan
         with self._reserved_name(config, sandbox) as (container_id, key):
             cdir = self._root / container_id
@@ -496,12 +503,16 @@ class ContainerManager:
         plan = checkpoint.plan
         mode = self._restorer.tcp_mode(plan, config.annotations, [sandbox.record.ip, *sandbox.record.additional_ips])
         images_dir = record.bundle / "checkpoint"
+        lazy = lazy_choice(config.annotations, self._lazy_default)
         phases = PhaseTimer()
         with contextlib.ExitStack() as undo:
-            undo.callback(remove_tree, images_dir, ignore_errors=True)  # CRIU is done with them either way
+            if not lazy.lazy:  # a lazy restore's daemon reads the page images until every page arrived
+                undo.callback(remove_tree, images_dir, ignore_errors=True)  # CRIU is done with them either way
             mounts.mount_overlay(self._images.layer_paths(base_image), record.upper, record.work, record.rootfs)
             failed = undo.enter_context(contextlib.ExitStack())
             failed.callback(mounts.unmount, record.rootfs)
+            if lazy.lazy:
+                failed.callback(remove_tree, images_dir, ignore_errors=True)
             phases.mark("rootfs")
             record.base_image_id = base_image.id
             spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
@@ -523,12 +534,18 @@ class ContainerManager:
                 spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
             (record.bundle / "config.json").write_text(json.dumps(spec))
             phases.mark("spec")
-            self._intents.advance(intent, "runc_restore", tcp=mode.value)
+            self._intents.advance(intent, "runc_restore", tcp=mode.value, lazy=lazy.lazy)
+            restore_args = self._restorer.runc_restore_args(mode)
+            if lazy.lazy:
+                # runc's work path is the bundle: CRIU finds the daemon's socket there.
+                self._lazy.start(record.id, record.bundle, images_dir, lazy.page_server)
+                failed.callback(self._lazy.abort, record.id)
+                restore_args += lazy_pages.RUNC_RESTORE_ARGS
+                phases.mark("lazy_pages_daemon")
             try:
                 record.pid = self._conmon.create(record.id, record.name, self._paths(record), record.log_path,
                                                  stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty,
-                                                 restore_from=images_dir,
-                                                 restore_args=self._restorer.runc_restore_args(mode))
+                                                 restore_from=images_dir, restore_args=restore_args)
             except RuncError as e:
                 self._runc.delete(record.id, force=True)
                 raise FailedPrecondition(self._restorer.failure_message(record.bundle, e.message)) from None
@@ -543,6 +560,8 @@ class ContainerManager:
                 return True
             self.update_status(record, to_running)
             failed.pop_all()
+            if lazy.lazy:
+                self._lazy.supervise(record.id)
         log.info("container restored", extra={"container": record.id, "checkpoint": record.restore_from,
                                                "tcp": mode.value, "image_bytes": unpacked.image_bytes,
                                                "ms": record.restore_phases_ms})
@@ -614,6 +633,7 @@ class ContainerManager:
             self._wait_exit(record, 10)
         crashpoints.reached("remove_container:delete")
         self._runc.delete(record.id, force=True)
+        self._lazy.discard(record.id, record.bundle)
         mounts.unmount(record.rootfs)
         # Any depth: the writable layer may hold a tree planted by the container or an archive.
         remove_tree(record.dir, ignore_errors=True)
@@ -648,6 +668,7 @@ class ContainerManager:
         for record in self._records.all():
             self._reconcile(record, states)
         self._sweep_unowned()
+        self._lazy.recover((r.id, r.bundle, r.state == ContainerState.RUNNING) for r in self._records.all())
 
     def _recover_create(self, intent: Intent) -> None:
         if self._records.get(intent.target) is not None:
@@ -716,6 +737,37 @@ class ContainerManager:
                     "and reset the container to CREATED for a clean retry",
                     extra={"container": record.id, "step": intent.step,
                            "runc": state.status if state else "none"})
+
+    # ---- lazy (post-copy) restores ------------------------------------------------------------
+
+    def lazy_status(self, record: ContainerRecord) -> dict:
+        """The verbose status of a lazy restore's page transfer ({} for any other container)."""
+        return self._lazy.status(record.id, record.bundle) if record.restored else {}
+
+    def wait_lazy_pages(self, container_id: str, timeout: float) -> bool:
+        """Until the container's page transfer has ended (tests, migrate); True if it has."""
+        return self._lazy.wait(container_id, timeout)
+
+    def _kill_for_lost_pages(self, container_id: str, message: str) -> bool:
+        """The lazy-pages daemon died before every page arrived: the process would read zeroes where
+        its memory should be, so it is killed, EXITED with reason LazyPagesFailed and `message`.
+        False when it had ended already."""
+        record = self.find(container_id)
+        if record is None:
+            return False
+        with self._lock_for(record.id):
+            self.refresh(record)
+            if record.state != ContainerState.RUNNING:
+                return False
+            self._runc.kill(record.id, "KILL", all_processes=True)
+            deadline = time.monotonic() + 10
+            while (exited := Conmon.exit_code(self._paths(record), record.id)) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            code, when = exited if exited is not None else (137, time.time())
+            self._mark_exited(record, code, int(when * 1e9), reason=PAGES_LOST_REASON, message=message)
+        log.warning("container killed: its lazy pages can no longer arrive", extra={"container": record.id,
+                                                                                   "why": message})
+        return True
 
     def _runc_state(self, container_id: str):
         try:
