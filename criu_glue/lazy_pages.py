@@ -26,7 +26,6 @@ import os
 import re
 import select
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,12 +218,3 @@ class ProgressReader:
         elif rest.strip() == b"EXIT":
             p.exited.add(pid)
 
-
-def wait_ready_socket(work_dir: Path, timeout: float) -> bool:
-    """True once the daemon's socket exists (for an adopted daemon whose status fd is gone)."""
-    deadline = time.monotonic() + timeout
-    while not (work_dir / SOCKET_NAME).exists():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
