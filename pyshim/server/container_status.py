@@ -26,7 +26,7 @@ def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
             # container (pyshim migrate, host restart) recreate it from this.
             "config": json_format.MessageToDict(config),
             **_restore_info(record),
-            **rt.containers.lazy_status(record),  # post-copy restores: whether every page has arrived
+            **rt.restores.lazy_status(record),  # post-copy restores: whether every page has arrived
         })
     return cri.ContainerStatusResponse(status=convert.container_status(record, config), info=info)
 

@@ -8,7 +8,7 @@ import pytest
 from criu_glue.lazy_pages import PageServer
 from pyshim.annotations import RESTORE_LAZY_ANNOTATION as LAZY, RESTORE_PAGE_SERVER_ANNOTATION as SERVER
 from pyshim.errors import InvalidArgument
-from pyshim.internal.lazy_restore import LazyState, LazyTransfer, lazy_choice
+from pyshim.checkpoint_restore.lazy_restore import LazyState, LazyTransfer, lazy_choice
 
 
 def test_choice_follows_annotation_then_default():
