@@ -86,6 +86,26 @@ def _holder_checkpoint(client, image, archive: Path, size_mib: int) -> None:
         cleanup(client, pod_id)
 
 
+@pytest.fixture(scope="module")
+def holder_archive(daemon, pulled_busybox, tmp_path_factory) -> Path:
+    """A checkpoint of 256 MiB held in memory, taken once: enough pages that the background copy is
+    still under way when StartContainer returns and the test stops the daemon (SIGSTOP)."""
+    archive = tmp_path_factory.mktemp("lazy-holder") / "holder.tar"
+    with daemon.client() as client:
+        _holder_checkpoint(client, pulled_busybox, archive, 256)
+    return archive
+
+
+def _stopped_mid_transfer(client, daemon, cid) -> int:
+    """SIGSTOP the container's lazy-pages daemon while it still transfers; its pid."""
+    daemons = _daemons_of(daemon)
+    assert list(daemons.values()) == [_bundle(daemon, cid)], daemons
+    pid = next(iter(daemons))
+    os.kill(pid, signal.SIGSTOP)
+    assert _lazy_info(client, cid)["lazyPages"] == "transferring"
+    return pid
+
+
 def test_lazy_restore_keeps_memory_intact_and_leaves_nothing(client, daemon, pulled_busybox, archive_dir):
     archive = archive_dir / "memory.tar"
     _checkpointed(client, pulled_busybox, archive, MEMORY_COUNTER, "sum ")
@@ -116,16 +136,10 @@ def test_lazy_restore_keeps_memory_intact_and_leaves_nothing(client, daemon, pul
     assert not _daemons_of(daemon)
 
 
-def test_remove_mid_transfer_ends_the_daemon_and_leaves_nothing(client, daemon, pulled_busybox, archive_dir):
-    archive = archive_dir / "holder.tar"
-    _holder_checkpoint(client, pulled_busybox, archive, 128)
-    pod, pod_id, cid = restore_into_new_pod(client, str(archive), annotations=LAZY)
+def test_remove_mid_transfer_ends_the_daemon_and_leaves_nothing(client, daemon, holder_archive):
+    pod, pod_id, cid = restore_into_new_pod(client, str(holder_archive), annotations=LAZY)
     try:
-        daemons = _daemons_of(daemon)
-        assert list(daemons.values()) == [_bundle(daemon, cid)], daemons
-        pid = next(iter(daemons))
-        os.kill(pid, signal.SIGSTOP)  # hold the transfer where it is
-        assert _lazy_info(client, cid)["lazyPages"] == "transferring"
+        _stopped_mid_transfer(client, daemon, cid)
         client.remove(cid)
         assert not _daemons_of(daemon)
         assert not _bundle(daemon, cid).exists()
@@ -133,14 +147,10 @@ def test_remove_mid_transfer_ends_the_daemon_and_leaves_nothing(client, daemon, 
         cleanup(client, pod_id)
 
 
-def test_a_dead_page_source_kills_the_process_with_a_reason(client, daemon, pulled_busybox, archive_dir):
-    archive = archive_dir / "holder.tar"
-    _holder_checkpoint(client, pulled_busybox, archive, 128)
-    pod, pod_id, cid = restore_into_new_pod(client, str(archive), annotations=LAZY)
+def test_a_dead_page_source_kills_the_process_with_a_reason(client, daemon, holder_archive):
+    pod, pod_id, cid = restore_into_new_pod(client, str(holder_archive), annotations=LAZY)
     try:
-        (pid,) = _daemons_of(daemon)
-        os.kill(pid, signal.SIGSTOP)
-        assert _lazy_info(client, cid)["lazyPages"] == "transferring"
+        pid = _stopped_mid_transfer(client, daemon, cid)
         os.kill(pid, signal.SIGKILL)
         info = _wait_lazy_state(client, cid, {"failed", "complete", "ended"}, timeout=30)
         assert info["lazyPages"] == "failed", info
@@ -174,16 +184,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_killed_pyshim_adopts_a_transfer_still_running(daemon, pulled_busybox, archive_dir):
+def test_killed_pyshim_adopts_a_transfer_still_running(daemon, holder_archive):
     """The daemon runs in its own session: a SIGKILLed pyshim does not take the page source with it,
     and the next pyshim watches it to the end."""
-    archive = archive_dir / "holder.tar"
     with daemon.client() as client:
-        _holder_checkpoint(client, pulled_busybox, archive, 64)
-        pod, pod_id, cid = restore_into_new_pod(client, str(archive), annotations=LAZY)
+        pod, pod_id, cid = restore_into_new_pod(client, str(holder_archive), annotations=LAZY)
+        pid = _stopped_mid_transfer(client, daemon, cid)
     try:
-        (pid,) = _daemons_of(daemon)
-        os.kill(pid, signal.SIGSTOP)
         daemon.kill()
         assert _alive(pid), "the lazy-pages daemon died with pyshim"
         daemon.start()
@@ -199,14 +206,11 @@ def test_killed_pyshim_adopts_a_transfer_still_running(daemon, pulled_busybox, a
             cleanup(client, pod_id)
 
 
-def test_page_source_dead_while_pyshim_was_down_kills_the_process(daemon, pulled_busybox, archive_dir):
-    archive = archive_dir / "holder.tar"
+def test_page_source_dead_while_pyshim_was_down_kills_the_process(daemon, holder_archive):
     with daemon.client() as client:
-        _holder_checkpoint(client, pulled_busybox, archive, 64)
-        pod, pod_id, cid = restore_into_new_pod(client, str(archive), annotations=LAZY)
+        pod, pod_id, cid = restore_into_new_pod(client, str(holder_archive), annotations=LAZY)
+        pid = _stopped_mid_transfer(client, daemon, cid)
     try:
-        (pid,) = _daemons_of(daemon)
-        os.kill(pid, signal.SIGSTOP)
         daemon.kill()
         os.kill(pid, signal.SIGKILL)
         daemon.start()
