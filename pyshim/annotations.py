@@ -15,6 +15,3 @@ CHECKPOINT_MODES = ("leave-running", "stop")
 # in place; CRIU's lazy-pages daemon brings the pages), "false" eagerly; absent: the config's
 # [checkpoint] lazy_restore. pyshim/checkpoint_restore/lazy_restore.py.
 RESTORE_LAZY_ANNOTATION = "io.pyshim.restore.lazy"
-# With lazy restore: the pages come from the CRIU page server at "ADDR:PORT" (the source node of a
-# `pyshim migrate --lazy`) instead of the checkpoint's page images.
-RESTORE_PAGE_SERVER_ANNOTATION = "io.pyshim.restore.page-server"

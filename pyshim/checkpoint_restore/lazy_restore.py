@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 from criu_glue import lazy_pages
 from criu_glue.criu import log_excerpt
 from oci.tree_removal import remove_tree
-from pyshim.annotations import RESTORE_LAZY_ANNOTATION, RESTORE_PAGE_SERVER_ANNOTATION
+from pyshim.annotations import RESTORE_LAZY_ANNOTATION
 from pyshim.errors import InvalidArgument
 from pyshim.internal import procs
 from pyshim.internal.atomic import write_atomic
@@ -61,27 +61,17 @@ class LazyState(str, enum.Enum):
 class LazyChoice:
     """How a restore gets its memory, from the new request's annotations and the config's default."""
     lazy: bool
-    page_server: lazy_pages.PageServer | None = None  # None: the checkpoint's own page images
+    # Where the pages come from; None: the checkpoint's own page images (the only source a request can
+    # choose yet: a remote page server is for `pyshim migrate --lazy`, not built, see the README).
+    page_server: lazy_pages.PageServer | None = None
 
 
 def lazy_choice(annotations, default: bool) -> LazyChoice:
-    """InvalidArgument naming the annotation for a value that is neither "true" nor "false", or a
-    page server that is not ADDR:PORT (or given to an eager restore)."""
+    """InvalidArgument naming the annotation for a value that is neither "true" nor "false"."""
     raw = annotations.get(RESTORE_LAZY_ANNOTATION, "")
     if raw not in ("", "true", "false"):
         raise InvalidArgument(f"annotation {RESTORE_LAZY_ANNOTATION}={raw!r}: use \"true\" or \"false\"")
-    lazy = default if raw == "" else raw == "true"
-    server_text = annotations.get(RESTORE_PAGE_SERVER_ANNOTATION, "")
-    if not server_text:
-        return LazyChoice(lazy)
-    if not lazy:
-        raise InvalidArgument(f"annotation {RESTORE_PAGE_SERVER_ANNOTATION} needs a lazy restore "
-                              f"({RESTORE_LAZY_ANNOTATION}: \"true\")")
-    try:
-        return LazyChoice(True, lazy_pages.PageServer.parse(server_text))
-    except ValueError as e:
-        raise InvalidArgument(f"annotation {RESTORE_PAGE_SERVER_ANNOTATION}={server_text!r}: {e}; "
-                              "give the source's numeric address and port") from None
+    return LazyChoice(default if raw == "" else raw == "true")
 
 
 @dataclass
