@@ -26,6 +26,7 @@ import os
 import re
 import select
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,15 +174,21 @@ class LazyProgress:
 
 
 class ProgressReader:
-    """Reads the daemon's log incrementally (only what was appended since the last call)."""
+    """Reads the daemon's log incrementally (only what was appended since the last call). Thread-safe:
+    status calls and the watcher may read at once, and each appended line must be counted once."""
 
     def __init__(self, log_path: Path):
         self.log_path = log_path
         self.progress = LazyProgress()
         self._offset = 0
         self._partial = b""
+        self._lock = threading.Lock()
 
     def read(self) -> LazyProgress:
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> LazyProgress:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(self._offset)
