@@ -37,7 +37,8 @@ from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.checkpoint_restore import tcp_lock
-from pyshim.internal import cgroups, mounts
+from pyshim.checkpoint_restore.records import CheckpointFacts
+from pyshim.internal import cgroups, crashpoints, mounts
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout
@@ -49,6 +50,14 @@ log = logging.getLogger(__name__)
 NODE_MANAGED_PATHS = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run/secrets")
 COMPRESSIONS = ("none", "gzip", "zstd")
 TCP_POLICIES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class StoppedByCheckpoint:
+    """Found at start-up: a stopping checkpoint completed its archive and killed the container, but
+    the daemon died before recording that (CheckpointContainer's answer was never sent)."""
+    container_id: str
+    checkpoint: CheckpointFacts  # what is known: the archive and when it was written, no figures
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,9 @@ class Checkpointer:
                     self._intents.advance(intent, "kill")
                     self._kill_frozen(record, location, netns_path)
                     stopped = True
+                    # Killed here, the daemon leaves an EXITED container whose end is this checkpoint's:
+                    # recovery reports it so (StoppedByCheckpoint).
+                    crashpoints.reached("checkpoint_container:stopped")
                     phases.mark("kill")
             finally:
                 if not stopped:
@@ -189,21 +201,28 @@ class Checkpointer:
 
     # ---- recovery after a crash ----------------------------------------------------------------
 
-    def recover(self, intents: list[Intent]) -> None:
+    def recover(self, intents: list[Intent]) -> list[StoppedByCheckpoint]:
         """At start-up, before serving: repair every checkpoint a killed daemon left half-done, then
         delete whatever is left in the CRIU work root (no checkpoint runs yet, so all of it is debris).
-        Idempotent: an intent is closed only after its repair, and each repair may run twice."""
+        Idempotent: an intent is closed only after its repair, and each repair may run twice.
+        Returns the containers a stopping checkpoint had killed: their records must say so, once the
+        container recovery has recorded their exit (ContainerManager.note_stopped_by_checkpoint)."""
+        stopped = []
         for intent in intents:
             if intent.operation == Operation.CHECKPOINT_CONTAINER:
-                self._recover_checkpoint(intent)
+                stop = self._recover_checkpoint(intent)
+                if stop is not None:
+                    stopped.append(stop)
                 self._intents.finish(intent)
         for entry in sorted(self._work_root.iterdir()):
             log.warning("recovery: CRIU work directory of no running checkpoint found; deleted it",
                         extra={"path": str(entry)})
             _remove_path(entry)
+        return stopped
 
-    def _recover_checkpoint(self, intent: Intent) -> None:
+    def _recover_checkpoint(self, intent: Intent) -> StoppedByCheckpoint | None:
         container_id, facts = intent.target, intent.facts
+        stop = None
         location, archive_tmp = Path(facts.get("location", "")), Path(facts.get("archive_tmp", ""))
         # Nothing is frozen before the "freeze" step was announced; from then on it may be.
         if intent.step != "prepare":
@@ -229,14 +248,20 @@ class Checkpointer:
                             "running and the complete archive is kept",
                             extra={"container": container_id, "location": str(location)})
             elif location.is_file():
-                log.warning("recovery: stopping checkpoint interrupted after the kill; archive kept",
+                # The kill was done: the container ended because of this checkpoint, whose archive
+                # is complete. Its record must say so, not that it failed (SIGKILL's exit 137).
+                log.warning("recovery: stopping checkpoint interrupted after the kill; archive kept, "
+                            "the container is reported stopped by it",
                             extra={"container": container_id, "location": str(location)})
+                stop = StoppedByCheckpoint(container_id, CheckpointFacts(
+                    location=str(location), time_ns=location.stat().st_mtime_ns, stopped=True))
         for path, what in ((Path(facts.get("work_dir", "")), "CRIU work directory"),
                            (archive_tmp, "partial archive")):
             if str(path) not in ("", ".") and (path.exists() or path.is_symlink()):
                 _remove_path(path)
                 log.warning(f"recovery: {what} of an interrupted checkpoint found; deleted it",
                             extra={"container": container_id, "path": str(path), "step": intent.step})
+        return stop
 
     def _runc_state(self, container_id: str):
         try:
