@@ -147,6 +147,23 @@ def test_remove_mid_transfer_ends_the_daemon_and_leaves_nothing(client, daemon, 
         cleanup(client, pod_id)
 
 
+def test_checkpoint_while_pages_arrive_is_refused(client, daemon, holder_archive, archive_dir):
+    pod, pod_id, cid = restore_into_new_pod(client, str(holder_archive), annotations=LAZY)
+    try:
+        pid = _stopped_mid_transfer(client, daemon, cid)
+        with pytest.raises(grpc.RpcError) as err:
+            checkpoint(client, cid, archive_dir / "again.tar")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "lazyPages" in err.value.details()
+        assert not (archive_dir / "again.tar").exists()
+        os.kill(pid, signal.SIGCONT)
+        _wait_lazy_state(client, cid, {"complete"})
+        checkpoint(client, cid, archive_dir / "again.tar")  # once every page is in place it works
+        assert (archive_dir / "again.tar").stat().st_size > 256 << 20
+    finally:
+        cleanup(client, pod_id)
+
+
 def test_a_dead_page_source_kills_the_process_with_a_reason(client, daemon, holder_archive):
     pod, pod_id, cid = restore_into_new_pod(client, str(holder_archive), annotations=LAZY)
     try:

@@ -40,7 +40,7 @@ from oci.tree_removal import remove_tree
 from pyshim.checkpoint_restore import tcp_lock
 from pyshim.checkpoint_restore import detection
 from pyshim.checkpoint_restore.detection import RestoreSource
-from pyshim.checkpoint_restore.lazy_restore import PAGES_LOST_REASON, LazyRestores, lazy_choice
+from pyshim.checkpoint_restore.lazy_restore import PAGES_LOST_REASON, LazyRestores, LazyState, lazy_choice
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, crashpoints, mounts, netns, procs
@@ -578,6 +578,14 @@ class RestoreEngine:
     def lazy_status(self, record: ContainerRecord) -> dict:
         """The verbose status of a lazy restore's page transfer ({} for any other container)."""
         return self._lazy.status(record.id, record.bundle) if record.restored else {}
+
+    def refuse_while_pages_arrive(self, record: ContainerRecord) -> None:
+        """A checkpoint of a lazily restored process whose pages are still arriving is refused: CRIU
+        would dump memory that is only partly in place (not tried: refused until it has been)."""
+        if self.lazy_status(record).get("lazyPages") == LazyState.TRANSFERRING.value:
+            raise FailedPrecondition(f"container {record.id} was restored lazily and its memory is still "
+                                     "arriving (verbose status lazyPages: transferring); checkpoint it once "
+                                     "lazyPages is complete")
 
     def wait_lazy_pages(self, container_id: str, timeout: float) -> bool:
         """Until the container's page transfer has ended (tests, benchmarks); True if it has."""
