@@ -30,7 +30,7 @@ from pathlib import Path
 from google.protobuf.message import Message
 
 from criu_glue import archive_format as fmt
-from criu_glue.archive import write_archive
+from criu_glue.archive import ArchiveDigest, write_archive
 from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, read_dump_stats
 from criu_glue.rootfs_diff import write_rootfs_diff
 from oci.tree_removal import remove_tree
@@ -69,6 +69,7 @@ class CheckpointResult:
     tcp_established: bool
     stopped: bool
     phases_ms: dict
+    archive_digest: ArchiveDigest | None = None  # computed while the archive was written
 
 
 def validate_location(location: str) -> Path:
@@ -112,12 +113,12 @@ class Checkpointer:
             raise FailedPrecondition(f"cannot checkpoint: {self.criu.reason}")
 
     def checkpoint(self, record: ContainerRecord, members: "ArchiveMembers", location: Path,
-                   deadline: float, stop: bool = False, netns_path: str = "") -> CheckpointResult:
+                   deadline: float, stop: bool = False, netns_path: str = "", durable: bool = True) -> CheckpointResult:
         """Checkpoint a running container to `location`. `deadline` is time.monotonic().
 
         It keeps running, or with `stop` (a move) it is killed once the archive is complete, its
         TCP connections locked in its pod's `netns_path` first; if anything fails it keeps running
-        either way."""
+        either way. `durable` False skips the archive's fsync (a move's throwaway archive)."""
         self.check_enabled()
         lock = self._lock_for(record.id)
         # A second checkpoint of the same container waits for the first, within its own deadline.
@@ -127,12 +128,12 @@ class Checkpointer:
             if record.state != ContainerState.RUNNING:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}: only a running "
                                          "container can be checkpointed")
-            return self._checkpoint_locked(record, members, location, deadline, stop, netns_path)
+            return self._checkpoint_locked(record, members, location, deadline, stop, netns_path, durable)
         finally:
             lock.release()
 
     def _checkpoint_locked(self, record, members: "ArchiveMembers", location: Path, deadline: float,
-                           stop: bool, netns_path: str) -> CheckpointResult:
+                           stop: bool, netns_path: str, durable: bool = True) -> CheckpointResult:
         started = time.monotonic()
         phases = PhaseTimer()
         tcp = self._wants_tcp_established(record)
@@ -158,14 +159,17 @@ class Checkpointer:
             frozen_at = time.monotonic()
             phases.mark("pause")
             try:
-                self._intents.advance(intent, "dump")
+                # No journal write here: recovery does for "dump" exactly what it does for "freeze" (thaw,
+                # delete), and an fsync would lengthen the frozen window for nothing. The crash point stays.
+                crashpoints.reached(f"{Operation.CHECKPOINT_CONTAINER.value}:dump")
                 deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
                 if stop:
                     # Stopping for a move: the process must not run on after its image was taken, or
                     # its restored copy would repeat what it did meanwhile. It stays frozen until the
                     # archive is safe, and dies only then; any failure before that thaws it instead.
                     self._intents.advance(intent, "archive")
-                    self._package(record, work, members, deleted, location, archive_tmp, deadline, phases)
+                    written = self._package(record, work, members, deleted, location, archive_tmp, deadline,
+                                            phases, durable)
                     self._intents.advance(intent, "kill")
                     self._kill_frozen(record, location, netns_path)
                     stopped = True
@@ -184,14 +188,15 @@ class Checkpointer:
             if not stop:
                 phases.mark("resume")
                 self._intents.advance(intent, "archive")
-                self._package(record, work, members, deleted, location, archive_tmp, deadline, phases)
+                written = self._package(record, work, members, deleted, location, archive_tmp, deadline, phases,
+                                        durable)
         finally:
             remove_tree(work, ignore_errors=True)
             archive_tmp.unlink(missing_ok=True)  # write_archive removes it on errors; this is belt and braces
             if not thaw_failed:  # else the intent stays open: the next start tries to thaw it again
                 self._intents.finish(intent)
-        result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp,
-                                  stopped, phases.report())
+        result = CheckpointResult(location, frozen, time.monotonic() - started, written.size, tcp,
+                                  stopped, phases.report(), written)
         log.info("container checkpointed", extra={
             "container": record.id, "location": str(location), "frozen_ms": round(frozen * 1000, 1),
             "total_ms": round(result.total_seconds * 1000, 1), "archive_bytes": result.archive_bytes,
@@ -300,17 +305,18 @@ class Checkpointer:
         return deleted
 
     def _package(self, record, work: Path, members: "ArchiveMembers", deleted: list[str], location: Path,
-                 archive_tmp: Path, deadline: float, phases: PhaseTimer) -> None:
-        """Metadata members, then the archive at `location` (complete or not at all)."""
+                 archive_tmp: Path, deadline: float, phases: PhaseTimer, durable: bool = True) -> ArchiveDigest:
+        """Metadata members, then the archive at `location` (complete or not at all); its digest."""
         # Decoding them takes a crit process (~70 ms): never while frozen, nor on the caller's time.
         _log_dump_stats_later(record.id, work)
         members.write(work, deleted)
         self._move_criu_outputs(work)
         phases.mark("metadata")
         _check_deadline(deadline, f"checkpoint of {record.id} ran out of time before the archive was written")
-        _write_archive_by_deadline(location, archive_tmp, work, self._settings.compression, deadline,
-                                   f"checkpoint of {record.id}")
+        written = _write_archive_by_deadline(location, archive_tmp, work, self._settings.compression, deadline,
+                                             f"checkpoint of {record.id}", durable)
         phases.mark("archive")
+        return written
 
     def _kill_frozen(self, record: ContainerRecord, location: Path, netns_path: str) -> None:
         """SIGKILL every process of a frozen container, then thaw it so that they die at once.
@@ -442,14 +448,14 @@ def _remove_path(path: Path) -> None:
 
 
 def _write_archive_by_deadline(location: Path, archive_tmp: Path, work: Path, compression: str, deadline: float,
-                               what: str) -> None:
+                               what: str, durable: bool = True) -> ArchiveDigest:
     """write_archive, but the archive appears at `location` only if it was finished in time: a caller
     that gave up must never find an archive it was told failed."""
     def in_time() -> None:
         if time.monotonic() + DEADLINE_MARGIN_SECONDS >= deadline:
             raise DeadlineExceeded(f"{what} ran out of time while writing the archive; it was discarded")
 
-    write_archive(location, work, compression, before_rename=in_time, tmp_path=archive_tmp)
+    return write_archive(location, work, compression, before_rename=in_time, tmp_path=archive_tmp, durable=durable)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from criu_glue.archive import ArchiveDigest
+
 
 def _frozen_map(values: Mapping | None = None) -> Mapping[str, float]:
     """A read-only copy: a frozen record must not be changed through a dict it holds."""
@@ -33,26 +35,34 @@ class CheckpointFacts:
     tcp_established: bool = False  # the archive holds established TCP connections
     stopped: bool = False    # a stop-mode checkpoint: the container was stopped after its dump
     phases_ms: Mapping[str, float] = field(default_factory=_frozen_map)
+    archive: ArchiveDigest | None = None  # the archive's digest and size, computed as it was written
 
     def __post_init__(self):
         object.__setattr__(self, "phases_ms", _frozen_map(self.phases_ms))
 
     def to_doc(self) -> dict:
-        return {"location": self.location, "timeNs": self.time_ns, "frozenMs": self.frozen_ms,
-                "totalMs": self.total_ms, "archiveBytes": self.archive_bytes,
-                "tcpEstablished": self.tcp_established, "stopped": self.stopped, "phasesMs": dict(self.phases_ms)}
+        doc = {"location": self.location, "timeNs": self.time_ns, "frozenMs": self.frozen_ms,
+               "totalMs": self.total_ms, "archiveBytes": self.archive_bytes,
+               "tcpEstablished": self.tcp_established, "stopped": self.stopped, "phasesMs": dict(self.phases_ms)}
+        if self.archive is not None:
+            doc["archive"] = self.archive.to_json()
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict) -> CheckpointFacts:
         return cls(location=str(doc["location"]), time_ns=int(doc["timeNs"]),
                    frozen_ms=float(doc.get("frozenMs", 0.0)), total_ms=float(doc.get("totalMs", 0.0)),
                    archive_bytes=int(doc.get("archiveBytes", 0)), tcp_established=bool(doc.get("tcpEstablished")),
-                   stopped=bool(doc.get("stopped")), phases_ms=doc.get("phasesMs") or {})
+                   stopped=bool(doc.get("stopped")), phases_ms=doc.get("phasesMs") or {},
+                   archive=ArchiveDigest.from_json(doc.get("archive")))
 
     def figures(self) -> dict:
         """The verbose info's `lastCheckpoint` (the keys `pyshim migrate` reports)."""
-        return {"frozenMs": self.frozen_ms, "totalMs": self.total_ms, "archiveBytes": self.archive_bytes,
-                "tcpEstablished": self.tcp_established, "stopped": self.stopped, "phasesMs": dict(self.phases_ms)}
+        figures = {"frozenMs": self.frozen_ms, "totalMs": self.total_ms, "archiveBytes": self.archive_bytes,
+                   "tcpEstablished": self.tcp_established, "stopped": self.stopped, "phasesMs": dict(self.phases_ms)}
+        if self.archive is not None:
+            figures["archive"] = self.archive.to_json()
+        return figures
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ class ContainerManager:
                 location=str(result.location), time_ns=time.time_ns(),
                 frozen_ms=round(result.frozen_seconds * 1000, 1), total_ms=round(result.total_seconds * 1000, 1),
                 archive_bytes=result.archive_bytes, tcp_established=result.tcp_established,
-                stopped=result.stopped, phases_ms=result.phases_ms)
+                stopped=result.stopped, phases_ms=result.phases_ms, archive=result.archive_digest)
             self.update_status(record, lambda s: _with_checkpoint(s, facts))
 
     def note_stopped_by_checkpoint(self, container_id: str, facts: CheckpointFacts) -> None:
