@@ -92,6 +92,7 @@ def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
     stop = _stop_requested(metadata)
     durable = _durable_requested(metadata)
     record = rt.containers.get(request.container_id)
+    rt.restores.refuse_while_pages_arrive(record)
     location = validate_location(request.location)
     deadline = _deadline(request.timeout, time_remaining)
     sandbox = rt.sandboxes.find(record.sandbox_id)
