@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cri_api import api_pb2 as cri
@@ -24,6 +24,8 @@ class DaemonSettings:
     netns_prefix: str
     # Registries the daemon may reach over plain HTTP though they are not on loopback.
     insecure_registries: tuple[str, ...] = ()
+    # Registry host -> mirror hosts (images.mirrors).
+    mirrors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Put before `python -m pyshim serve`, e.g. ("nsenter", "--net=/run/netns/NODE") to run the
     # daemon in a node's network namespace (not `ip netns exec`: it remounts /sys, which hides
     # the cgroup mounts from runc).
@@ -50,12 +52,14 @@ class DaemonSettings:
         return f"/{self.netns_prefix.rstrip('-')}"
 
     def write_config(self) -> None:
+        images = f'\n[images]\ninsecure_registries = {json.dumps(list(self.insecure_registries))}\n'
+        if self.mirrors:
+            images += "\n[images.mirrors]\n" + "".join(
+                f"{json.dumps(registry)} = {json.dumps(list(hosts))}\n" for registry, hosts in self.mirrors.items())
         self.config_file.write_text(
             f'cgroup_parent = "{self.cgroup_parent}"\n\n'
             f'[network]\nname = "{self.netns_prefix}net"\nbridge = "{self.bridge}"\n'
-            f'subnet = "{self.subnet}"\nnetns_prefix = "{self.netns_prefix}"\n'
-            + (f'\n[images]\ninsecure_registries = {json.dumps(list(self.insecure_registries))}\n'
-               if self.insecure_registries else ""))
+            f'subnet = "{self.subnet}"\nnetns_prefix = "{self.netns_prefix}"\n' + images)
 
 
 class Daemon:

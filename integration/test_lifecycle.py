@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -247,3 +248,35 @@ def test_guaranteed_pod_oom_score_adj_does_not_break_create(client, pulled_busyb
         assert score == (b"-997" if can_lower_oom_score_adj() else b"0")
     finally:
         cleanup(client, pod_id)
+
+
+def test_a_recursive_read_only_mount_is_read_only_down_to_its_submounts(client, pulled_busybox, tmp_path):
+    handlers = {h.name: h for h in client.runtime.Status(cri.StatusRequest()).runtime_handlers}
+    assert handlers[""].features.recursive_read_only_mounts and handlers["runc"].features.recursive_read_only_mounts
+    host = tmp_path / "volume"
+    (host / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "pyshim-rro-test", str(host / "sub")], check=True)
+    pod = pod_config()
+    pod_id = client.run_pod(pod)
+    try:
+        def container(name: str, rro: bool) -> str:
+            mount = cri.Mount(container_path="/mnt", host_path=str(host), readonly=True, recursive_read_only=rro)
+            cid = client.create(pod_id, container_config(pulled_busybox, ["sleep", "3600"], name=name,
+                                                         mounts=[mount]), pod)
+            client.start(cid)
+            return cid
+
+        plain, recursive = container("plain", False), container("recursive", True)
+        # A plain read-only bind leaves the submount writable; the recursive one does not.
+        assert client.exec_sync(plain, ["touch", "/mnt/sub/file"]).exit_code == 0
+        refused = client.exec_sync(recursive, ["touch", "/mnt/sub/other"])
+        assert refused.exit_code != 0 and b"Read-only file system" in refused.stderr
+        assert not (host / "sub" / "other").exists()
+
+        code, details = _code_of(lambda: client.create(pod_id, container_config(
+            pulled_busybox, ["true"], name="writable", mounts=[cri.Mount(
+                container_path="/mnt", host_path=str(host), readonly=False, recursive_read_only=True)]), pod))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs readonly" in details
+    finally:
+        cleanup(client, pod_id)
+        subprocess.run(["umount", str(host / "sub")], check=True)

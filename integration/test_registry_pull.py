@@ -422,3 +422,73 @@ def test_bearer_token_auth(token_auth, store):
     forged = ready.rsplit(".", 1)[0] + "." + _b64url(b"\0" * 256)
     with pytest.raises(RegistryError, match="refused our credentials|get bearer token"):
         RegistryClient().pull(store, ref, Credentials(registry_token=forged))
+
+
+# ---------------------------------------------------------------- mirrors
+
+def _unused_loopback_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_pull_goes_through_the_first_mirror_that_has_the_image(pushed, store):
+    ref, pushed_digest, source, local = pushed
+    mirror = ref.split("/", 1)[0]
+    down = f"127.0.0.1:{_unused_loopback_port()}"
+    client = RegistryClient(mirrors={"registry.invalid": (down, mirror)})
+
+    image = client.pull(store, "registry.invalid/busybox:latest")
+
+    assert image.id == local.id
+    # Recorded under the name that was asked for, not the mirror's.
+    assert image.repo_tags == ["registry.invalid/busybox:latest"]
+    assert image.repo_digests == [f"registry.invalid/busybox@{pushed_digest}"]
+
+
+def test_a_pull_by_digest_through_a_mirror_is_checked_against_the_digest(pushed, store):
+    ref, pushed_digest, source, local = pushed
+    client = RegistryClient(mirrors={"registry.invalid": (ref.split("/", 1)[0],)})
+
+    image = client.pull(store, f"registry.invalid/busybox@{pushed_digest}")
+
+    assert image.id == local.id
+    wrong = "sha256:" + "0" * 64
+    # The mirror has no such manifest and registry.invalid does not resolve: nothing is pulled.
+    with pytest.raises((ImageNotFound, RegistryError)) as caught:
+        client.pull(store, f"registry.invalid/busybox@{wrong}")
+    assert "has no manifest" in str(caught.value)
+
+
+def test_when_every_mirror_fails_the_error_names_them(pushed, store):
+    ref, *_ = pushed
+    mirror = ref.split("/", 1)[0]
+    down = f"127.0.0.1:{_unused_loopback_port()}"
+    # The "registry" itself is a closed loopback port too, so the pull fails everywhere.
+    upstream = f"127.0.0.1:{_unused_loopback_port()}"
+    client = RegistryClient(mirrors={upstream: (down, mirror)})
+
+    with pytest.raises(RegistryError) as caught:
+        client.pull(store, f"{upstream}/no-such-image:latest")
+
+    message = str(caught.value)
+    assert f"mirror {down}" in message and f"mirror {mirror}" in message
+    assert store.list() == []
+
+
+def test_mirrors_never_get_the_callers_credentials(pushed, store, monkeypatch):
+    ref, *_ = pushed
+    mirror = ref.split("/", 1)[0]
+    seen: list[Credentials | None] = []
+    real_init = oci.registry._Session.__post_init__
+
+    def record(session):
+        seen.append((session.host, session.credentials))
+        real_init(session)
+
+    monkeypatch.setattr(oci.registry._Session, "__post_init__", record)
+    RegistryClient(mirrors={"registry.invalid": (mirror,)}).pull(
+        store, "registry.invalid/busybox:latest", auth=Credentials(username="u", password="p"))
+
+    assert seen == [(mirror, None)]

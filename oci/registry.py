@@ -4,6 +4,12 @@ Transport choices follow Docker: loopback registries speak plain HTTP; registrie
 insecure are tried over HTTPS without certificate checks and fall back to HTTP; everything
 else is HTTPS with verification. Authentication follows the registry's 401 challenge:
 Bearer (token service, Docker token spec, OAuth2 refresh tokens for identity tokens) or Basic.
+
+Pulls go through mirrors when the client has some for the image's registry (containerd's
+hosts.toml and CRI-O's registries.conf offer the same): each mirror is asked for the same
+repository and tag or digest, in order, then the registry itself; the image is recorded under the
+name that was asked for. A mirror never gets the caller's credentials (they are the registry's),
+and a pull by digest is checked against that digest whichever host served it.
 """
 from __future__ import annotations
 
@@ -102,8 +108,11 @@ class _Endpoint:
 
 class RegistryClient:
     def __init__(self, insecure_registries: tuple[str, ...] = (), timeout: float = 60,
-                 platform: Platform = DEFAULT_PLATFORM, max_parallel_downloads: int = 3):
+                 platform: Platform = DEFAULT_PLATFORM, max_parallel_downloads: int = 3,
+                 mirrors: dict[str, tuple[str, ...]] | None = None):
         self.insecure_registries = tuple(insecure_registries)
+        # registry host -> mirror hosts (host[:port]) tried before it, in order; pulls only.
+        self.mirrors = {registry: tuple(hosts) for registry, hosts in (mirrors or {}).items()}
         self.timeout = timeout
         self.platform = platform
         self.max_parallel_downloads = max(1, max_parallel_downloads)
@@ -120,8 +129,7 @@ class RegistryClient:
         """
         announce = on_step or (lambda step, **facts: None)
         reference = Reference.parse(ref)
-        session = _Session(self, reference, auth, actions="pull")
-        top = session.fetch_manifest(reference.digest or reference.tag)
+        session, top = self._resolve(reference, auth)
         if reference.digest and top.digest != reference.digest:
             raise DigestMismatch(f"manifest of {reference}", reference.digest, top.digest)
 
@@ -149,6 +157,31 @@ class RegistryClient:
         repo_digests = [f"{reference.name}@{top.digest}"]
         announce("record")
         return store.add_image(manifest_raw, config_raw, tags, repo_digests, annotations)
+
+    def _resolve(self, reference: Reference, auth: Credentials | None) -> tuple["_Session", "_FetchedManifest"]:
+        """The first host (mirrors in order, then the registry) that serves the reference's
+        manifest, and that manifest. A mirror that is down or lacks the image is passed over;
+        when every host fails, the registry's own error is raised, naming the mirrors tried."""
+        wanted = reference.digest or reference.tag
+        passed_over: list[str] = []
+        for mirror in self.mirrors.get(reference.registry, ()):
+            session = _Session(self, reference, None, actions="pull", host=mirror)
+            try:
+                return session, session.fetch_manifest(wanted)
+            except (ImageNotFound, RegistryError) as exc:
+                passed_over.append(f"mirror {mirror}: {exc}")
+        session = _Session(self, reference, auth, actions="pull")
+        try:
+            return session, session.fetch_manifest(wanted)
+        except ImageNotFound as exc:
+            if passed_over:
+                raise ImageNotFound(str(reference), "; ".join([exc.detail, *passed_over])) from exc
+            raise
+        except RegistryError as exc:
+            if passed_over:
+                raise RegistryError(exc.registry, exc.repository, exc.step, exc.status,
+                                    "; ".join(d for d in [exc.detail, *passed_over] if d)) from exc
+            raise
 
     # ------------------------------------------------------------ push
 
@@ -247,12 +280,13 @@ class _Session:
     reference: Reference
     credentials: Credentials | None
     actions: str
+    host: str = ""  # a mirror serving the reference's registry; "" = the registry itself
     endpoint: _Endpoint = field(init=False)
     _authorization: str = field(init=False, default="")
     _auth_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.endpoint = self.client.endpoint_for(self.reference.registry)
+        self.endpoint = self.client.endpoint_for(self.registry)
         if self.credentials and self.credentials.registry_token:
             self._authorization = f"Bearer {self.credentials.registry_token}"
         if self.endpoint.may_fall_back_to_http:
@@ -260,7 +294,7 @@ class _Session:
 
     @property
     def registry(self) -> str:
-        return self.reference.registry
+        return self.host or self.reference.registry
 
     @property
     def repository(self) -> str:

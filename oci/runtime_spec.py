@@ -114,6 +114,9 @@ class ContainerSpecInput:
     # Written to io.kubernetes.cri.sandbox-id; when empty, an
     # annotations[ANNOTATION_SANDBOX_ID] from the daemon is used instead.
     sandbox_id: str = ""
+    # The host can make a bind mount read-only with all its submounts (Linux 5.12 mount_setattr and
+    # a runc that knows the "rro" option): what Mount.recursive_read_only asks for.
+    recursive_read_only_supported: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -184,9 +187,12 @@ def check_cri_mount(container: str, index: int, mount: "cri.Mount") -> None:
         raise SpecInputError(f"{where}: container_path {mount.container_path!r} must be absolute")
     if not mount.host_path:
         raise SpecInputError(f"{where} ({mount.container_path}): host_path is empty")
-    if mount.recursive_read_only:
-        # needs mount_setattr-based "rro", which runc 1.1.5 does not have
-        raise SpecInputError(f"{where} ({mount.container_path}): recursive read-only mounts are not supported")
+    if mount.recursive_read_only and not mount.readonly:
+        raise SpecInputError(f"{where} ({mount.container_path}): recursive_read_only needs readonly as well")
+    if mount.recursive_read_only and mount.propagation != PROPAGATION_PRIVATE:
+        # A submount propagated in later would arrive writable: the promise could not be kept.
+        raise SpecInputError(f"{where} ({mount.container_path}): recursive_read_only needs private propagation, "
+                             f"not {PROPAGATION_NAME.get(mount.propagation, mount.propagation)}")
     if len(mount.uidMappings) or len(mount.gidMappings):
         raise SpecInputError(f"{where} ({mount.container_path}): id-mapped mounts are not supported")
     if mount.propagation not in PROPAGATION_OPTION:
@@ -662,6 +668,11 @@ PROPAGATION_OPTION = {
     PROPAGATION_HOST_TO_CONTAINER: "rslave",
     PROPAGATION_BIDIRECTIONAL: "rshared",
 }
+PROPAGATION_NAME = {
+    PROPAGATION_PRIVATE: "PROPAGATION_PRIVATE",
+    PROPAGATION_HOST_TO_CONTAINER: "PROPAGATION_HOST_TO_CONTAINER",
+    PROPAGATION_BIDIRECTIONAL: "PROPAGATION_BIDIRECTIONAL",
+}
 
 
 def default_mounts(privileged: bool) -> list[dict]:
@@ -690,9 +701,15 @@ def bind_mount(destination: str, source: str, readonly: bool, propagation: str =
             "options": ["rbind", propagation, "ro" if readonly else "rw"]}
 
 
-def cri_mount(mount: "cri.Mount") -> dict:
-    return bind_mount(posixpath.normpath(mount.container_path), mount.host_path,
-                      mount.readonly, PROPAGATION_OPTION[mount.propagation])
+def cri_mount(mount: "cri.Mount", recursive_read_only_supported: bool = False) -> dict:
+    spec_mount = bind_mount(posixpath.normpath(mount.container_path), mount.host_path,
+                            mount.readonly, PROPAGATION_OPTION[mount.propagation])
+    if mount.recursive_read_only:
+        if not recursive_read_only_supported:
+            raise SpecInputError(f"mount {mount.container_path}: recursive read-only mounts need Linux 5.12 or "
+                                 "later and a runc with the \"rro\" mount option; this node lacks one of them")
+        spec_mount["options"].append("rro")
+    return spec_mount
 
 
 def container_mounts(inp: ContainerSpecInput, privileged: bool, readonly_rootfs: bool) -> list[dict]:
@@ -704,7 +721,7 @@ def container_mounts(inp: ContainerSpecInput, privileged: bool, readonly_rootfs:
     layers = [default_mounts(privileged),
               # like containerd, the pod's files follow the rootfs' read-only flag
               [bind_mount(dest, src, readonly_rootfs) for dest, src in sorted(inp.sandbox_files.items())],
-              [cri_mount(m) for m in inp.config.mounts]]
+              [cri_mount(m, inp.recursive_read_only_supported) for m in inp.config.mounts]]
     by_destination: dict[str, dict] = {}
     for layer in layers:
         for mount in layer:

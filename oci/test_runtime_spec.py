@@ -5,6 +5,7 @@ built spec to the real runc.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -535,7 +536,15 @@ def test_parents_are_mounted_before_children(tmp_path):
     (cri.Mount(container_path="data", host_path="/tmp"), "container_path 'data' must be absolute"),
     (cri.Mount(container_path="", host_path="/tmp"), "container_path is empty"),
     (cri.Mount(container_path="/data", host_path=""), "host_path is empty"),
-    (cri.Mount(container_path="/data", host_path="/tmp", recursive_read_only=True), "recursive read-only"),
+    (cri.Mount(container_path="/data", host_path="/tmp", recursive_read_only=True),
+     "recursive_read_only needs readonly"),
+    (cri.Mount(container_path="/data", host_path="/tmp", readonly=True, recursive_read_only=True,
+               propagation=cri.PROPAGATION_HOST_TO_CONTAINER),
+     "recursive_read_only needs private propagation, not PROPAGATION_HOST_TO_CONTAINER"),
+    (cri.Mount(container_path="/data", host_path="/tmp", readonly=True, recursive_read_only=True,
+               propagation=cri.PROPAGATION_BIDIRECTIONAL), "not PROPAGATION_BIDIRECTIONAL"),
+    (cri.Mount(container_path="/data", host_path="/tmp", readonly=True, recursive_read_only=True),
+     "need Linux 5.12 or later"),  # spec_input() says the host cannot
     (cri.Mount(container_path="/data", host_path="/no/such/dir/for/pyshim"), "does not exist"),
 ])
 def test_bad_mounts_are_input_errors(mount, words):
@@ -794,3 +803,11 @@ def test_runc_enforces_a_localhost_profile(tmp_path):
     result = runc_run(tmp_path / "bundle", build(inp), container_id)
     assert result.returncode == 0, f"runc rejected the spec: {result.stderr}\n{result.stdout}"
     assert result.stdout.splitlines() == ["chmod: /: Operation not permitted", "touched"]
+
+
+def test_a_recursive_read_only_mount_gets_runcs_rro_option_where_the_host_supports_it(tmp_path):
+    mount = cri.Mount(container_path="/data", host_path=str(tmp_path), readonly=True, recursive_read_only=True)
+    inp = dataclasses.replace(spec_input(config=container_config(mounts=[mount])), recursive_read_only_supported=True)
+    [data] = [m for m in build(inp)["mounts"] if m["destination"] == "/data"]
+    assert data["options"] == ["rbind", "rprivate", "ro", "rro"]
+

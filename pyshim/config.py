@@ -32,6 +32,21 @@ class NetworkConfig:
 class ImageConfig:
     insecure_registries: list[str] = field(default_factory=list)
     pull_timeout: float = 300.0
+    # Registry host -> mirror hosts tried first, in order (an air-gapped node's local registry).
+    # TOML: [images.mirrors] "registry.k8s.io" = ["10.0.0.5:5000"]
+    mirrors: dict[str, list[str]] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Mirrors are host[:port] names: a URL or a path would be sent requests it never meant."""
+        if not isinstance(self.mirrors, dict):
+            raise InvalidArgument("configuration key images.mirrors must be a table of registry = [mirrors]")
+        for registry, hosts in self.mirrors.items():
+            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise InvalidArgument(f"images.mirrors.{registry!r} must be a list of host[:port] strings")
+            for host in [registry, *hosts]:
+                if not host or any(c in host for c in "/@ ") or "://" in host:
+                    raise InvalidArgument(f"images.mirrors: {host!r} is not a registry host[:port] "
+                                          "(no scheme, path or user)")
 
 
 @dataclass
@@ -120,6 +135,7 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
         except tomllib.TOMLDecodeError as e:
             raise InvalidArgument(f"configuration file {path} is not valid TOML: {e}") from None
     _apply(config, {k: v for k, v in (overrides or {}).items() if v is not None}, "")
+    config.images.check()
     return config
 
 
@@ -132,6 +148,8 @@ def default_config_toml() -> str:
             return "true" if v else "false"
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{fmt(k)} = {fmt(x)}" for k, x in v.items()) + "}"
         return str(v)
 
     config = Config()

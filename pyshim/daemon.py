@@ -17,15 +17,15 @@ from oci.registry import RegistryClient
 from oci.store import ImageStore
 from pyshim.config import Config
 from criu_glue.checkpoint_cache import CheckpointCache
-from pyshim.internal.checkpointer import Checkpointer
-from pyshim.internal.restorer import Restorer
+from pyshim.checkpoint_restore.checkpoint import Checkpointer
+from pyshim.checkpoint_restore.restore import RestoreEngine, Restorer
 from pyshim.internal.cni import CNINetwork, default_conflist, load_conflist
 from pyshim.internal.conmon import Conmon
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
 from pyshim.internal.image_pulls import ImagePuller
 from pyshim.internal.intents import IntentJournal
-from pyshim.internal.pod_checkpointer import PodCheckpointer
+from pyshim.checkpoint_restore.pod_checkpoint import PodCheckpointer
 from pyshim.internal.recovery import recover
 from pyshim.internal.runc import Runc
 from pyshim.internal.sandbox_manager import SandboxManager
@@ -80,16 +80,20 @@ def build_runtime(config: Config) -> Runtime:
     journal = IntentJournal(root / "state" / "intents")
     checkpointer = Checkpointer(config.checkpoint, runc, root / "checkpoint-work", intents=journal)
     restorer = Restorer(config.checkpoint, checkpointer.criu, cache=CheckpointCache(images))
-    containers = ContainerManager(root, state, runc, conmon, images, events, restorer, intents=journal)
+    containers = ContainerManager(root, state, runc, conmon, images, events, intents=journal)
     sandboxes = SandboxManager(root, state, _network(config), config.network.netns_prefix, config.cgroup_parent,
                                intents=journal, runc=runc)
     sandboxes.load()
     puller = ImagePuller(RegistryClient(insecure_registries=tuple(config.images.insecure_registries),
-                                        timeout=config.images.pull_timeout), images, journal)
+                                        timeout=config.images.pull_timeout,
+                                        mirrors={r: tuple(h) for r, h in config.images.mirrors.items()}),
+                         images, journal)
     containers.load()
+    restores = RestoreEngine(containers, restorer, runc, conmon, images, puller, journal)
     pod_checkpointer = PodCheckpointer(checkpointer, runc, journal, root / "checkpoint-work")
     runtime = Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
                       registry=puller, events=events, checkpointer=checkpointer, restorer=restorer,
+                      restores=restores,
                       runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
                       log=log, pod_checkpointer=pod_checkpointer)
     # Before the socket is served: no call may see a half-done operation of the previous daemon.

@@ -1,14 +1,18 @@
 """`make conformance`: the CRI validation suite (critest) against a pyshim daemon of its own.
 
 It starts a loopback docker-registry and a daemon (temporary socket, root, state dir, bridge and
-subnet), provides the images critest names (stand-ins built here, see images.py), runs critest with
-`-registry-prefix`, and prints ginkgo's summary. Whatever happens (a failure, Ctrl-C, SIGTERM), it
+subnet), provides the images critest names (stand-ins built here, see images.py) in that registry,
+which the daemon uses as the mirror of every registry critest names (gcr.io, registry.k8s.io,
+k8s.gcr.io), runs critest, and prints ginkgo's summary. `--registry-prefix` runs critest with
+`-registry-prefix` instead of mirrors, as runtimes without mirrors are tested (critest then drops
+tags and digests, which fails the Image Manager and image consistency specs). Whatever happens (a failure, Ctrl-C, SIGTERM), it
 then removes every pod and container, stops the daemon and the registry, and deletes the bridge,
 the cgroups and the temporary directories; it reports anything that stayed behind.
 
     make conformance                              # every spec
     make conformance ARGS="--busybox-only"        # the busybox-only reference subset
     make conformance ARGS="--focus 'Container' --log-dir /tmp/conf"   # keep critest's and the daemon's logs
+    make conformance ARGS="--registry-prefix"     # critest -registry-prefix, no mirrors
 
 critest comes from $CRITEST, else ../shared/tools/cri-tools/critest beside the project.
 """
@@ -63,14 +67,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip", default="", help="regex of specs to skip (ginkgo.skip), besides --busybox-only")
     parser.add_argument("--focus", default="", help="regex of the specs to run (ginkgo.focus)")
     parser.add_argument("--log-dir", type=Path, help="keep critest's output and the daemon's log there")
+    parser.add_argument("--registry-prefix", action="store_true",
+                        help="run critest with -registry-prefix (no mirrors; tags and digests are dropped)")
     parser.add_argument("critest_args", nargs="*", help="more critest flags, after --")
     return parser.parse_args(argv)
 
 
 def critest_command(critest: Path, socket: Path, registry: str, args: argparse.Namespace) -> list[str]:
     endpoint = f"unix://{socket}"
-    command = [str(critest), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint,
-               "-registry-prefix", registry]
+    command = [str(critest), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint]
+    if args.registry_prefix:
+        command += ["-registry-prefix", registry]
     skip = "|".join(s for s in (BUSYBOX_ONLY_SKIP if args.busybox_only else "", args.skip) if s)
     if skip:
         command += ["-ginkgo.skip", skip]
@@ -140,7 +147,7 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         sys.exit("make conformance needs root (it runs pods with runc, CNI and iptables)")
     # Imported here so that `--help` and a missing critest need no installed project.
-    from integration.conformance.images import build_layouts, push_to_registry
+    from integration.conformance.images import build_layouts, mirrors_for, push_to_registry
     from integration.daemon import Daemon, DaemonSettings, leftovers, remove_cgroup_tree, remove_everything
     from integration.registry_server import RegistryServer
 
@@ -161,10 +168,13 @@ def main(argv: list[str]) -> int:
         print(f"registry on {registry.address}; building the stand-in images", flush=True)
         built = build_layouts(Path(tempfile.mkdtemp(dir=base)))
         push_to_registry(built, registry.address)
+        if not args.registry_prefix:
+            settings.mirrors = mirrors_for(built, registry.address)
         daemon.start()
-        for image, layout in built:
-            if image.in_store:
-                import_into_store(layout, settings.root)
+        if args.registry_prefix:
+            for image, layout in built:
+                if image.in_store:
+                    import_into_store(layout, settings.root)
         print(f"daemon on {settings.socket}", flush=True)
         tmp = base / "critest-tmp"
         tmp.mkdir()

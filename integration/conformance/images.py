@@ -1,12 +1,14 @@
 """Stand-ins for the images critest names, built here from the busybox test image (no network).
 
-critest pulls `PREFIX/<path>` (tags and digests dropped: `-registry-prefix` keeps only the path)
-but creates containers under the original names, so every image a container is made from is both
-pushed to the loopback registry at `<path>:latest` and imported into the daemon's store under its
-original names. The Image Manager specs only pull, so their images go to the registry only.
-
+Every stand-in is pushed to the loopback registry twice over: at each of its names' repository and
+tag (`gcr.io/k8s-staging-cri-tools/test-image-tag:test` -> `REGISTRY/k8s-staging-cri-tools/
+test-image-tag:test`), where the daemon finds it through its registry mirrors, and at
+`<repository>:latest`, where critest looks with `-registry-prefix` (which drops tags and digests).
+Images containers are made from are also imported into the daemon's store under their original
+names, which `-registry-prefix` needs (it creates containers under the original names).
 Every stand-in has a configuration of its own (a label naming it), hence an image ID of its own:
 an Image Manager spec removes what it pulled by ID, and must never take another spec's image along.
+No stand-in can have the digest critest pins for `test-image-digest@sha256:...`: that spec fails.
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ class StandIn:
         """Where critest pulls it from with -registry-prefix: the name's path, tag dropped."""
         return Reference.parse(self.names[0]).repository
 
+    @property
+    def mirror_paths(self) -> list[str]:
+        """`repository:tag` of each name, where the daemon's mirrors look (untagged = latest)."""
+        return [f"{ref.repository}:{ref.tag or 'latest'}" for ref in map(Reference.parse, self.names)]
+
+    @property
+    def registries(self) -> set[str]:
+        return {Reference.parse(name).registry for name in self.names}
+
 
 def _user_files(passwd: str, group: str) -> dict[str, tuple[bytes, int]]:
     return {"etc/passwd": ((PASSWD_BASE + passwd).encode(), 0o644),
@@ -93,10 +104,13 @@ def stand_ins(tools: dict[str, tuple[bytes, int]]) -> list[StandIn]:
             ("test-image-user-username-group", www_data, "www-data:www-data"),
         ]],
         *[StandIn((f"{CRI_TOOLS}/{name}",), in_store=False) for name in [
-            "test-image-latest", "test-image-tag", "test-image-digest",
-            "test-image-1", "test-image-2", "test-image-3", "test-image-tags"]],
-        # Same image from two registries: both names map to PREFIX/pause.
-        StandIn(("registry.k8s.io/pause:3.9",), in_store=False),
+            "test-image-latest", "test-image-digest",
+            "test-image-1:latest", "test-image-2:latest", "test-image-3:latest"]],
+        StandIn((f"{CRI_TOOLS}/test-image-tag:test", f"{CRI_TOOLS}/test-image-tag:all"), in_store=False),
+        # One image under three tags.
+        StandIn(tuple(f"{CRI_TOOLS}/test-image-tags:{n}" for n in (1, 2, 3)), in_store=False),
+        # Same image from two registries: both names map to REGISTRY/pause.
+        StandIn(("registry.k8s.io/pause:3.9", "k8s.gcr.io/pause:3.9"), in_store=False),
     ]
 
 
@@ -165,11 +179,16 @@ def build_layouts(work: Path) -> list[tuple[StandIn, Path]]:
 
 
 def push_to_registry(built: list[tuple[StandIn, Path]], registry_address: str) -> None:
-    """Push every stand-in to `registry_address/<path>:latest`, where -registry-prefix looks."""
+    """Push every stand-in where the mirrors look and where -registry-prefix looks (module doc)."""
     client = RegistryClient(insecure_registries=(registry_address,))
     with tempfile.TemporaryDirectory(prefix="pyshim-conformance-push-") as tmp:
         store = ImageStore(Path(tmp) / "store")
         for image, layout in built:
-            ref = f"{registry_address}/{image.registry_path}:latest"
-            [record] = import_oci_archive(store, layout, tag=ref)
-            client.push(store, record, ref)
+            [record] = import_oci_archive(store, layout)
+            for path in dict.fromkeys([*image.mirror_paths, f"{image.registry_path}:latest"]):
+                client.push(store, record, f"{registry_address}/{path}")
+
+
+def mirrors_for(built: list[tuple[StandIn, Path]], registry_address: str) -> dict[str, tuple[str, ...]]:
+    """The daemon's images.mirrors: every registry critest names, served by the loopback registry."""
+    return {registry: (registry_address,) for image, _ in built for registry in sorted(image.registries)}

@@ -31,7 +31,8 @@ def test_summary_of_a_green_run_starts_at_ran():
 
 
 def test_critest_command_joins_the_busybox_subset_and_the_users_skips():
-    args = argparse.Namespace(busybox_only=True, skip="Seccomp", focus="Container", critest_args=["-ginkgo.v"])
+    args = argparse.Namespace(busybox_only=True, skip="Seccomp", focus="Container", critest_args=["-ginkgo.v"],
+                              registry_prefix=True)
     command = runner.critest_command(Path("/x/critest"), Path("/s.sock"), "127.0.0.1:5000", args)
     assert command[:7] == ["/x/critest", "--runtime-endpoint", "unix:///s.sock", "--image-endpoint",
                            "unix:///s.sock", "-registry-prefix", "127.0.0.1:5000"]
@@ -55,3 +56,30 @@ def test_stand_ins_are_where_registry_prefix_looks():
         "k8s-staging-cri-tools/test-image-predefined-group"
     assert paths["registry.k8s.io/pause:3.9"] == "pause"
     assert StandIn(("k8s.gcr.io/pause:3.9",)).registry_path == "pause"
+
+
+def test_without_registry_prefix_critest_gets_the_original_names():
+    args = argparse.Namespace(busybox_only=False, skip="", focus="", critest_args=[], registry_prefix=False)
+    command = runner.critest_command(Path("/x/critest"), Path("/s.sock"), "127.0.0.1:5000", args)
+    assert "-registry-prefix" not in command
+
+
+def test_stand_ins_are_where_the_mirrors_look_under_every_tag_critest_names():
+    tools = {name: (b"", 0o755) for name in ("webserver", "nnp", "pgrep")}
+    images = stand_ins(tools)
+    paths = {path for image in images for path in image.mirror_paths}
+    assert {"k8s-staging-cri-tools/test-image-tag:test", "k8s-staging-cri-tools/test-image-tag:all",
+            "k8s-staging-cri-tools/test-image-tags:1", "k8s-staging-cri-tools/test-image-tags:3",
+            "k8s-staging-cri-tools/test-image-latest:latest", "e2e-test-images/busybox:1.29-2",
+            "pause:3.9"} <= paths
+    # One image for the two pause names, so both registries give the same image ID.
+    [pause] = [image for image in images if "k8s.gcr.io/pause:3.9" in image.names]
+    assert "registry.k8s.io/pause:3.9" in pause.names
+    mirrors = runner_mirrors(images)
+    assert set(mirrors) == {"gcr.io", "registry.k8s.io", "k8s.gcr.io"}
+    assert all(hosts == ("127.0.0.1:5000",) for hosts in mirrors.values())
+
+
+def runner_mirrors(images):
+    from integration.conformance.images import mirrors_for
+    return mirrors_for([(image, Path("/unused")) for image in images], "127.0.0.1:5000")

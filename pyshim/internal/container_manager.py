@@ -17,26 +17,24 @@ import json
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cri_api import api_pb2 as cri
-from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_container_spec, check_seccomp_profile,
-                              linux_resources_from_cri, validate_container_config)
+from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_container_spec, linux_resources_from_cri,
+                              validate_container_config)
 from oci.spec_schema import InvalidSpec, validate_spec
 from oci.tree_removal import remove_tree
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal import cgroups, crashpoints, mounts, netns, procs, request_paths, tcp_lock
-from pyshim.internal.checkpointer import CheckpointResult
+from pyshim.internal import cgroups, crashpoints, mounts, procs, request_paths
+from pyshim.checkpoint_restore.checkpoint import CheckpointResult
 from pyshim.internal.conmon import Conmon, MonitorPaths
-from pyshim.internal.host_caps import can_lower_oom_score_adj
+from pyshim.internal.host_caps import can_lower_oom_score_adj, recursive_read_only_mounts
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
-from pyshim.internal.restorer import CRIU_CONFIG_ANNOTATION, OpenCheckpoint, Restorer, RestorePlan, TcpMode
 from pyshim.internal.runc import ExecResult, Runc, RuncError
 from pyshim.internal.sysctls import normalize_sysctl_name
 from pyshim.internal.state import (ContainerRecord, ContainerState, RecordStore, SandboxRecord,
@@ -49,30 +47,12 @@ UNKNOWN_EXIT_CODE = 255
 
 
 @dataclass(frozen=True)
-class RestoreSource:
-    """A CreateContainer that restores: the checked archive and the checkpoint image it came from, if any."""
-    plan: RestorePlan
-    checkpoint_image_id: str = ""  # "" when the request named an archive path
-
-
-@dataclass(frozen=True)
 class SandboxContext:
     """What a container needs of its pod, handed in by the caller (the container layer never looks pods up)."""
     record: SandboxRecord
     config: "cri.PodSandboxConfig"
     namespaces: dict[str, str | None]
     files: dict[str, str]
-
-
-def _with_command(config, plan: RestorePlan):
-    """CRIU restores the process itself, but config.json must still name one: a checkpoint image has no
-    entrypoint, so the checkpointed command is shown when the request gives none."""
-    if config.command or config.args or not plan.process_args:
-        return config
-    copy = type(config)()
-    copy.CopyFrom(config)
-    copy.command.extend(plan.process_args)
-    return copy
 
 
 def _cgroups_path_in(config_json: Path) -> str:
@@ -90,7 +70,7 @@ def container_name_key(config, sandbox_config) -> str:
 
 class ContainerManager:
     def __init__(self, root: Path, state_dir: Path, runc: Runc, conmon: Conmon, image_store, events: EventBus,
-                 restorer: Restorer, intents: IntentJournal | None = None):
+                 intents: IntentJournal | None = None):
         self._root = Path(root) / "containers"
         self._records = RecordStore(Path(root) / "state" / "containers", ContainerRecord)
         self._exit_dir = Path(state_dir) / "exits"
@@ -101,7 +81,6 @@ class ContainerManager:
         self._conmon = conmon
         self._images = image_store
         self._events = events
-        self._restorer = restorer
         self._intents = intents if intents is not None else IntentJournal(Path(root) / "state" / "intents")
         self._names: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -118,7 +97,7 @@ class ContainerManager:
         for record in self._records.all():
             self._names[record.name] = record.id  # records keep the full reservation key
 
-    def _lock_for(self, container_id: str) -> threading.RLock:
+    def lock_for(self, container_id: str) -> threading.RLock:
         with self._lock:
             return self._container_locks.setdefault(container_id, threading.RLock())
 
@@ -127,7 +106,7 @@ class ContainerManager:
         returns False when the transition no longer applies (another thread made it first). Runs under
         the container's lock; the record is saved atomically before this returns True, and is left as
         it was if saving fails. Callers publish an event only when this returns True."""
-        with self._lock_for(record.id):
+        with self.lock_for(record.id):
             if self._records.get(record.id) is not record:
                 return False  # removed meanwhile (or a stale copy)
             before = copy.copy(record)
@@ -140,7 +119,14 @@ class ContainerManager:
                 raise
             return True
 
-    def _paths(self, record: ContainerRecord) -> MonitorPaths:
+    def container_dir(self, container_id: str) -> Path:
+        return self._root / container_id
+
+    def add(self, record: ContainerRecord) -> None:
+        """Save a new container's record, its name already reserved (reserve_name): from now on it exists."""
+        self._records.save(record)
+
+    def paths(self, record: ContainerRecord) -> MonitorPaths:
         return MonitorPaths(bundle=record.bundle, exit_dir=self._exit_dir,
                             persist_dir=record.bundle / "persist", attach_dir=self._attach_dir)
 
@@ -149,6 +135,10 @@ class ContainerManager:
         if record is None:
             raise NotFound(f"container {container_id!r} not found")
         return self.refresh(record)
+
+    def recorded(self, container_id: str) -> ContainerRecord | None:
+        """The record saved under exactly this id, as saved (recovery: nothing is refreshed yet)."""
+        return self._records.get(container_id)
 
     def find(self, container_id: str) -> ContainerRecord | None:
         record = self._records.resolve(container_id)
@@ -173,7 +163,7 @@ class ContainerManager:
     def note_checkpoint(self, container_id: str, result: CheckpointResult) -> None:
         """Record a finished checkpoint; a stopping one also records the container's end."""
         record = self.get(container_id)
-        with self._lock_for(record.id):
+        with self.lock_for(record.id):
             if result.stopped:
                 self._wait_exit(record, 30)
 
@@ -198,14 +188,14 @@ class ContainerManager:
         """Notice that a running container exited (conmon wrote its exit file)."""
         if record.state != ContainerState.RUNNING:
             return record
-        exited = Conmon.exit_code(self._paths(record), record.id)
+        exited = Conmon.exit_code(self.paths(record), record.id)
         if exited is None:
             return record
         code, when = exited
-        self._mark_exited(record, code, int(when * 1e9))
+        self.mark_exited(record, code, int(when * 1e9))
         return record
 
-    def _mark_exited(self, record: ContainerRecord, code: int, finished_at_ns: int, reason: str = "",
+    def mark_exited(self, record: ContainerRecord, code: int, finished_at_ns: int, reason: str = "",
                      message: str | None = None) -> bool:
         """RUNNING/CREATED -> EXITED, once: the exit watcher and request threads may all notice the
         same exit; only the one whose transition happened publishes STOPPED."""
@@ -231,7 +221,7 @@ class ContainerManager:
         if not self.update_status(record, to_exited):
             return False
         if serving:
-            self._publish(record, EventType.STOPPED)
+            self.publish(record, EventType.STOPPED)
         return True
 
     def publish_pending_stops(self) -> None:
@@ -245,23 +235,23 @@ class ContainerManager:
                 r.stopped_event_sent = True
                 return True
             if self.update_status(record, sent):
-                self._publish(record, EventType.STOPPED)
+                self.publish(record, EventType.STOPPED)
 
     def _reconcile(self, record: ContainerRecord, states: dict | None = None) -> None:
         """Bring one record up to date with what runc and conmon say (start-up only); `states` is
         runc's state of every container, None to ask runc for this one."""
         if record.state not in (ContainerState.RUNNING, ContainerState.CREATED) or record.pending_restore:
             return
-        exited = Conmon.exit_code(self._paths(record), record.id)
+        exited = Conmon.exit_code(self.paths(record), record.id)
         if exited is not None:
-            self._mark_exited(record, exited[0], int(exited[1] * 1e9))
+            self.mark_exited(record, exited[0], int(exited[1] * 1e9))
             return
         state = states.get(record.id) if states is not None else self._runc.state(record.id)
         if state is None or state.status == "stopped":
             # The container is gone and nobody recorded its end (the host restarted, or runc state was wiped).
             log.warning("recovery: container gone without an exit record; marked exited",
                         extra={"container": record.id, "recorded": record.state.value})
-            self._mark_exited(record, UNKNOWN_EXIT_CODE, time.time_ns(), reason="Unknown",
+            self.mark_exited(record, UNKNOWN_EXIT_CODE, time.time_ns(), reason="Unknown",
                               message="container was gone when the daemon restarted")
         elif record.state == ContainerState.CREATED and state.status in ("running", "paused"):
             # StartContainer was killed between `runc start` and saving the record: it runs, say so.
@@ -275,7 +265,7 @@ class ContainerManager:
             if self.update_status(record, to_running):
                 log.warning("recovery: container recorded CREATED is running (start interrupted); "
                             "recorded it RUNNING", extra={"container": record.id, "pid": state.pid})
-                self._publish(record, EventType.STARTED)
+                self.publish(record, EventType.STARTED)
 
     def poll_exits(self) -> None:
         """Called periodically: publishes STOPPED events promptly even if nobody asks for status."""
@@ -283,7 +273,7 @@ class ContainerManager:
             if record.state == ContainerState.RUNNING:
                 self.refresh(record)
 
-    def _publish(self, record: ContainerRecord, kind: EventType) -> None:
+    def publish(self, record: ContainerRecord, kind: EventType) -> None:
         self._events.publish(ContainerEvent(record.id, record.sandbox_id, kind, time.time_ns()))
 
     # ---- create ------------------------------------------------------------------------------
@@ -296,11 +286,11 @@ class ContainerManager:
         image = self._images.get(config.image.image) if config.image.image else None
         if image is None:
             raise NotFound(f"image {config.image.image!r} not found: pull it first")
-        with self._reserved_name(config, sandbox) as (container_id, key):
+        with self.reserve_name(config, sandbox) as (container_id, key):
             return self._create_reserved(container_id, key, sandbox, config, image)
 
     @contextlib.contextmanager
-    def _reserved_name(self, config, sandbox: SandboxContext):
+    def reserve_name(self, config, sandbox: SandboxContext):
         """A fresh id and the container's name reserved for it; the name is freed if creating fails."""
         key = container_name_key(config, sandbox.config)
         container_id = secrets.token_hex(32)
@@ -315,44 +305,13 @@ class ContainerManager:
                 self._names.pop(key, None)
             raise
 
-    def create_restore(self, sandbox: SandboxContext, config, source: RestoreSource) -> ContainerRecord:
-        """Record a container that StartContainer will restore. Cheap on purpose: kubelet gives
-        CreateContainer two minutes, and unpacking a big checkpoint can take longer."""
-        try:
-            validate_container_config(config)
-            check_seccomp_profile(config.linux.security_context)  # the spec is built only at StartContainer
-        except SpecInputError as e:
-            raise InvalidArgument(str(e)) from None
-        plan = source.plan
-        with self._reserved_name(config, sandbox) as (container_id, key):
-            cdir = self._root / container_id
-            record = ContainerRecord(
-                id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,
-                config_b64=encode_config(config), image_ref=config.image.image,
-                image_id=source.checkpoint_image_id or str(plan.source), image_name=config.image.image,
-                created_at=time.time_ns(), dir=str(cdir), log_path=self._log_path(sandbox.config, config),
-                cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
-                restore_from=str(plan.source), restored_checkpoint_time=plan.checkpointed_at_ns,
-            )
-            with contextlib.ExitStack() as undo:
-                cdir.mkdir(mode=0o700)
-                undo.callback(remove_tree, cdir, ignore_errors=True)
-                for sub in (record.upper, record.work, record.rootfs):
-                    sub.mkdir(mode=0o755)
-                self._records.save(record)
-                undo.pop_all()
-        self._publish(record, EventType.CREATED)
-        log.info("container created for restore", extra={"container": container_id, "sandbox": sandbox.record.id,
-                                                         "checkpoint": str(plan.source)})
-        return record
-
     def _create_reserved(self, container_id, key, sandbox: SandboxContext, config, image) -> ContainerRecord:
         cdir = self._root / container_id
         record = ContainerRecord(
             id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,
             config_b64=encode_config(config), image_ref=config.image.image, image_id=image.id,
             image_name=(image.repo_tags or image.repo_digests or [image.id])[0],
-            created_at=time.time_ns(), dir=str(cdir), log_path=self._log_path(sandbox.config, config),
+            created_at=time.time_ns(), dir=str(cdir), log_path=self.log_path_for(sandbox.config, config),
             cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
             stop_signal=image.config.stop_signal or "TERM",
         )
@@ -362,7 +321,7 @@ class ContainerManager:
         with self._intents.track(Operation.CREATE_CONTAINER, container_id, dir=str(cdir),
                                  cgroups_path=record.cgroups_path) as intent:
             self._create_tracked(record, sandbox, config, image, phases, intent)
-        self._publish(record, EventType.CREATED)
+        self.publish(record, EventType.CREATED)
         log.info("container created", extra={"container": container_id, "sandbox": sandbox.record.id,
                                              "image": record.image_name, "ms": phases.report()})
         return record
@@ -381,7 +340,7 @@ class ContainerManager:
             undo.callback(mounts.unmount, record.rootfs)
             phases.mark("rootfs")
 
-            spec = self._build_spec(record, sandbox, config, image)
+            spec = self.build_spec(record, sandbox, config, image)
             (cdir / "config.json").write_text(json.dumps(spec))
             if record.log_path:
                 Path(record.log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +350,7 @@ class ContainerManager:
             # dir, a `runc init` and the container's cgroups, which must go with it.
             undo.callback(self._discard_runc_container, record)
             crashpoints.reached("create_container:runc_create")
-            record.pid = self._conmon.create(container_id, key, self._paths(record), record.log_path,
+            record.pid = self._conmon.create(container_id, key, self.paths(record), record.log_path,
                                              stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty)
             phases.mark("runc_create")
             crashpoints.reached("create_container:record")
@@ -409,7 +368,7 @@ class ContainerManager:
         self._runc.discard_state_dir(record.id)
         cgroups.remove(record.cgroups_path)
 
-    def _build_spec(self, record, sandbox: SandboxContext, config, image) -> dict:
+    def build_spec(self, record, sandbox: SandboxContext, config, image) -> dict:
         # The pod's sysctls were validated at RunPodSandbox; runc wants them dot-separated.
         sysctls = {normalize_sysctl_name(k): v for k, v in sandbox.config.linux.sysctls.items()}
         inp = ContainerSpecInput(
@@ -420,6 +379,7 @@ class ContainerManager:
             annotations={"io.kubernetes.cri.image-name": record.image_name,
                          "io.kubernetes.cri.sandbox-id": sandbox.record.id},
             sysctls=sysctls,
+            recursive_read_only_supported=recursive_read_only_mounts(self._runc.mount_options),
         )
         try:
             spec = build_container_spec(inp)
@@ -440,7 +400,7 @@ class ContainerManager:
                         extra={"container": record.id, "requested": wanted})
 
     @staticmethod
-    def _log_path(sandbox_config, config) -> str:
+    def log_path_for(sandbox_config, config) -> str:
         return request_paths.container_log_path(sandbox_config.log_directory, config.log_path)
 
     # ---- start / stop ------------------------------------------------------------------------
@@ -449,7 +409,7 @@ class ContainerManager:
         record = self.get(container_id)
         if record.pending_restore:
             raise FailedPrecondition(f"container {record.id} restores from a checkpoint: start it with its pod and base image")
-        with self._lock_for(record.id):
+        with self.lock_for(record.id):
             if record.state != ContainerState.CREATED:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}, not CREATED: cannot start it")
             # Killed after `runc start` and before the save, the record says CREATED while it runs:
@@ -466,86 +426,8 @@ class ContainerManager:
                     return True
                 changed = self.update_status(record, to_running)
         if changed:
-            self._publish(record, EventType.STARTED)
+            self.publish(record, EventType.STARTED)
         return self.refresh(record)
-
-    def start_restore(self, container_id: str, sandbox: SandboxContext, base_image,
-                      checkpoint: OpenCheckpoint) -> ContainerRecord:
-        """Restore the checkpoint into the new pod: rootfs from the base image plus the checkpoint's
-        diff, config.json built fresh from the new request, then `runc restore` under conmon.
-        On failure the container is EXITED with reason RestoreFailed and nothing is left mounted."""
-        record = self.get(container_id)
-        with self._lock_for(record.id):
-            if record.state != ContainerState.CREATED or not record.pending_restore:
-                raise FailedPrecondition(f"container {record.id} is {record.state.value}, not a CREATED restore")
-            try:
-                with self._intents.track(Operation.RESTORE_CONTAINER, record.id, step="rootfs",
-                                         images_dir=str(record.bundle / "checkpoint"),
-                                         base_image_id=base_image.id) as intent:
-                    self._restore_locked(record, sandbox, base_image, checkpoint, intent)
-            except Exception as e:
-                message = getattr(e, "message", str(e))
-                self._mark_exited(record, 1, time.time_ns(), reason="RestoreFailed", message=message)
-                raise
-        self._publish(record, EventType.STARTED)
-        return self.refresh(record)
-
-    def _restore_locked(self, record: ContainerRecord, sandbox: SandboxContext, base_image,
-                        checkpoint: OpenCheckpoint, intent: Intent) -> None:
-        config = self.config_of(record)
-        plan = checkpoint.plan
-        mode = self._restorer.tcp_mode(plan, config.annotations, [sandbox.record.ip, *sandbox.record.additional_ips])
-        images_dir = record.bundle / "checkpoint"
-        phases = PhaseTimer()
-        with contextlib.ExitStack() as undo:
-            undo.callback(remove_tree, images_dir, ignore_errors=True)  # CRIU is done with them either way
-            mounts.mount_overlay(self._images.layer_paths(base_image), record.upper, record.work, record.rootfs)
-            failed = undo.enter_context(contextlib.ExitStack())
-            failed.callback(mounts.unmount, record.rootfs)
-            phases.mark("rootfs")
-            record.base_image_id = base_image.id
-            spec = self._build_spec(record, sandbox, _with_command(config, plan), base_image)
-            self._intents.advance(intent, "unpack")
-            unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
-                                             sandbox.record.hostname or socket.gethostname(),
-                                             allow_devices=config.linux.security_context.privileged,
-                                             keep_setid=self._restorer.keeps_setid_bits(
-                                                 spec, config.linux.security_context.privileged))
-            self._restorer.check_privileges(unpacked.credentials, spec)
-            self._restorer.check_mounts(unpacked.mounts, spec, record.rootfs)
-            phases.mark("unpack")
-            self._restorer.add_engine_placeholders(spec, plan, record.bundle)
-            if mode == TcpMode.ESTABLISHED and sandbox.record.netns_name:
-                # The connections come back here: lift the lock a stopping checkpoint left on them.
-                tcp_lock.unlock_all(str(netns.netns_path(sandbox.record.netns_name)))
-            criu_config = self._restorer.write_criu_config(mode, record.bundle / "criu.conf")
-            if criu_config:
-                spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
-            (record.bundle / "config.json").write_text(json.dumps(spec))
-            phases.mark("spec")
-            self._intents.advance(intent, "runc_restore", tcp=mode.value)
-            try:
-                record.pid = self._conmon.create(record.id, record.name, self._paths(record), record.log_path,
-                                                 stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty,
-                                                 restore_from=images_dir,
-                                                 restore_args=self._restorer.runc_restore_args(mode))
-            except RuncError as e:
-                self._runc.delete(record.id, force=True)
-                raise FailedPrecondition(self._restorer.failure_message(record.bundle, e.message)) from None
-            phases.mark("runc_restore")
-            crashpoints.reached("restore_container:record")
-            pid, started = record.pid, time.time_ns()
-            restore_ms = {**phases.report(), **{f"unpack_{k}": v for k, v in unpacked.milliseconds.items()}}
-
-            def to_running(r: ContainerRecord) -> bool:
-                r.state, r.pid, r.started_at = ContainerState.RUNNING, pid, started
-                r.restored, r.restore_tcp, r.restore_phases_ms = True, mode.value, restore_ms
-                return True
-            self.update_status(record, to_running)
-            failed.pop_all()
-        log.info("container restored", extra={"container": record.id, "checkpoint": record.restore_from,
-                                               "tcp": mode.value, "image_bytes": unpacked.image_bytes,
-                                               "ms": record.restore_phases_ms})
 
     def stop(self, container_id: str, timeout: float) -> None:
         """SIGTERM (or the image's stop signal), then SIGKILL when `timeout` seconds pass. Idempotent:
@@ -553,17 +435,17 @@ class ContainerManager:
         record = self.find(container_id)
         if record is None:
             return
-        with self._lock_for(record.id):
+        with self.lock_for(record.id):
             if record.state == ContainerState.CREATED and record.pending_restore:
                 # Nothing runs yet: the process comes to life only at StartContainer.
-                self._mark_exited(record, 137, time.time_ns(), reason="Error")
+                self.mark_exited(record, 137, time.time_ns(), reason="Error")
                 return
             if record.state == ContainerState.CREATED:
                 # Never started: kill the runc init waiting in `runc create`, so conmon records an exit.
                 self._runc.kill(record.id, "KILL")
                 self._wait_exit(record, 10)
                 if record.state != ContainerState.EXITED:
-                    self._mark_exited(record, 137, time.time_ns(), reason="Error")
+                    self.mark_exited(record, 137, time.time_ns(), reason="Error")
                 return
             if record.state != ContainerState.RUNNING:
                 return
@@ -596,14 +478,14 @@ class ContainerManager:
         record = self._records.resolve(container_id)
         if record is None:
             return
-        with self._lock_for(record.id):
+        with self.lock_for(record.id):
             if self._records.get(record.id) is not record:
                 return  # a concurrent RemoveContainer did it (and sent the one DELETED event)
             # Killed midway, the intent makes recovery finish the removal: kubelet asked for it.
             with self._intents.track(Operation.REMOVE_CONTAINER, record.id, dir=record.dir,
                                      cgroups_path=record.cgroups_path):
                 self._remove_locked(record)
-        self._publish(record, EventType.DELETED)
+        self.publish(record, EventType.DELETED)
         log.info("container removed", extra={"container": record.id})
 
     def _remove_locked(self, record: ContainerRecord) -> None:
@@ -630,10 +512,10 @@ class ContainerManager:
 
     def recover(self, intents: list[Intent]) -> None:
         """At start-up, before serving: finish or undo what a killed daemon left half-done, bring every
-        record up to date with runc and conmon, and remove what no record owns. Idempotent."""
+        record up to date with runc and conmon, and remove what no record owns. Idempotent.
+        Restores cut short are the restore engine's (RestoreEngine.recover), repaired before this."""
         handlers = {Operation.CREATE_CONTAINER: self._recover_create,
                     Operation.START_CONTAINER: lambda intent: None,  # _reconcile reads runc's state
-                    Operation.RESTORE_CONTAINER: self._recover_restore,
                     Operation.REMOVE_CONTAINER: self._recover_remove}
         for intent in intents:
             handler = handlers.get(intent.operation)
@@ -654,7 +536,7 @@ class ContainerManager:
             return  # the record was saved: the create finished, only the intent's close was lost
         log.warning("recovery: interrupted CreateContainer left a container with no record; removed it",
                     extra={"container": intent.target, "dir": intent.facts.get("dir", "")})
-        self._remove_leftovers(intent.target, intent.facts.get("cgroups_path", ""))
+        self.remove_leftovers(intent.target, intent.facts.get("cgroups_path", ""))
 
     def _recover_remove(self, intent: Intent) -> None:
         record = self._records.get(intent.target)
@@ -662,68 +544,11 @@ class ContainerManager:
             log.warning("recovery: interrupted RemoveContainer; finished removing the container",
                         extra={"container": record.id})
             self._remove_locked(record)
-            self._publish(record, EventType.DELETED)
+            self.publish(record, EventType.DELETED)
         else:
-            self._remove_leftovers(intent.target, intent.facts.get("cgroups_path", ""))
+            self.remove_leftovers(intent.target, intent.facts.get("cgroups_path", ""))
 
-    def _recover_restore(self, intent: Intent) -> None:
-        """A restore's StartContainer killed midway. If conmon is alive and runc says the restored
-        container runs, it is adopted: it runs under its monitor, its output goes to its log, and
-        killing it would lose the very state the restore brought back. Anything else (killed before
-        or during the unpack, or `runc restore` failed or the process already ended) is killed and
-        reset to CREATED with the restore pending, images dir, mount and rootfs layer emptied, so that
-        kubelet's retried StartContainer restores cleanly and the workload runs exactly once."""
-        record = self._records.get(intent.target)
-        if record is None:
-            self._remove_leftovers(intent.target, "")
-            return
-        if not record.pending_restore:
-            return  # the record was saved restored: only the intent's close was lost
-        paths = self._paths(record)
-        conmon_pid = procs.read_pidfile(paths.conmon_pidfile)
-        state = self._runc_state(record.id)
-        images_dir = Path(intent.facts.get("images_dir") or record.bundle / "checkpoint")
-        if procs.is_conmon_of(conmon_pid, record.id) and state is not None and state.status == "running":
-            started = procs.start_time_ns(state.pid) or time.time_ns()
-
-            def adopted(r: ContainerRecord) -> bool:
-                if not r.pending_restore:
-                    return False
-                r.state, r.pid, r.started_at, r.restored = ContainerState.RUNNING, state.pid, started, True
-                r.restore_tcp = intent.facts.get("tcp", "")
-                r.base_image_id = intent.facts.get("base_image_id", r.base_image_id)
-                r.message = "restore adopted after a daemon restart"
-                return True
-            if self.update_status(record, adopted):
-                remove_tree(images_dir, ignore_errors=True)
-                log.warning("recovery: interrupted restore is running under its conmon; adopted it as RUNNING",
-                            extra={"container": record.id, "pid": state.pid, "conmon": conmon_pid})
-                self._publish(record, EventType.STARTED)
-            return
-        self._kill_container_processes(record.id, conmon_pid)
-        mounts.unmount(record.rootfs)
-        remove_tree(images_dir, ignore_errors=True)
-        for layer_dir in (record.upper, record.work):  # the diff is applied again at the retry
-            remove_tree(layer_dir, ignore_errors=True)
-            layer_dir.mkdir(mode=0o755, exist_ok=True)
-        for leftover in (self._exit_dir / record.id, paths.conmon_pidfile, paths.container_pidfile,
-                         paths.persist_dir / "oom"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-        if record.cgroups_path:
-            cgroups.remove(record.cgroups_path)
-        log.warning("recovery: interrupted restore did not come up under a monitor; killed what it started "
-                    "and reset the container to CREATED for a clean retry",
-                    extra={"container": record.id, "step": intent.step,
-                           "runc": state.status if state else "none"})
-
-    def _runc_state(self, container_id: str):
-        try:
-            return self._runc.state(container_id)
-        except RuncError:
-            return None
-
-    def _kill_container_processes(self, container_id: str, conmon_pid: int) -> None:
+    def kill_container_processes(self, container_id: str, conmon_pid: int) -> None:
         with contextlib.suppress(RuncError):
             self._runc.kill(container_id, "KILL", all_processes=True)
         with contextlib.suppress(RuncError):
@@ -731,11 +556,11 @@ class ContainerManager:
         if procs.is_conmon_of(conmon_pid, container_id):
             procs.kill(conmon_pid)
 
-    def _remove_leftovers(self, container_id: str, cgroups_path: str) -> None:
+    def remove_leftovers(self, container_id: str, cgroups_path: str) -> None:
         """Everything a container with no record may have left: runc container, conmon, mount, dir, cgroup."""
         cdir = self._root / container_id
         cgroups_path = cgroups_path or _cgroups_path_in(cdir / "config.json")
-        self._kill_container_processes(container_id, procs.read_pidfile(cdir / "conmon.pid"))
+        self.kill_container_processes(container_id, procs.read_pidfile(cdir / "conmon.pid"))
         mounts.unmount(cdir / "rootfs")
         remove_tree(cdir, ignore_errors=True)
         for leftover in (self._exit_dir / container_id, self._attach_dir / container_id):
@@ -755,7 +580,7 @@ class ContainerManager:
             log.warning("recovery: container with no record found; removed it (runc container, conmon, "
                         "rootfs mount, dir, cgroup)", extra={"container": container_id,
                                                             "runc": container_id in runc_ids})
-            self._remove_leftovers(container_id, "")
+            self.remove_leftovers(container_id, "")
         for directory in (self._exit_dir, self._attach_dir):
             for entry in directory.iterdir():
                 if entry.name not in known:
@@ -795,7 +620,7 @@ class ContainerManager:
             raise FailedPrecondition(f"container {record.id} is not running: its log is closed")
         if not record.log_path:
             return  # conmon writes no CRI log: nothing to reopen
-        Conmon.reopen_log(self._paths(record), Path(record.log_path), timeout)
+        Conmon.reopen_log(self.paths(record), Path(record.log_path), timeout)
 
     def usage(self, record: ContainerRecord) -> cgroups.Usage | None:
         return cgroups.usage(record.cgroups_path) if record.state == ContainerState.RUNNING else None
@@ -808,6 +633,10 @@ class ContainerManager:
                 with contextlib.suppress(OSError):
                     used += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
         return used, inodes
+
+    def runc_mount_options(self) -> frozenset[str]:
+        """What runc can mount (Status reports recursive read-only support from it)."""
+        return self._runc.mount_options
 
     def pid_namespace_path(self, container_id: str) -> str:
         record = self.get(container_id)

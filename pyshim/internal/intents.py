@@ -46,7 +46,7 @@ class Operation(str, enum.Enum):
     STOP_CONTAINER = "stop_container"
     REMOVE_CONTAINER = "remove_container"
     CHECKPOINT_CONTAINER = "checkpoint_container"
-    CHECKPOINT_POD = "checkpoint_pod"  # pyshim/internal/pod_checkpointer.py recovers it
+    CHECKPOINT_POD = "checkpoint_pod"  # pyshim/checkpoint_restore/pod_checkpoint.py recovers it
     PULL_IMAGE = "pull_image"
 
 

@@ -10,7 +10,8 @@ Order matters:
 2. the image store (partial pulls): a restore's retry may need its base image whole;
 3. checkpoints (CheckpointPod's, then CheckpointContainer's): a container frozen by a killed checkpoint is thawed before the containers are
    reconciled, so that runc's state read there is the truth (running, not paused);
-4. containers: creates, starts, restores and removals cut short, then every record against runc and
+4. restores cut short (the restore engine, pyshim/checkpoint_restore/restore.py);
+5. containers: creates, starts and removals cut short, then every record against runc and
    conmon, then runc containers and dirs no record owns.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def recover(parts, journal: IntentJournal) -> float:
-    """Repair what a killed daemon left; `parts` has sandboxes, registry, checkpointer, containers.
+    """Repair what a killed daemon left; `parts` has sandboxes, registry, checkpointers, restores, containers.
     Returns the seconds it took."""
     started = time.monotonic()
     pending = journal.pending()
@@ -35,6 +36,7 @@ def recover(parts, journal: IntentJournal) -> float:
     parts.registry.recover(pending)  # the journaled puller (pyshim/internal/image_pulls.py)
     parts.pod_checkpointer.recover()
     parts.checkpointer.recover(pending)
+    parts.restores.recover(pending)
     parts.containers.recover(pending)
     # Pod cgroups that only became empty once orphaned containers were removed above.
     parts.sandboxes.sweep_cgroups()

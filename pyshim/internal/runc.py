@@ -1,6 +1,7 @@
 """The one place pyshim runs runc. Each method is one runc command; errors carry runc's message."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -87,6 +88,17 @@ class Runc:
 
     def _base(self) -> list[str]:
         return [self.binary, "--root", str(self.root)]
+
+    @functools.cached_property
+    def mount_options(self) -> frozenset[str]:
+        """The mount options this runc knows (`runc features`, runc 1.1+); empty when it cannot say."""
+        try:
+            proc = subprocess.run([self.binary, "features"], stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=10)
+            return frozenset(json.loads(proc.stdout).get("mountOptions") or ()) if proc.returncode == 0 \
+                else frozenset()
+        except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError):
+            return frozenset()
 
     def _run(self, *args: str, timeout: float | None = 60, check: bool = True) -> subprocess.CompletedProcess:
         cmd = self._base() + list(args)

@@ -47,7 +47,7 @@ def _manager(tmp_path: Path, runc: FakeRunc | None = None, events: EventBus | No
     runc = runc or FakeRunc(tmp_path / "runc")
     journal = IntentJournal(tmp_path / "root" / "state" / "intents")
     manager = ContainerManager(tmp_path / "root", tmp_path / "state", runc, conmon=None, image_store=None,
-                               events=events or EventBus(), restorer=None, intents=journal)
+                               events=events or EventBus(), intents=journal)
     return manager, runc, journal
 
 
@@ -144,22 +144,6 @@ def test_runc_containers_and_dirs_with_no_record_are_removed(tmp_path):
     assert ("delete", "orphan") in runc.calls and ("delete", "kept") not in runc.calls
     assert list(manager._exit_dir.iterdir()) == []
     assert manager.find("kept").state == ContainerState.CREATED
-    assert journal.pending() == []
-
-
-def test_an_interrupted_restore_with_no_monitor_is_reset_for_a_clean_retry(tmp_path):
-    manager, runc, journal = _manager(tmp_path)
-    record = _record(manager, "r1", ContainerState.CREATED, restore_from="/ckpt.tar")
-    images = record.bundle / "checkpoint"
-    images.mkdir()
-    (images / "pages-1.img").write_text("x")
-    (record.upper / "from-the-diff").write_text("x")
-    runc.add("r1", "running", pid=999999)  # restored, but its conmon is gone: no monitor, no log
-    journal.begin(Operation.RESTORE_CONTAINER, "r1", step="runc_restore", images_dir=str(images))
-    manager.recover(journal.pending())
-    assert record.state == ContainerState.CREATED and record.pending_restore
-    assert not images.exists() and list(record.upper.iterdir()) == []
-    assert ("kill", "r1", "KILL") in runc.calls and ("delete", "r1") in runc.calls
     assert journal.pending() == []
 
 

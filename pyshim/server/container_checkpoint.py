@@ -19,8 +19,8 @@ from criu_glue import portable_archive as portable
 from pyshim.annotations import CHECKPOINT_MODE_KEY, CHECKPOINT_MODES
 from pyshim.errors import InvalidArgument
 from pyshim.internal import netns
-from pyshim.internal.restorer import POD_IPS_KEY
-from pyshim.internal.checkpointer import ArchiveMembers, bind_mount_of, diff_exclusions, validate_location
+from pyshim.checkpoint_restore.restore import POD_IPS_KEY
+from pyshim.checkpoint_restore.checkpoint import ArchiveMembers, bind_mount_of, diff_exclusions, validate_location
 from pyshim.server import convert
 from pyshim.server.runtime import Runtime
 

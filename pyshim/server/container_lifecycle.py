@@ -1,12 +1,9 @@
 """CreateContainer, StartContainer, StopContainer, RemoveContainer."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from cri_api import api_pb2 as cri
 from pyshim.errors import InvalidArgument, NotFound
 from pyshim.internal.container_manager import SandboxContext
-from pyshim.server.container_restore import base_image, restore_source
 from pyshim.server.runtime import Runtime
 
 
@@ -34,9 +31,9 @@ def create_container(rt: Runtime, request) -> "cri.CreateContainerResponse":
     if not request.HasField("config"):
         raise InvalidArgument("CreateContainer: config is missing")
     context = _sandbox_context(rt, request.pod_sandbox_id, request.config)
-    source = restore_source(rt, request.config)
+    source = rt.restores.source_of(request.config)
     if source is not None:
-        record = rt.containers.create_restore(context, request.config, source)
+        record = rt.restores.create(context, request.config, source)
     else:
         record = rt.containers.create(context, request.config)
     return cri.CreateContainerResponse(container_id=record.id)
@@ -46,14 +43,9 @@ def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
     """Start a created container; a container created from a checkpoint is restored now."""
     record = rt.containers.get(request.container_id)
     if record.pending_restore:
-        rt.restorer.check_enabled()
-        config = rt.containers.config_of(record)
-        context = _sandbox_context(rt, record.sandbox_id, config)
-        # Checked again: the archive may have changed since CreateContainer.
+        context = _sandbox_context(rt, record.sandbox_id, rt.containers.config_of(record))
         try:
-            with rt.restorer.open(Path(record.restore_from), config) as checkpoint:
-                rt.containers.start_restore(record.id, context, base_image(rt, checkpoint.plan.base_image_refs),
-                                            checkpoint)
+            rt.restores.start(record.id, context)
         finally:
             from pyshim.server.pod_restore import after_restore_started  # RestorePod's pods (no cycle at import)
             after_restore_started(rt, record.sandbox_id)

@@ -1,7 +1,7 @@
 """CheckpointPod (cri-api v0.37, KEP-5823): a consistent checkpoint of selected containers of a pod.
 
 Thin: validate everything before anything is frozen, hand the containers to the engine
-(pyshim/internal/pod_checkpointer.py), respond. The caller must set a deadline (the CRI contract
+(pyshim/checkpoint_restore/pod_checkpoint.py), respond. The caller must set a deadline (the CRI contract
 says so; a call without one is refused rather than left to run unbounded). `options` keys are
 pyshim's, documented in the README (`compression`, `tcp`); unknown keys or values are refused.
 """
@@ -13,7 +13,7 @@ from google.protobuf import json_format
 
 from cri_api import api_pb2 as cri
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal.pod_checkpointer import PodCheckpointOptions, PodPart, validate_output_dir, validate_selection
+from pyshim.checkpoint_restore.pod_checkpoint import PodCheckpointOptions, PodPart, validate_output_dir, validate_selection
 from pyshim.internal.state import SandboxState
 from pyshim.server.container_checkpoint import archive_members
 from pyshim.server.runtime import Runtime

@@ -1,6 +1,6 @@
 """RestorePod (cri-api v0.37, KEP-5823): a new pod sandbox and CREATED containers from a pod checkpoint.
 
-Validate the request and the checkpoint (pyshim/internal/pod_restorer.py, the container restorer's
+Validate the request and the checkpoint (pyshim/checkpoint_restore/pod_restore.py, the container restorer's
 archive checks for every part), create the sandbox from the request's config, then one container per
 config whose restore source is its part of the checkpoint: StartContainer restores each, as for a
 container created from an archive. On any error every sandbox and container this call created is
@@ -15,9 +15,10 @@ from cri_api import api_pb2 as cri
 from criu_glue import pod_checkpoint as podfmt
 from criu_glue.errors import ArchiveError
 from pyshim.errors import DeadlineExceeded, InvalidArgument, NotFound
-from pyshim.internal import netns, pod_restorer
-from pyshim.internal.container_manager import RestoreSource
-from pyshim.internal.restorer import TCP_ANNOTATION
+from pyshim.checkpoint_restore import pod_restore as pod_restorer
+from pyshim.internal import netns
+from pyshim.checkpoint_restore.detection import RestoreSource
+from pyshim.checkpoint_restore.restore import TCP_ANNOTATION
 from pyshim.server.container_lifecycle import _sandbox_context
 from pyshim.server.pod_checkpoint import caller_deadline
 from pyshim.server.runtime import Runtime
@@ -53,7 +54,7 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         restored = []
         for (entry, config), plan in zip(configs, plans):
             context = _sandbox_context(rt, sandbox.id, config)
-            record = rt.containers.create_restore(context, config, RestoreSource(plan))
+            record = rt.restores.create(context, config, RestoreSource(plan))
             created.append(record.id)
             restored.append(cri.RestoredContainer(name=entry.name, container_id=record.id))
         if time.monotonic() >= deadline:

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyshim.config import Config
-from pyshim.internal.checkpointer import Checkpointer
+from pyshim.checkpoint_restore.checkpoint import Checkpointer
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
-from pyshim.internal.restorer import Restorer
+from pyshim.checkpoint_restore.restore import RestoreEngine, Restorer
 from pyshim.internal.sandbox_manager import SandboxManager
 
 RUNTIME_NAME = "pyshim"
@@ -24,8 +24,9 @@ class Runtime:
     events: EventBus
     checkpointer: Checkpointer
     restorer: Restorer
+    restores: RestoreEngine  # the restore flow (CreateContainer/StartContainer of a checkpoint)
     runc_version: str
     conmon_version: str
     log: object  # logging.Logger of the daemon
     streaming: object = None  # pyshim.streaming.server.StreamingServer, once serving
-    pod_checkpointer: object = None  # pyshim.internal.pod_checkpointer.PodCheckpointer
+    pod_checkpointer: object = None  # pyshim.checkpoint_restore.pod_checkpoint.PodCheckpointer

@@ -6,6 +6,7 @@ import json
 from cri_api import api_pb2 as cri
 from oci.seccomp import profile as seccomp
 from pyshim import __version__
+from pyshim.internal.host_caps import recursive_read_only_mounts
 from pyshim.server.runtime import RUNTIME_API_VERSION, RUNTIME_NAME, Runtime
 
 
@@ -36,7 +37,12 @@ def status(rt: Runtime, request) -> "cri.StatusResponse":
     })
     # What seccomp a container gets: kubelet's SeccompDefault relies on RuntimeDefault being enforced.
     info["seccomp"] = json.dumps(seccomp.enforcement_summary())
-    return cri.StatusResponse(status=cri.RuntimeStatus(conditions=[runtime_ready, network_ready]), info=info)
+    features = cri.RuntimeHandlerFeatures(
+        recursive_read_only_mounts=recursive_read_only_mounts(rt.containers.runc_mount_options()))
+    # The default handler ("") and its name "runc", as containerd lists them: both are runc here.
+    handlers = [cri.RuntimeHandler(name=name, features=features) for name in ("", "runc")]
+    return cri.StatusResponse(status=cri.RuntimeStatus(conditions=[runtime_ready, network_ready]), info=info,
+                              runtime_handlers=handlers)
 
 
 def runtime_config(rt: Runtime, request) -> "cri.RuntimeConfigResponse":

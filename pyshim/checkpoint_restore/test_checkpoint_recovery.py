@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pyshim.config import CheckpointSettings
-from pyshim.internal import checkpointer as cp
+from pyshim.checkpoint_restore import checkpoint as cp
 from pyshim.internal.intents import IntentJournal, Operation
 from pyshim.internal.runc import RuncState
 

@@ -37,7 +37,8 @@ from criu_glue.rootfs_diff import write_rootfs_diff
 from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from pyshim.internal import cgroups, mounts, tcp_lock
+from pyshim.checkpoint_restore import tcp_lock
+from pyshim.internal import cgroups, mounts
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout

@@ -29,8 +29,9 @@ from criu_glue import pod_checkpoint as podfmt
 from criu_glue.criu import has_established_tcp
 from oci.tree_removal import remove_tree
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from pyshim.internal import cgroups, mounts, tcp_lock
-from pyshim.internal.checkpointer import ArchiveMembers, Checkpointer, _write_archive_by_deadline
+from pyshim.checkpoint_restore import tcp_lock
+from pyshim.internal import cgroups, mounts
+from pyshim.checkpoint_restore.checkpoint import ArchiveMembers, Checkpointer, _write_archive_by_deadline
 from pyshim.internal.intents import IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import Runc, RuncError

@@ -9,8 +9,8 @@ from cri_api import api_pb2 as cri
 from criu_glue import archive_format as fmt
 from criu_glue import pod_checkpoint as podfmt
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from pyshim.internal import pod_checkpointer as pc
-from pyshim.internal.checkpointer import ArchiveMembers
+from pyshim.checkpoint_restore import pod_checkpoint as pc
+from pyshim.checkpoint_restore.checkpoint import ArchiveMembers
 from pyshim.internal.intents import IntentJournal, Operation
 from pyshim.internal.runc import RuncError, RuncState
 from pyshim.internal.state import ContainerRecord, ContainerState

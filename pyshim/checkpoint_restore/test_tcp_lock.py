@@ -1,5 +1,5 @@
-from pyshim.internal import tcp_lock
-from pyshim.internal.tcp_lock import Connection
+from pyshim.checkpoint_restore import tcp_lock
+from pyshim.checkpoint_restore.tcp_lock import Connection
 
 
 def test_proc_net_addresses_decode_including_ipv4_mapped():

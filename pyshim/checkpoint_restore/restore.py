@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import stat
 import time
 from dataclasses import dataclass, field
@@ -33,8 +34,21 @@ from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
 from criu_glue.restore_mounts import ImageMount, exists_in_new_container, weaker_mounts
 from criu_glue.rootfs_diff import apply_rootfs_diff
+from oci.runtime_spec import SpecInputError, check_seccomp_profile, validate_container_config
+from oci.tree_removal import remove_tree
+from pyshim.checkpoint_restore import tcp_lock
+from pyshim.checkpoint_restore import detection
+from pyshim.checkpoint_restore.detection import RestoreSource
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
+from pyshim.internal import cgroups, crashpoints, mounts, netns, procs
+from pyshim.internal.conmon import Conmon
+from pyshim.internal.container_manager import ContainerManager, SandboxContext
+from pyshim.internal.events import EventType
+from pyshim.internal.intents import Intent, IntentJournal, Operation
+from pyshim.internal.phases import PhaseTimer
+from pyshim.internal.runc import Runc, RuncError
+from pyshim.internal.state import ContainerRecord, ContainerState, encode_config
 
 log = logging.getLogger(__name__)
 
@@ -380,3 +394,232 @@ def _podman_ips(archive: CheckpointArchive) -> list[str]:
                 if ipnet:
                     ips.append(ipnet.split("/", 1)[0])
     return ips
+
+
+# ---- the restore flow: CreateContainer records, StartContainer restores, recovery repairs --------------
+
+
+def _with_command(config, plan: RestorePlan):
+    """CRIU restores the process itself, but config.json must still name one: a checkpoint image has no
+    entrypoint, so the checkpointed command is shown when the request gives none."""
+    if config.command or config.args or not plan.process_args:
+        return config
+    copy = type(config)()
+    copy.CopyFrom(config)
+    copy.command.extend(plan.process_args)
+    return copy
+
+
+class RestoreEngine:
+    """A container restored from a checkpoint, from CreateContainer to running (CRI-O's
+    internal/lib/restore.go is the model). The container is an ordinary record of the ContainerManager,
+    whose name reservation, lock, `update_status` and events this uses; the archive work is the
+    Restorer's; runc and conmon are called directly, as the manager does for a plain start."""
+
+    def __init__(self, containers: ContainerManager, restorer: Restorer, runc: Runc, conmon: Conmon,
+                 images, puller, intents: IntentJournal):
+        self._containers = containers
+        self._restorer = restorer
+        self._runc = runc
+        self._conmon = conmon
+        self._images = images  # oci.store.ImageStore
+        self._puller = puller  # pyshim.internal.image_pulls.ImagePuller: the base image may be missing
+        self._intents = intents
+
+    def source_of(self, config) -> RestoreSource | None:
+        """The checkpoint a CreateContainer restores from, checked; None for an ordinary container."""
+        return detection.restore_source(self._restorer, self._images, config)
+
+    # ---- CreateContainer ---------------------------------------------------------------------
+
+    def create(self, sandbox: SandboxContext, config, source: RestoreSource) -> ContainerRecord:
+        """Record a container that StartContainer will restore. Cheap on purpose: kubelet gives
+        CreateContainer two minutes, and unpacking a big checkpoint can take longer."""
+        try:
+            validate_container_config(config)
+            check_seccomp_profile(config.linux.security_context)  # the spec is built only at StartContainer
+        except SpecInputError as e:
+            raise InvalidArgument(str(e)) from None
+        plan = source.plan
+        containers = self._containers
+        with containers.reserve_name(config, sandbox) as (container_id, key):
+            cdir = containers.container_dir(container_id)
+            record = ContainerRecord(
+                id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,
+                config_b64=encode_config(config), image_ref=config.image.image,
+                image_id=source.checkpoint_image_id or str(plan.source), image_name=config.image.image,
+                created_at=time.time_ns(), dir=str(cdir), log_path=containers.log_path_for(sandbox.config, config),
+                cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
+                restore_from=str(plan.source), restored_checkpoint_time=plan.checkpointed_at_ns,
+            )
+            with contextlib.ExitStack() as undo:
+                cdir.mkdir(mode=0o700)
+                undo.callback(remove_tree, cdir, ignore_errors=True)
+                for sub in (record.upper, record.work, record.rootfs):
+                    sub.mkdir(mode=0o755)
+                containers.add(record)
+                undo.pop_all()
+        containers.publish(record, EventType.CREATED)
+        log.info("container created for restore", extra={"container": container_id, "sandbox": sandbox.record.id,
+                                                         "checkpoint": str(plan.source)})
+        return record
+
+    # ---- StartContainer ----------------------------------------------------------------------
+
+    def start(self, container_id: str, sandbox: SandboxContext) -> ContainerRecord:
+        """Restore a container CreateContainer recorded for restore. The archive is checked again (it may
+        have changed since CreateContainer) and the base image pulled if this node lacks it."""
+        self._restorer.check_enabled()
+        record = self._containers.get(container_id)
+        config = self._containers.config_of(record)
+        with self._restorer.open(Path(record.restore_from), config) as checkpoint:
+            image = detection.base_image(self._images, self._puller, checkpoint.plan.base_image_refs)
+            return self._start(record.id, sandbox, image, checkpoint)
+
+    def _start(self, container_id: str, sandbox: SandboxContext, base_image,
+               checkpoint: OpenCheckpoint) -> ContainerRecord:
+        """Restore the checkpoint into the new pod: rootfs from the base image plus the checkpoint's
+        diff, config.json built fresh from the new request, then `runc restore` under conmon.
+        On failure the container is EXITED with reason RestoreFailed and nothing is left mounted."""
+        containers = self._containers
+        record = containers.get(container_id)
+        with containers.lock_for(record.id):
+            if record.state != ContainerState.CREATED or not record.pending_restore:
+                raise FailedPrecondition(f"container {record.id} is {record.state.value}, not a CREATED restore")
+            try:
+                with self._intents.track(Operation.RESTORE_CONTAINER, record.id, step="rootfs",
+                                         images_dir=str(record.bundle / "checkpoint"),
+                                         base_image_id=base_image.id) as intent:
+                    self._restore_locked(record, sandbox, base_image, checkpoint, intent)
+            except Exception as e:
+                message = getattr(e, "message", str(e))
+                containers.mark_exited(record, 1, time.time_ns(), reason="RestoreFailed", message=message)
+                raise
+        containers.publish(record, EventType.STARTED)
+        return containers.refresh(record)
+
+    def _restore_locked(self, record: ContainerRecord, sandbox: SandboxContext, base_image,
+                        checkpoint: OpenCheckpoint, intent: Intent) -> None:
+        containers = self._containers
+        config = containers.config_of(record)
+        plan = checkpoint.plan
+        mode = self._restorer.tcp_mode(plan, config.annotations, [sandbox.record.ip, *sandbox.record.additional_ips])
+        images_dir = record.bundle / "checkpoint"
+        phases = PhaseTimer()
+        with contextlib.ExitStack() as undo:
+            undo.callback(remove_tree, images_dir, ignore_errors=True)  # CRIU is done with them either way
+            mounts.mount_overlay(self._images.layer_paths(base_image), record.upper, record.work, record.rootfs)
+            failed = undo.enter_context(contextlib.ExitStack())
+            failed.callback(mounts.unmount, record.rootfs)
+            phases.mark("rootfs")
+            record.base_image_id = base_image.id
+            spec = containers.build_spec(record, sandbox, _with_command(config, plan), base_image)
+            self._intents.advance(intent, "unpack")
+            unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
+                                             sandbox.record.hostname or socket.gethostname(),
+                                             allow_devices=config.linux.security_context.privileged,
+                                             keep_setid=self._restorer.keeps_setid_bits(
+                                                 spec, config.linux.security_context.privileged))
+            self._restorer.check_privileges(unpacked.credentials, spec)
+            self._restorer.check_mounts(unpacked.mounts, spec, record.rootfs)
+            phases.mark("unpack")
+            self._restorer.add_engine_placeholders(spec, plan, record.bundle)
+            if mode == TcpMode.ESTABLISHED and sandbox.record.netns_name:
+                # The connections come back here: lift the lock a stopping checkpoint left on them.
+                tcp_lock.unlock_all(str(netns.netns_path(sandbox.record.netns_name)))
+            criu_config = self._restorer.write_criu_config(mode, record.bundle / "criu.conf")
+            if criu_config:
+                spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
+            (record.bundle / "config.json").write_text(json.dumps(spec))
+            phases.mark("spec")
+            self._intents.advance(intent, "runc_restore", tcp=mode.value)
+            try:
+                record.pid = self._conmon.create(record.id, record.name, containers.paths(record), record.log_path,
+                                                 stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty,
+                                                 restore_from=images_dir,
+                                                 restore_args=self._restorer.runc_restore_args(mode))
+            except RuncError as e:
+                self._runc.delete(record.id, force=True)
+                raise FailedPrecondition(self._restorer.failure_message(record.bundle, e.message)) from None
+            phases.mark("runc_restore")
+            crashpoints.reached("restore_container:record")
+            pid, started = record.pid, time.time_ns()
+            restore_ms = {**phases.report(), **{f"unpack_{k}": v for k, v in unpacked.milliseconds.items()}}
+
+            def to_running(r: ContainerRecord) -> bool:
+                r.state, r.pid, r.started_at = ContainerState.RUNNING, pid, started
+                r.restored, r.restore_tcp, r.restore_phases_ms = True, mode.value, restore_ms
+                return True
+            containers.update_status(record, to_running)
+            failed.pop_all()
+        log.info("container restored", extra={"container": record.id, "checkpoint": record.restore_from,
+                                               "tcp": mode.value, "image_bytes": unpacked.image_bytes,
+                                               "ms": record.restore_phases_ms})
+
+    # ---- recovery after a crash --------------------------------------------------------------
+
+    def recover(self, intents: list[Intent]) -> None:
+        """At start-up, before the ContainerManager reconciles its records: repair every restore a
+        killed daemon left half-done. Idempotent."""
+        for intent in intents:
+            if intent.operation == Operation.RESTORE_CONTAINER:
+                self._recover_restore(intent)
+                self._intents.finish(intent)
+
+    def _recover_restore(self, intent: Intent) -> None:
+        """A restore's StartContainer killed midway. If conmon is alive and runc says the restored
+        container runs, it is adopted: it runs under its monitor, its output goes to its log, and
+        killing it would lose the very state the restore brought back. Anything else (killed before
+        or during the unpack, or `runc restore` failed or the process already ended) is killed and
+        reset to CREATED with the restore pending, images dir, mount and rootfs layer emptied, so that
+        kubelet's retried StartContainer restores cleanly and the workload runs exactly once."""
+        containers = self._containers
+        record = containers.recorded(intent.target)
+        if record is None:
+            containers.remove_leftovers(intent.target, "")
+            return
+        if not record.pending_restore:
+            return  # the record was saved restored: only the intent's close was lost
+        paths = containers.paths(record)
+        conmon_pid = procs.read_pidfile(paths.conmon_pidfile)
+        state = self._runc_state(record.id)
+        images_dir = Path(intent.facts.get("images_dir") or record.bundle / "checkpoint")
+        if procs.is_conmon_of(conmon_pid, record.id) and state is not None and state.status == "running":
+            started = procs.start_time_ns(state.pid) or time.time_ns()
+
+            def adopted(r: ContainerRecord) -> bool:
+                if not r.pending_restore:
+                    return False
+                r.state, r.pid, r.started_at, r.restored = ContainerState.RUNNING, state.pid, started, True
+                r.restore_tcp = intent.facts.get("tcp", "")
+                r.base_image_id = intent.facts.get("base_image_id", r.base_image_id)
+                r.message = "restore adopted after a daemon restart"
+                return True
+            if containers.update_status(record, adopted):
+                remove_tree(images_dir, ignore_errors=True)
+                log.warning("recovery: interrupted restore is running under its conmon; adopted it as RUNNING",
+                            extra={"container": record.id, "pid": state.pid, "conmon": conmon_pid})
+                containers.publish(record, EventType.STARTED)
+            return
+        containers.kill_container_processes(record.id, conmon_pid)
+        mounts.unmount(record.rootfs)
+        remove_tree(images_dir, ignore_errors=True)
+        for layer_dir in (record.upper, record.work):  # the diff is applied again at the retry
+            remove_tree(layer_dir, ignore_errors=True)
+            layer_dir.mkdir(mode=0o755, exist_ok=True)
+        for leftover in (paths.exit_dir / record.id, paths.conmon_pidfile, paths.container_pidfile,
+                         paths.persist_dir / "oom"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        if record.cgroups_path:
+            cgroups.remove(record.cgroups_path)
+        log.warning("recovery: interrupted restore did not come up under a monitor; killed what it started "
+                    "and reset the container to CREATED for a clean retry",
+                    extra={"container": record.id, "step": intent.step,
+                           "runc": state.status if state else "none"})
+
+    def _runc_state(self, container_id: str):
+        try:
+            return self._runc.state(container_id)
+        except RuncError:
+            return None

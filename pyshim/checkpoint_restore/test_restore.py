@@ -12,7 +12,7 @@ from cri_api import api_pb2 as cri
 from criu_glue.criu import CriuAvailability, ProcessCredentials, SeccompMode
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
-from pyshim.internal.restorer import TCP_ANNOTATION, Restorer, RestorePlan, TcpMode
+from pyshim.checkpoint_restore.restore import TCP_ANNOTATION, Restorer, RestorePlan, TcpMode
 
 USABLE = CriuAvailability(True, "4.2.1", "")
 

@@ -3,7 +3,7 @@ import pytest
 from cri_api import api_pb2 as cri
 from criu_glue import pod_checkpoint as podfmt
 from pyshim.errors import FailedPrecondition, InvalidArgument
-from pyshim.internal import pod_restorer as pr
+from pyshim.checkpoint_restore import pod_restore as pr
 
 
 def config(name="app", **kwargs) -> "cri.ContainerConfig":
