@@ -55,6 +55,7 @@ from pyshim.internal import mounts
 
 TARGET_FACTOR = 1.5
 SINK_PORT = 7911
+RELAY_PORT = 7912  # bench.direct_relay in node B's netns: `pyshim migrate --direct` over the same wire
 
 # Inside node B's netns: accept one connection, read to EOF, discard, answer one byte.
 SINK = r"""
@@ -85,6 +86,10 @@ class SizeRow:
     bare_restore: list = field(default_factory=list)
     raw_transfer: list = field(default_factory=list)
     raw_mib: list = field(default_factory=list)
+    direct_downtime: list = field(default_factory=list)  # ms, `pyshim migrate --direct`
+    direct_client: list = field(default_factory=list)
+    direct_target: list = field(default_factory=list)
+    direct_mib_s: list = field(default_factory=list)
 
     def med(self, values) -> float:
         return _median(list(values))
@@ -119,6 +124,7 @@ class MigrateBench:
         self.b = nodes.b.client(timeout=1200)
         self.bare = BareRunc(work / "bare")
         self.sink: subprocess.Popen | None = None
+        self.relay: subprocess.Popen | None = None
         self.a.pull(nodes.busybox_ref)
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -144,19 +150,29 @@ class MigrateBench:
 
     # ---- pyshim migrate ---------------------------------------------------------------------------
 
-    def pyshim_run(self, row: SizeRow) -> None:
+    def pyshim_run(self, row: SizeRow, direct: bool = False) -> None:
         _, cid, _ = self.holder(row.size_mib, "p")
         work_dir = self.work / "migrate"
         work_dir.mkdir(mode=0o700, exist_ok=True)
+        via = ["--direct", self.direct_command()] if direct else \
+            ["--registry", f"{self.nodes.registry.address}/bench", "--insecure"]
         _settle()
         proc = subprocess.run(
             [sys.executable, "-m", "pyshim", "migrate", cid, "--from", self.nodes.a.endpoint,
-             "--to", self.nodes.b.endpoint, "--registry", f"{self.nodes.registry.address}/bench", "--insecure",
+             "--to", self.nodes.b.endpoint, *via,
              "--work-dir", str(work_dir), "--verify-seconds", "0.5", "--json"],
             capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"pyshim migrate exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         report = json.loads(proc.stdout)
+        if direct:
+            row.direct_downtime.append(report["downtime_ms"])
+            row.direct_client.append(report["phases_ms"])
+            row.direct_target.append(report["restore_phases_ms"])
+            row.direct_mib_s.append(report["transfer_mib_per_s"])
+            self.remove_pod(self.b, report["target_pod"])
+            self.b.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=report["image"])), timeout=600)
+            return
         row.downtime.append(report["downtime_ms"])
         row.client.append(report["phases_ms"])
         row.source.append(report["checkpoint_phases_ms"])
@@ -166,6 +182,19 @@ class MigrateBench:
         # The moved container's pod and the checkpoint image go, so B's store does not grow run by run.
         self.remove_pod(self.b, report["target_pod"])
         self.b.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=report["image"])), timeout=600)
+
+    def direct_command(self) -> str:
+        """The --direct command: bench.direct_relay over one TCP connection to node B, whose end runs
+        `pyshim checkpoint-image receive` on B's store (what `ssh node-b pyshim checkpoint-image receive` does)."""
+        b = self.nodes.b
+        if self.relay is None:
+            self.relay = b.popen([sys.executable, "-u", "-m", "bench.direct_relay", "serve", b.wire_ip, str(RELAY_PORT),
+                                  "--", sys.executable, "-m", "pyshim", "checkpoint-image", "receive",
+                                  "--config", str(b.settings.config_file), "--root", str(b.settings.root)],
+                                 stdout=subprocess.PIPE, text=True)
+            if self.relay.stdout.readline().strip() != "listening":
+                raise RuntimeError("the direct relay in node B's netns did not start")
+        return f"{sys.executable} -m bench.direct_relay send {b.wire_ip} {RELAY_PORT}"
 
     # ---- bare runc + raw transfer ------------------------------------------------------------------
 
@@ -226,10 +255,11 @@ class MigrateBench:
         try:
             self.bare.remove_all()
         finally:
-            if self.sink is not None:
-                self.sink.kill()
-                self.sink.wait()
-                self.sink.stdout.close()
+            for helper in (self.sink, self.relay):
+                if helper is not None:
+                    helper.kill()
+                    helper.wait()
+                    helper.stdout.close()
             self.a.close()
             self.b.close()
 
@@ -264,6 +294,24 @@ def report(rows: list[SizeRow], runs: int) -> str:
                       [[f"{r.size_mib}", *[f"{v:.0f}" for v in r.breakdown().values()],
                         f"{sum(r.breakdown().values()):.0f}", f"{r.med(r.downtime):.0f}"] for r in rows]))
     out.append("")
+    if any(r.direct_downtime for r in rows):
+        out.append("`pyshim migrate --direct` (archive over one TCP connection into B's `checkpoint-image receive`, "
+                   "no registry), medians (ms)")
+        table = []
+        for r in rows:
+            down, bare = r.med(r.direct_downtime), r.med(r.bare_checkpoint) + r.med(r.bare_restore) + r.med(r.raw_transfer)
+            raw_mib_s = r.med(m / (ms / 1000) for m, ms in zip(r.raw_mib, r.raw_transfer))
+            rate = r.med(r.direct_mib_s)
+            table.append([f"{r.size_mib}", f"{down:.0f}", f"{bare:.0f}", f"{down / bare:.2f}x",
+                          f"{r.med(c.get('transfer', 0) for c in r.direct_client):.0f}",
+                          f"{r.med(p.get('unpack', 0) for p in r.direct_target):.0f}",
+                          f"{r.med(p.get('runc_restore', 0) for p in r.direct_target):.0f}",
+                          f"{rate:.0f}", f"{raw_mib_s:.0f}", f"{rate / raw_mib_s:.0%}"])
+            verdicts.append(f"{r.size_mib} MiB --direct: downtime {down:.0f} ms = {down / bare:.2f} x bare sum "
+                            f"{bare:.0f} ms; transfer {rate:.0f} MiB/s = {rate / raw_mib_s:.0%} of raw TCP")
+        out.append(_table(["MiB", "downtime", "bare sum", "downtime/bare", "transfer", "unpack", "restore",
+                           "MiB/s", "raw MiB/s", "of raw"], table))
+        out.append("")
     out.append("Per run (ms): downtime | bare ckpt + restore + raw")
     for r in rows:
         bare = [f"{c:.0f}+{s:.0f}+{x:.0f}" for c, s, x in zip(r.bare_checkpoint, r.bare_restore, r.raw_transfer)]
@@ -278,6 +326,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="16,256,1024", help="MiB of touched memory, comma-separated")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-direct", dest="direct", action="store_false",
+                        help="skip the `pyshim migrate --direct` runs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rows = [SizeRow(n) for n in sizes]
@@ -291,6 +341,8 @@ def main() -> None:
                     for i in range(args.runs):
                         # Alternate who goes first, so neither side always meets a warmer cache.
                         steps = [lambda: bench.pyshim_run(row), lambda: bench.bare_run(row, i)]
+                        if args.direct:
+                            steps.insert(1, lambda: bench.pyshim_run(row, direct=True))
                         for step in (steps if i % 2 == 0 else steps[::-1]):
                             step()
                         print(f"  {row.size_mib} MiB run {i + 1}: downtime {row.downtime[-1]:.0f} ms; bare "

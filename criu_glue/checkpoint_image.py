@@ -24,13 +24,15 @@ values taken from the archive are descriptive strings; restore must not act on t
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from oci.digest import CHUNK_SIZE
 from oci.errors import ImageError
@@ -38,7 +40,7 @@ from oci.layout import MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_L
 from oci.store import (MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, ImageRecord, ImageStore,
                        normalize_tag)
 
-from .archive import GZIP_LEVEL, ZSTD_LEVEL, open_archive
+from .archive import GZIP_LEVEL, ZSTD_LEVEL, ArchiveDigest, open_archive
 from .archive_format import format_rfc3339_ns
 from .errors import ArchiveError
 from .inspect import summary_of
@@ -145,41 +147,94 @@ def build_checkpoint_image(store: ImageStore, archive_path: str | os.PathLike, t
             if _identity(os.fstat(source.fileno()), content=True) != _identity(before, content=True):
                 raise CheckpointImageError(f"checkpoint archive {archive_path} changed while it "
                                            "was being read; build again from a finished archive")
-            container_name = config.name or summary.container_name or config.id
-            annotations = {key: container_name for key in CHECKPOINT_ANNOTATIONS}
-            extras = {ANNOTATION_ENGINE: summary.engine,
-                      ANNOTATION_POD_NAME: summary.pod_name,
-                      ANNOTATION_POD_NAMESPACE: summary.namespace,
-                      ANNOTATION_ROOTFS_IMAGE_NAME: config.rootfs_image_name,
-                      # checkpointctl takes rootfsImageRef; Podman records only its rootfsImageID.
-                      ANNOTATION_ROOTFS_IMAGE_ID: config.rootfs_image_ref or config.image_id,
-                      ANNOTATION_ROOTFS_IMAGE_USER_REQUESTED: config.rootfs_image,
-                      ANNOTATION_RUNTIME_NAME: config.runtime}
-            annotations.update({k: v for k, v in extras.items() if v})
-            created = format_rfc3339_ns(config.checkpointed_time_ns or time.time_ns())
-            config_bytes = _canonical_json({
-                "created": created,
-                "architecture": host_architecture(),
-                "os": "linux",
-                # Labels too: tools that drop manifest annotations keep these.
-                "config": {"Labels": annotations},
-                "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-                "history": [{"created": created, "created_by": CREATED_BY,
-                             "comment": f"checkpoint of container {container_name}"}],
-            })
-            manifest_bytes = _canonical_json({
-                "schemaVersion": 2,
-                "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-                "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": _sha256(config_bytes),
-                           "size": len(config_bytes)},
-                "layers": [{"mediaType": _LAYER_MEDIA_TYPES[layer_compression],
-                            "digest": layer_digest, "size": layer_size}],
-                "annotations": annotations,
-            })
-            return store.add_image(manifest_bytes, config_bytes, [normalized_tag])
+            documents = _image_documents(summary, config, _LAYER_MEDIA_TYPES[layer_compression],
+                                         layer_digest, diff_id, layer_size)
+            return store.add_image(documents.manifest, documents.config, [normalized_tag])
         except BaseException:
             store.discard_unreferenced_blobs({layer_digest})
             raise
+
+
+@dataclass(frozen=True)
+class CheckpointImageDocuments:
+    """A checkpoint image whose one layer is an archive file as it is: what a push needs besides the file."""
+    manifest: bytes
+    config: bytes
+    archive_path: Path
+    layer_digest: str
+    layer_size: int
+
+    def blob_sources(self) -> dict[str, Callable[[], BinaryIO]]:
+        """digest -> opener of its content, for oci.registry.RegistryClient.push_blobs."""
+        path = self.archive_path
+        return {self.layer_digest: lambda: open(path, "rb"),
+                _sha256(self.config): lambda: io.BytesIO(self.config)}
+
+
+def documents_for_written_archive(archive_path: str | os.PathLike, written: ArchiveDigest,
+                                  limits: Limits = Limits()) -> CheckpointImageDocuments:
+    """The manifest and config of the checkpoint image whose layer is the archive at `archive_path`
+    byte for byte ("keep"), from the digest computed while it was written (write_archive's result):
+    its data is not read again, only its tar headers and small metadata members (seeks, for a plain tar).
+
+    The archive is validated with open_archive as for build_checkpoint_image. A file that is not the
+    size it was written with is refused; one changed in place would be refused by the registry,
+    which checks every uploaded blob against its digest."""
+    archive_path = Path(archive_path)
+    with open_archive(archive_path, limits) as archive:
+        if archive.file_stat().st_size != written.size:
+            raise CheckpointImageError(f"checkpoint archive {archive_path} is {archive.file_stat().st_size} "
+                                       f"bytes, but {written.size} were written; it changed since")
+        summary, config, compression = summary_of(archive), archive.config(), archive.compression
+    if compression == "none" and written.diff_id != written.digest:
+        raise CheckpointImageError(f"checkpoint archive {archive_path} is a plain tar, whose diff_id is its digest, "
+                                   f"not {written.diff_id}")
+    documents = _image_documents(summary, config, _LAYER_MEDIA_TYPES[compression], written.digest,
+                                 written.diff_id, written.size)
+    return CheckpointImageDocuments(documents.manifest, documents.config, archive_path, written.digest,
+                                    written.size)
+
+
+@dataclass(frozen=True)
+class _Documents:
+    manifest: bytes
+    config: bytes
+
+
+def _image_documents(summary, config, layer_media_type: str, layer_digest: str, diff_id: str,
+                     layer_size: int) -> _Documents:
+    """Manifest and config of a one-layer checkpoint image, annotated as every engine recognises one."""
+    container_name = config.name or summary.container_name or config.id
+    annotations = {key: container_name for key in CHECKPOINT_ANNOTATIONS}
+    extras = {ANNOTATION_ENGINE: summary.engine,
+              ANNOTATION_POD_NAME: summary.pod_name,
+              ANNOTATION_POD_NAMESPACE: summary.namespace,
+              ANNOTATION_ROOTFS_IMAGE_NAME: config.rootfs_image_name,
+              # checkpointctl takes rootfsImageRef; Podman records only its rootfsImageID.
+              ANNOTATION_ROOTFS_IMAGE_ID: config.rootfs_image_ref or config.image_id,
+              ANNOTATION_ROOTFS_IMAGE_USER_REQUESTED: config.rootfs_image,
+              ANNOTATION_RUNTIME_NAME: config.runtime}
+    annotations.update({k: v for k, v in extras.items() if v})
+    created = format_rfc3339_ns(config.checkpointed_time_ns or time.time_ns())
+    config_bytes = _canonical_json({
+        "created": created,
+        "architecture": host_architecture(),
+        "os": "linux",
+        # Labels too: tools that drop manifest annotations keep these.
+        "config": {"Labels": annotations},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": created, "created_by": CREATED_BY,
+                     "comment": f"checkpoint of container {container_name}"}],
+    })
+    manifest_bytes = _canonical_json({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": _sha256(config_bytes),
+                   "size": len(config_bytes)},
+        "layers": [{"mediaType": layer_media_type, "digest": layer_digest, "size": layer_size}],
+        "annotations": annotations,
+    })
+    return _Documents(manifest_bytes, config_bytes)
 
 
 def host_architecture() -> str:

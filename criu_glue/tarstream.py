@@ -158,10 +158,14 @@ def decompressed(raw: BinaryIO, compression: str) -> Iterator[BinaryIO]:
         raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
 
 
-def open_tar(fileobj: BinaryIO, *, seekable: bool) -> tarfile.TarFile:
-    """A reading TarFile with the guards above; `seekable` lets it skip file data by seeking."""
-    return tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|",
-                        tarinfo=_GuardedTarInfo, encoding="utf-8", errors="surrogateescape")
+def open_tar(fileobj: BinaryIO, *, seekable: bool, bufsize: int = tarfile.RECORDSIZE) -> tarfile.TarFile:
+    """A reading TarFile with the guards above; `seekable` lets it skip file data by seeking.
+    `bufsize`: how much a non-seekable stream is read at a time (tarfile's default is 10 KiB)."""
+    if seekable:
+        return tarfile.open(fileobj=fileobj, mode="r:", tarinfo=_GuardedTarInfo, encoding="utf-8",
+                            errors="surrogateescape")
+    return tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_GuardedTarInfo, encoding="utf-8",
+                        errors="surrogateescape", bufsize=bufsize)
 
 
 def members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -389,3 +390,35 @@ def test_unknown_and_non_file_members_are_format_errors(tmp_path):
         with pytest.raises(ArchiveFormatError, match="not a regular file"):
             cp.extract_member("checkpoint", tmp_path / "d")
         assert cp.rootfs_diff_size() == 0 and cp.log_member() is None
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_write_archive_returns_the_digests_of_what_it_wrote(tmp_path, compression):
+    out = tmp_path / "cp.tar"
+    written = write_archive(out, prepare_members(tmp_path), compression)
+    data = out.read_bytes()
+    assert written.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert written.size == len(data)
+    plain = {"none": lambda b: b, "gzip": gzip.decompress,
+             "zstd": lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b)}[compression](data)
+    assert written.diff_id == "sha256:" + hashlib.sha256(plain).hexdigest()
+    assert archive_mod.ArchiveDigest.from_json(written.to_json()) == written
+
+
+def test_a_throwaway_archive_is_not_fsynced_but_still_appears_whole(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(archive_mod.os, "fsync", lambda fd: synced.append(fd))
+    out = tmp_path / "cp.tar"
+    write_archive(out, prepare_members(tmp_path), durable=False)
+    assert synced == []
+    with open_archive(out) as cp:
+        assert cp.config().id == "c0ffee"
+    write_archive(tmp_path / "durable.tar", prepare_members(tmp_path / "again"))
+    assert len(synced) == 2  # the file and its directory
+
+
+@pytest.mark.parametrize("doc", [None, "x", {}, {"digest": "sha256:ab", "diffId": "sha256:ab", "size": 1},
+                                 {"digest": "sha256:" + "a" * 64, "diffId": "md5:" + "a" * 32, "size": 1},
+                                 {"digest": "sha256:" + "a" * 64, "diffId": "sha256:" + "a" * 64, "size": -1}])
+def test_a_malformed_archive_digest_is_no_digest(doc):
+    assert archive_mod.ArchiveDigest.from_json(doc) is None

@@ -15,6 +15,7 @@ from criu_glue.archive_format import CheckpointConfig, format_rfc3339_ns
 from criu_glue.checkpoint_image import (ANNOTATION_CHECKPOINTCTL_NAME, ANNOTATION_CRIO_NAME,
                                         ANNOTATION_PODMAN_NAME, CHECKPOINT_ANNOTATIONS,
                                         CheckpointImageError, build_checkpoint_image,
+                                        documents_for_written_archive,
                                         checkpoint_name_of, is_checkpoint_image)
 from criu_glue.errors import ArchiveFormatError, ArchiveLimitExceeded, UnsafeArchive
 from criu_glue.limits import Limits
@@ -261,3 +262,30 @@ def test_ordinary_images_are_not_checkpoint_images(store):
                        index_annotations={"io.kubernetes.cri-o.annotations.other": "x"})
     assert checkpoint_name_of(plain) is None and not is_checkpoint_image(plain)
     assert checkpoint_name_of(record(), {"unrelated": "x"}) is None
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_documents_for_a_written_archive_match_a_build_without_reading_it_again(tmp_path, store, compression,
+                                                                                monkeypatch):
+    members = prepare_members(tmp_path)
+    archive = tmp_path / "cp.tar"
+    written = write_archive(archive, members, compression)
+    built = build_checkpoint_image(store, archive, TAG)
+    documents = documents_for_written_archive(archive, written)
+    # The same image as a build of the same archive would record: same manifest, same config.
+    assert documents.manifest == store.manifest_bytes(built)
+    assert documents.config == store.config_bytes(built)
+    sources = documents.blob_sources()
+    assert set(sources) == {written.digest, built.config_digest}
+    with sources[written.digest]() as layer:
+        assert layer.read() == archive.read_bytes()
+    assert sources[built.config_digest]().read() == documents.config
+
+
+def test_documents_refuse_an_archive_whose_size_changed_since_it_was_written(tmp_path):
+    archive = tmp_path / "cp.tar"
+    written = write_archive(archive, prepare_members(tmp_path))
+    with open(archive, "ab") as f:
+        f.write(b"\0" * 10240)
+    with pytest.raises(CheckpointImageError, match="changed since"):
+        documents_for_written_archive(archive, written)

@@ -188,6 +188,32 @@ def test_checkpoint_killed_leaves_the_container_running_thawed_and_no_debris(cra
         nothing_unowned(crashy, c, archive_dir)
 
 
+def test_a_stopping_checkpoint_killed_after_its_kill_reports_the_container_checkpointed(crashy, busybox_ref,
+                                                                                        tmp_path):
+    """The daemon dies once the container is killed, before it records the checkpoint: after the
+    restart the container must read as stopped by that checkpoint, not as a failure (exit 137)."""
+    marker = f"crash{uuid.uuid4().hex[:10]}"
+    archive_dir = tmp_path / "archives"
+    archive_dir.mkdir(mode=0o700)
+    location = archive_dir / "ckpt.tar"
+    with crashy.client() as c:
+        pod = pod_config(log_directory=str(tmp_path / "logs"))
+        pod_id = c.run_pod(pod)
+        cid = c.create(pod_id, container_config(busybox_ref, workload(marker)), pod)
+        c.start(cid)
+    restart_with_crash_point(crashy, "checkpoint_container:stopped")
+    with crashy.client() as c:
+        crash_during(crashy, lambda: _checkpoint(c, cid, location, stop=True))
+    with crashy.client() as c:
+        status = c.status(cid, verbose=True)
+        assert status.status.state == cri.CONTAINER_EXITED and processes_with(marker) == 0
+        assert status.status.reason == "Checkpointed" and str(location) in status.status.message
+        info = json.loads(status.info["info"])
+        assert info["checkpointLocation"] == str(location) and info["lastCheckpoint"]["stopped"] is True
+        assert location.is_file()
+        nothing_unowned(crashy, c, archive_dir)
+
+
 # ---- restore's StartContainer --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

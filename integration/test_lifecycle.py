@@ -280,3 +280,19 @@ def test_a_recursive_read_only_mount_is_read_only_down_to_its_submounts(client, 
     finally:
         cleanup(client, pod_id)
         subprocess.run(["umount", str(host / "sub")], check=True)
+
+
+def test_container_status_reports_the_identity_the_process_runs_with(client, pulled_busybox):
+    features = client.runtime.Status(cri.StatusRequest()).features
+    assert features.supplemental_groups_policy
+    sc = cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(value=4321), supplemental_groups=[1234, 5678])
+    pod, pod_id, cid = run_container(client, pulled_busybox, ["sleep", "3600"],
+                                     linux=cri.LinuxContainerConfig(security_context=sc))
+    try:
+        user = client.status(cid).status.user.linux
+        assert (user.uid, user.gid) == (4321, 0)  # no passwd entry for 4321: group 0, as containerd does
+        assert list(user.supplemental_groups) == [0, 1234, 5678]
+        seen = client.exec_sync(cid, ["id", "-G"]).stdout.decode().split()
+        assert sorted(map(int, seen)) == sorted(user.supplemental_groups)
+    finally:
+        cleanup(client, pod_id)

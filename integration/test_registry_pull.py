@@ -177,9 +177,9 @@ def test_second_push_uploads_nothing_new(registry_server, pushed, monkeypatch):
     uploads = []
     real_upload = oci.registry._Session.upload_blob
 
-    def counting_upload(self, store, descriptor):
+    def counting_upload(self, descriptor, open_source):
         uploads.append(descriptor.digest)
-        return real_upload(self, store, descriptor)
+        return real_upload(self, descriptor, open_source)
 
     monkeypatch.setattr(oci.registry._Session, "upload_blob", counting_upload)
     assert RegistryClient().push(source, image, f"{registry_server.address}/busybox:again") == digest

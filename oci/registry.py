@@ -23,7 +23,7 @@ import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Protocol
 
 from .digest import digest_of, split_digest
 from .errors import DigestMismatch, ImageError, ImageNotFound, RegistryError
@@ -120,12 +120,14 @@ class RegistryClient:
     # ------------------------------------------------------------ pull
 
     def pull(self, store: ImageStore, ref: str, auth: Credentials | None = None,
-             on_step: Callable[..., None] | None = None) -> ImageRecord:
+             on_step: Callable[..., None] | None = None, blob_tap: BlobTapFactory | None = None) -> ImageRecord:
         """Pull `ref` into `store`. `on_step(step, **facts)` is told each step before it is taken
         (a caller journals them to recover from a crash mid-pull):
           "blobs"        new_blobs: the comma-separated digests this pull will add to the store
           "blob_partial" a blob's first chunk is in a temporary file (once per blob)
           "record"       every blob is stored; the image is about to be recorded
+        `blob_tap(annotations, layers, descriptor)` may return a BlobTap for a layer about to be
+        downloaded: it sees the blob's bytes as they arrive (e.g. to unpack them in the same pass).
         """
         announce = on_step or (lambda step, **facts: None)
         reference = Reference.parse(ref)
@@ -150,8 +152,10 @@ class RegistryClient:
 
         wanted = [digest_of(manifest_raw), manifest.config.digest, *(d.digest for d in manifest.layers)]
         announce("blobs", new_blobs=",".join(d for d in dict.fromkeys(wanted) if not store.has_blob(d)))
+        all_annotations = {**annotations, **manifest.annotations}
+        taps = (lambda d: blob_tap(all_annotations, manifest.layers, d)) if blob_tap else None
         session.fetch_blobs(store, [manifest.config, *manifest.layers],
-                            on_partial=(lambda: announce("blob_partial")) if on_step else None)
+                            on_partial=(lambda: announce("blob_partial")) if on_step else None, taps=taps)
         config_raw = store.read_blob(manifest.config.digest)
         tags = [str(reference.with_tag(reference.tag))] if reference.tag else []
         repo_digests = [f"{reference.name}@{top.digest}"]
@@ -191,14 +195,28 @@ class RegistryClient:
 
         Returns the manifest digest the registry confirmed.
         """
-        target = Reference.parse(target_ref)
-        session = _Session(self, target, auth, actions="pull,push")
         manifest_raw = store.manifest_bytes(image)
         manifest = parse_manifest(manifest_raw, f"manifest of {image.id}")
-        for descriptor in [*manifest.layers, manifest.config]:
-            if not session.blob_exists(descriptor.digest):
-                session.upload_blob(store, descriptor)
+        sources = {d.digest: _file_opener(store.blob_path(d.digest)) for d in [*manifest.layers, manifest.config]}
         media_type = image.manifest_media_type or detect_media_type(manifest_raw)
+        return self.push_blobs(target_ref, manifest_raw, media_type, sources, auth)
+
+    def push_blobs(self, target_ref: str, manifest_raw: bytes, media_type: str,
+                   sources: dict[str, Callable[[], BinaryIO]], auth: Credentials | None = None) -> str:
+        """Upload the blobs `manifest_raw` names, each read from `sources[digest]()` (a fresh stream of
+        exactly the descriptor's size), skipping those the registry has, then the manifest.
+
+        No image store is needed: a checkpoint image is pushed straight from its archive file. The
+        registry checks every blob against its digest. Returns the manifest digest it confirmed.
+        """
+        target = Reference.parse(target_ref)
+        session = _Session(self, target, auth, actions="pull,push")
+        manifest = parse_manifest(manifest_raw, f"manifest for {target_ref}")
+        for descriptor in [*manifest.layers, manifest.config]:
+            if descriptor.digest not in sources:
+                raise ImageError(f"push to {target_ref}: no content given for blob {descriptor.digest}")
+            if not session.blob_exists(descriptor.digest):
+                session.upload_blob(descriptor, sources[descriptor.digest])
         return session.put_manifest(target.tag or target.digest, manifest_raw, media_type)
 
     def check_push_access(self, target_ref: str, auth: Credentials | None = None) -> None:
@@ -273,6 +291,34 @@ class _AfterFirstChunk:
         return self._raw.read(*size)
 
 
+class BlobTap(Protocol):
+    """Sees a blob's bytes as they are downloaded (RegistryClient.pull's blob_tap)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def complete(self) -> object:
+        """The blob is in the store, verified against its digest."""
+
+    def abort(self) -> None:
+        """The download failed; nothing of it will be stored."""
+
+
+BlobTapFactory = Callable[[dict, list, Descriptor], "BlobTap | None"]
+
+
+class _Tee:
+    """A download stream whose every chunk a BlobTap sees too, in order, once read."""
+
+    def __init__(self, raw: BinaryIO, tap: BlobTap):
+        self._raw, self._tap = raw, tap
+
+    def read(self, *size: int) -> bytes:
+        chunk = self._raw.read(*size)
+        if chunk:
+            self._tap.write(chunk)
+        return chunk
+
+
 @dataclass
 class _Session:
     """One repository at one registry: endpoint, credentials and the current Authorization."""
@@ -330,27 +376,36 @@ class _Session:
         return _FetchedManifest(raw, digest, media_type)
 
     def fetch_blobs(self, store: ImageStore, descriptors: list[Descriptor],
-                    on_partial: Callable[[], None] | None = None) -> None:
+                    on_partial: Callable[[], None] | None = None,
+                    taps: Callable[[Descriptor], BlobTap | None] | None = None) -> None:
         missing = list({d.digest: d for d in descriptors if not store.has_blob(d.digest)}.values())
         if len(missing) <= 1 or self.client.max_parallel_downloads == 1:
             for d in missing:
-                self.fetch_blob(store, d, on_partial)
+                self.fetch_blob(store, d, on_partial, taps)
             return
         workers = min(self.client.max_parallel_downloads, len(missing))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blob-fetch") as pool:
-            for future in [pool.submit(self.fetch_blob, store, d, on_partial) for d in missing]:
+            for future in [pool.submit(self.fetch_blob, store, d, on_partial, taps) for d in missing]:
                 future.result()
 
     def fetch_blob(self, store: ImageStore, descriptor: Descriptor,
-                   on_partial: Callable[[], None] | None = None) -> None:
+                   on_partial: Callable[[], None] | None = None,
+                   taps: Callable[[Descriptor], BlobTap | None] | None = None) -> None:
         step = f"fetch blob {descriptor.digest}"
         with self.request("GET", f"/v2/{self.repository}/blobs/{descriptor.digest}", step,
                           follow_redirects=True) as resp:
             stream = _AfterFirstChunk(resp.resp, on_partial) if on_partial else resp.resp
+            tap = taps(descriptor) if taps else None
             try:
-                store.write_blob(stream, descriptor.digest, descriptor.size)
-            except (OSError, http.client.HTTPException) as exc:
-                raise self._error(step, resp.status, f"download interrupted: {exc}") from exc
+                store.write_blob(_Tee(stream, tap) if tap else stream, descriptor.digest, descriptor.size)
+            except BaseException as exc:
+                if tap:
+                    tap.abort()
+                if isinstance(exc, (OSError, http.client.HTTPException)):
+                    raise self._error(step, resp.status, f"download interrupted: {exc}") from exc
+                raise
+            if tap:
+                tap.complete()
 
     def blob_exists(self, digest: str) -> bool:
         step = f"check blob {digest}"
@@ -358,7 +413,7 @@ class _Session:
                           expected=(200, 404), follow_redirects=True) as resp:
             return resp.status == 200
 
-    def upload_blob(self, store: ImageStore, descriptor: Descriptor) -> None:
+    def upload_blob(self, descriptor: Descriptor, open_source: Callable[[], BinaryIO]) -> None:
         step = f"start upload of blob {descriptor.digest}"
         with self.request("POST", f"/v2/{self.repository}/blobs/uploads/", step,
                           {"Content-Length": "0"}, body=b"", expected=(202,)) as resp:
@@ -367,11 +422,10 @@ class _Session:
             raise self._error(step, 202, "no Location header for the upload")
         url = urllib.parse.urljoin(self._base_url(), location)
         url += ("&" if "?" in url else "?") + urllib.parse.urlencode({"digest": descriptor.digest})
-        path = store.blob_path(descriptor.digest)
         with self.request("PUT", url, f"upload blob {descriptor.digest}",
                           {"Content-Type": "application/octet-stream",
                            "Content-Length": str(descriptor.size)},
-                          body=lambda: open(path, "rb"), expected=(201, 204)):
+                          body=open_source, expected=(201, 204)):
             pass
 
     def probe_upload(self) -> None:
@@ -538,6 +592,10 @@ class _Session:
         if not token:
             raise self._error(step, 200, f"token service {realm} returned no token")
         return token
+
+
+def _file_opener(path) -> Callable[[], BinaryIO]:
+    return lambda: open(path, "rb")
 
 
 def _basic_token(user: str, password: str) -> str:

@@ -607,20 +607,43 @@ class ImageStore:
         with unpack_lock:
             if digest is not None and self.has_unpacked_checkpoint(digest):
                 return self.unpacked_checkpoint_path(digest)
-            tmp = Path(tempfile.mkdtemp(dir=self._tmp, prefix="checkpoint-"))
+            tmp = self.scratch_dir("checkpoint-")
             try:
                 filled = fill(tmp)
                 if digest is not None and filled != digest:
                     raise DigestMismatch(f"unpacked checkpoint {digest}", digest, str(filled))
-                path = self.unpacked_checkpoint_path(filled)
-                for dirpath, _, filenames in os.walk(tmp):
-                    for name in filenames:
-                        os.chmod(os.path.join(dirpath, name), 0o444)
-                os.chmod(tmp, 0o755)
-                _publish_dir(tmp, path)
+                return self._publish_unpacked_checkpoint(tmp, filled)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
+
+    def scratch_dir(self, prefix: str) -> Path:
+        """A new private directory under tmp/ (cleared at the next start if it is left behind)."""
+        return Path(tempfile.mkdtemp(dir=self._tmp, prefix=prefix))
+
+    def adopt_unpacked_checkpoint(self, digest: str, filled: Path) -> Path:
+        """Make `filled`, a scratch_dir() its caller filled with the CRIU images of the blob `digest`
+        (e.g. while that blob downloaded), the entry of `digest`; it is moved, or removed if an entry
+        exists already. Only a caller that checked the content against the stored blob may do this."""
+        with self._lock:
+            unpack_lock = self._unpack_locks.setdefault(f"checkpoint {digest}", threading.Lock())
+        with unpack_lock:
+            try:
+                if self.has_unpacked_checkpoint(digest):
+                    return self.unpacked_checkpoint_path(digest)
+                return self._publish_unpacked_checkpoint(filled, digest)
+            finally:
+                if filled.exists():
+                    shutil.rmtree(filled, ignore_errors=True)
+
+    def _publish_unpacked_checkpoint(self, tmp: Path, digest: str) -> Path:
+        """Read-only (files 0444), then renamed into place in one step."""
+        path = self.unpacked_checkpoint_path(digest)
+        for dirpath, _, filenames in os.walk(tmp):
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o444)
+        os.chmod(tmp, 0o755)
+        _publish_dir(tmp, path)
         return path
 
     def link_unpacked_checkpoint(self, digest: str, dest: Path) -> bool:

@@ -10,3 +10,7 @@ POD_MAC_ANNOTATION = "io.pyshim.network.mac"
 # (a move); "leave-running" (kubelet's forensic checkpoint, the default) keeps it running.
 CHECKPOINT_MODE_KEY = "pyshim-checkpoint-mode"
 CHECKPOINT_MODES = ("leave-running", "stop")
+# gRPC metadata on CheckpointContainer: "throwaway" skips the archive's fsync (a move's archive, deleted
+# minutes later and worthless after a host crash); "durable" (the default) fsyncs it and its directory.
+CHECKPOINT_ARCHIVE_KEY = "pyshim-checkpoint-archive"
+CHECKPOINT_ARCHIVE_KINDS = ("durable", "throwaway")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,41 @@ def cmd_checkpoint_image_build(args) -> int:
     record = build_checkpoint_image(store, archive, args.tag, compression=args.compression)
     print(f"{record.id} {' '.join(record.repo_tags)} (checkpoint of container "
           f"{checkpoint_name_of(record)!r}, layer {record.layers[0].size} bytes)")
+    return 0
+
+
+@_one_line_errors
+def cmd_checkpoint_image_receive(args) -> int:
+    """A checkpoint archive on stdin (`pyshim migrate --direct` pipes it here) into the local store."""
+    from criu_glue.archive import ArchiveDigest
+    from criu_glue.checkpoint_pull import receive_checkpoint_image
+    from criu_glue.limits import Limits
+
+    _, store = _local_image_store(args)
+    if args.check:  # migrate's preflight: this node's store can be opened and written
+        store.scratch_dir("receive-check-").rmdir()
+        print("ready")
+        return 0
+    stdin = sys.stdin.buffer
+    if args.stdin_header:  # started early by `migrate --direct`: the figures come first, as one JSON line
+        try:
+            header = json.loads(stdin.readline(4096) or b"null")
+        except ValueError as exc:
+            raise _CommandFailed(f"the header line on stdin is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise _CommandFailed("no header line on stdin (the sender gave up before the archive)")
+        args.tag, args.digest, args.diff_id, args.size = (header.get("tag"), header.get("digest"),
+                                                          header.get("diffId"), header.get("size"))
+    if not (isinstance(args.tag, str) and args.tag and args.digest and isinstance(args.size, int)):
+        raise _CommandFailed("receive needs --tag, --digest and --size (or --stdin-header, or --check)")
+    written = ArchiveDigest.from_json({"digest": args.digest, "diffId": args.diff_id or args.digest, "size": args.size})
+    if written is None:
+        raise _CommandFailed(f"--digest/--diff-id {args.digest!r}/{args.diff_id!r} are not sha256 digests, "
+                             "or --size is negative")
+    stat = os.statvfs(store.root)
+    limits = Limits(max_total_bytes=min(Limits().max_total_bytes, stat.f_bavail * stat.f_frsize))
+    record = receive_checkpoint_image(store, stdin, args.tag, written, limits)
+    print(f"{record.id} {' '.join(record.repo_tags)}")
     return 0
 
 
@@ -508,6 +544,22 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
     push.add_argument("--config", help="the daemon's TOML configuration file (its insecure_registries apply)")
     push.set_defaults(func=cmd_checkpoint_image_push)
+    receive = cpi_sub.add_parser(
+        "receive", help="store a checkpoint archive read from stdin as a checkpoint image (migrate --direct)",
+        description="Read a plain-tar checkpoint archive from stdin, check it against --digest and --size, and "
+                    "add it to the local store as the checkpoint image --tag, its CRIU images unpacked in the same "
+                    "pass. `pyshim migrate --direct` runs this on the target node. Nothing is kept on any error.")
+    receive.add_argument("--tag", "-t", metavar="NAME[:TAG]", help="name of the image")
+    receive.add_argument("--digest", metavar="sha256:HEX", help="the archive's digest, as its writer computed it")
+    receive.add_argument("--size", type=int, help="the archive's size in bytes")
+    receive.add_argument("--diff-id", metavar="sha256:HEX",
+                         help="a compressed archive's uncompressed digest (default: --digest, a plain tar)")
+    receive.add_argument("--check", action="store_true", help="only check that the store can be written")
+    receive.add_argument("--stdin-header", action="store_true",
+                         help="read tag, digest, diffId and size as one JSON line on stdin before the archive")
+    receive.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
+    receive.add_argument("--config", help="the daemon's TOML configuration file")
+    receive.set_defaults(func=cmd_checkpoint_image_receive)
 
     def client_command(name, func, help_text):
         p = sub.add_parser(name, help=help_text)

@@ -31,14 +31,15 @@ from google.protobuf.message import Message
 
 from criu_glue import archive_format as fmt
 from criu_glue import portable_archive as portable
-from criu_glue.archive import write_archive
+from criu_glue.archive import ArchiveDigest, write_archive
 from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, read_dump_stats
 from criu_glue.rootfs_diff import write_rootfs_diff
 from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.checkpoint_restore import tcp_lock
-from pyshim.internal import cgroups, mounts
+from pyshim.checkpoint_restore.records import CheckpointFacts
+from pyshim.internal import cgroups, crashpoints, mounts
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout
@@ -53,6 +54,14 @@ TCP_POLICIES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
+class StoppedByCheckpoint:
+    """Found at start-up: a stopping checkpoint completed its archive and killed the container, but
+    the daemon died before recording that (CheckpointContainer's answer was never sent)."""
+    container_id: str
+    checkpoint: CheckpointFacts  # what is known: the archive and when it was written, no figures
+
+
+@dataclass(frozen=True)
 class CheckpointResult:
     location: Path
     frozen_seconds: float
@@ -61,6 +70,7 @@ class CheckpointResult:
     tcp_established: bool
     stopped: bool
     phases_ms: dict
+    archive_digest: ArchiveDigest | None = None  # computed while the archive was written
 
 
 def validate_location(location: str) -> Path:
@@ -104,12 +114,12 @@ class Checkpointer:
             raise FailedPrecondition(f"cannot checkpoint: {self.criu.reason}")
 
     def checkpoint(self, record: ContainerRecord, members: "ArchiveMembers", location: Path,
-                   deadline: float, stop: bool = False, netns_path: str = "") -> CheckpointResult:
+                   deadline: float, stop: bool = False, netns_path: str = "", durable: bool = True) -> CheckpointResult:
         """Checkpoint a running container to `location`. `deadline` is time.monotonic().
 
         It keeps running, or with `stop` (a move) it is killed once the archive is complete, its
         TCP connections locked in its pod's `netns_path` first; if anything fails it keeps running
-        either way."""
+        either way. `durable` False skips the archive's fsync (a move's throwaway archive)."""
         self.check_enabled()
         lock = self._lock_for(record.id)
         # A second checkpoint of the same container waits for the first, within its own deadline.
@@ -119,12 +129,12 @@ class Checkpointer:
             if record.state != ContainerState.RUNNING:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}: only a running "
                                          "container can be checkpointed")
-            return self._checkpoint_locked(record, members, location, deadline, stop, netns_path)
+            return self._checkpoint_locked(record, members, location, deadline, stop, netns_path, durable)
         finally:
             lock.release()
 
     def _checkpoint_locked(self, record, members: "ArchiveMembers", location: Path, deadline: float,
-                           stop: bool, netns_path: str) -> CheckpointResult:
+                           stop: bool, netns_path: str, durable: bool = True) -> CheckpointResult:
         started = time.monotonic()
         phases = PhaseTimer()
         tcp = self._wants_tcp_established(record)
@@ -150,17 +160,23 @@ class Checkpointer:
             frozen_at = time.monotonic()
             phases.mark("pause")
             try:
-                self._intents.advance(intent, "dump")
+                # No journal write here: recovery does for "dump" exactly what it does for "freeze" (thaw,
+                # delete), and an fsync would lengthen the frozen window for nothing. The crash point stays.
+                crashpoints.reached(f"{Operation.CHECKPOINT_CONTAINER.value}:dump")
                 deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
                 if stop:
                     # Stopping for a move: the process must not run on after its image was taken, or
                     # its restored copy would repeat what it did meanwhile. It stays frozen until the
                     # archive is safe, and dies only then; any failure before that thaws it instead.
                     self._intents.advance(intent, "archive")
-                    self._package(record, work, members, deleted, location, archive_tmp, deadline, phases)
+                    written = self._package(record, work, members, deleted, location, archive_tmp, deadline,
+                                            phases, durable)
                     self._intents.advance(intent, "kill")
                     self._kill_frozen(record, location, netns_path)
                     stopped = True
+                    # Killed here, the daemon leaves an EXITED container whose end is this checkpoint's:
+                    # recovery reports it so (StoppedByCheckpoint).
+                    crashpoints.reached("checkpoint_container:stopped")
                     phases.mark("kill")
             finally:
                 if not stopped:
@@ -173,14 +189,15 @@ class Checkpointer:
             if not stop:
                 phases.mark("resume")
                 self._intents.advance(intent, "archive")
-                self._package(record, work, members, deleted, location, archive_tmp, deadline, phases)
+                written = self._package(record, work, members, deleted, location, archive_tmp, deadline, phases,
+                                        durable)
         finally:
             remove_tree(work, ignore_errors=True)
             archive_tmp.unlink(missing_ok=True)  # write_archive removes it on errors; this is belt and braces
             if not thaw_failed:  # else the intent stays open: the next start tries to thaw it again
                 self._intents.finish(intent)
-        result = CheckpointResult(location, frozen, time.monotonic() - started, location.stat().st_size, tcp,
-                                  stopped, phases.report())
+        result = CheckpointResult(location, frozen, time.monotonic() - started, written.size, tcp,
+                                  stopped, phases.report(), written)
         log.info("container checkpointed", extra={
             "container": record.id, "location": str(location), "frozen_ms": round(frozen * 1000, 1),
             "total_ms": round(result.total_seconds * 1000, 1), "archive_bytes": result.archive_bytes,
@@ -190,21 +207,28 @@ class Checkpointer:
 
     # ---- recovery after a crash ----------------------------------------------------------------
 
-    def recover(self, intents: list[Intent]) -> None:
+    def recover(self, intents: list[Intent]) -> list[StoppedByCheckpoint]:
         """At start-up, before serving: repair every checkpoint a killed daemon left half-done, then
         delete whatever is left in the CRIU work root (no checkpoint runs yet, so all of it is debris).
-        Idempotent: an intent is closed only after its repair, and each repair may run twice."""
+        Idempotent: an intent is closed only after its repair, and each repair may run twice.
+        Returns the containers a stopping checkpoint had killed: their records must say so, once the
+        container recovery has recorded their exit (ContainerManager.note_stopped_by_checkpoint)."""
+        stopped = []
         for intent in intents:
             if intent.operation == Operation.CHECKPOINT_CONTAINER:
-                self._recover_checkpoint(intent)
+                stop = self._recover_checkpoint(intent)
+                if stop is not None:
+                    stopped.append(stop)
                 self._intents.finish(intent)
         for entry in sorted(self._work_root.iterdir()):
             log.warning("recovery: CRIU work directory of no running checkpoint found; deleted it",
                         extra={"path": str(entry)})
             _remove_path(entry)
+        return stopped
 
-    def _recover_checkpoint(self, intent: Intent) -> None:
+    def _recover_checkpoint(self, intent: Intent) -> StoppedByCheckpoint | None:
         container_id, facts = intent.target, intent.facts
+        stop = None
         location, archive_tmp = Path(facts.get("location", "")), Path(facts.get("archive_tmp", ""))
         # Nothing is frozen before the "freeze" step was announced; from then on it may be.
         if intent.step != "prepare":
@@ -230,14 +254,20 @@ class Checkpointer:
                             "running and the complete archive is kept",
                             extra={"container": container_id, "location": str(location)})
             elif location.is_file():
-                log.warning("recovery: stopping checkpoint interrupted after the kill; archive kept",
+                # The kill was done: the container ended because of this checkpoint, whose archive
+                # is complete. Its record must say so, not that it failed (SIGKILL's exit 137).
+                log.warning("recovery: stopping checkpoint interrupted after the kill; archive kept, "
+                            "the container is reported stopped by it",
                             extra={"container": container_id, "location": str(location)})
+                stop = StoppedByCheckpoint(container_id, CheckpointFacts(
+                    location=str(location), time_ns=location.stat().st_mtime_ns, stopped=True))
         for path, what in ((Path(facts.get("work_dir", "")), "CRIU work directory"),
                            (archive_tmp, "partial archive")):
             if str(path) not in ("", ".") and (path.exists() or path.is_symlink()):
                 _remove_path(path)
                 log.warning(f"recovery: {what} of an interrupted checkpoint found; deleted it",
                             extra={"container": container_id, "path": str(path), "step": intent.step})
+        return stop
 
     def _runc_state(self, container_id: str):
         try:
@@ -276,17 +306,18 @@ class Checkpointer:
         return deleted
 
     def _package(self, record, work: Path, members: "ArchiveMembers", deleted: list[str], location: Path,
-                 archive_tmp: Path, deadline: float, phases: PhaseTimer) -> None:
-        """Metadata members, then the archive at `location` (complete or not at all)."""
+                 archive_tmp: Path, deadline: float, phases: PhaseTimer, durable: bool = True) -> ArchiveDigest:
+        """Metadata members, then the archive at `location` (complete or not at all); its digest."""
         # Decoding them takes a crit process (~70 ms): never while frozen, nor on the caller's time.
         _log_dump_stats_later(record.id, work)
         members.write(work, deleted)
         self._move_criu_outputs(work)
         phases.mark("metadata")
         _check_deadline(deadline, f"checkpoint of {record.id} ran out of time before the archive was written")
-        _write_archive_by_deadline(location, archive_tmp, work, self._settings.compression, deadline,
-                                   f"checkpoint of {record.id}")
+        written = _write_archive_by_deadline(location, archive_tmp, work, self._settings.compression, deadline,
+                                             f"checkpoint of {record.id}", durable)
         phases.mark("archive")
+        return written
 
     def _kill_frozen(self, record: ContainerRecord, location: Path, netns_path: str) -> None:
         """SIGKILL every process of a frozen container, then thaw it so that they die at once.
@@ -418,14 +449,14 @@ def _remove_path(path: Path) -> None:
 
 
 def _write_archive_by_deadline(location: Path, archive_tmp: Path, work: Path, compression: str, deadline: float,
-                               what: str) -> None:
+                               what: str, durable: bool = True) -> ArchiveDigest:
     """write_archive, but the archive appears at `location` only if it was finished in time: a caller
     that gave up must never find an archive it was told failed."""
     def in_time() -> None:
         if time.monotonic() + DEADLINE_MARGIN_SECONDS >= deadline:
             raise DeadlineExceeded(f"{what} ran out of time while writing the archive; it was discarded")
 
-    write_archive(location, work, compression, before_rename=in_time, tmp_path=archive_tmp)
+    return write_archive(location, work, compression, before_rename=in_time, tmp_path=archive_tmp, durable=durable)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import shutil
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -48,7 +48,8 @@ from pyshim.internal.events import EventType
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import Runc, RuncError
-from pyshim.internal.state import ContainerRecord, ContainerState, encode_config
+from pyshim.checkpoint_restore.records import RestoredFacts, RestoreOrigin
+from pyshim.internal.state import ContainerMetadata, ContainerRecord, ContainerState, ContainerStatus, encode_config
 
 log = logging.getLogger(__name__)
 
@@ -444,14 +445,14 @@ class RestoreEngine:
         containers = self._containers
         with containers.reserve_name(config, sandbox) as (container_id, key):
             cdir = containers.container_dir(container_id)
-            record = ContainerRecord(
+            record = ContainerRecord(ContainerMetadata(
                 id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,
                 config_b64=encode_config(config), image_ref=config.image.image,
                 image_id=source.checkpoint_image_id or str(plan.source), image_name=config.image.image,
                 created_at=time.time_ns(), dir=str(cdir), log_path=containers.log_path_for(sandbox.config, config),
                 cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
-                restore_from=str(plan.source), restored_checkpoint_time=plan.checkpointed_at_ns,
-            )
+                restore=RestoreOrigin(source=str(plan.source), checkpoint_time_ns=plan.checkpointed_at_ns),
+            ))
             with contextlib.ExitStack() as undo:
                 cdir.mkdir(mode=0o700)
                 undo.callback(remove_tree, cdir, ignore_errors=True)
@@ -512,7 +513,6 @@ class RestoreEngine:
             failed = undo.enter_context(contextlib.ExitStack())
             failed.callback(mounts.unmount, record.rootfs)
             phases.mark("rootfs")
-            record.base_image_id = base_image.id
             spec = containers.build_spec(record, sandbox, _with_command(config, plan), base_image)
             self._intents.advance(intent, "unpack")
             unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
@@ -534,27 +534,23 @@ class RestoreEngine:
             phases.mark("spec")
             self._intents.advance(intent, "runc_restore", tcp=mode.value)
             try:
-                record.pid = self._conmon.create(record.id, record.name, containers.paths(record), record.log_path,
-                                                 stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty,
-                                                 restore_from=images_dir,
-                                                 restore_args=self._restorer.runc_restore_args(mode))
+                pid = self._conmon.create(record.id, record.name, containers.paths(record), record.log_path,
+                                          stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty,
+                                          restore_from=images_dir, restore_args=self._restorer.runc_restore_args(mode))
             except RuncError as e:
                 self._runc.delete(record.id, force=True)
                 raise FailedPrecondition(self._restorer.failure_message(record.bundle, e.message)) from None
             phases.mark("runc_restore")
             crashpoints.reached("restore_container:record")
-            pid, started = record.pid, time.time_ns()
-            restore_ms = {**phases.report(), **{f"unpack_{k}": v for k, v in unpacked.milliseconds.items()}}
-
-            def to_running(r: ContainerRecord) -> bool:
-                r.state, r.pid, r.started_at = ContainerState.RUNNING, pid, started
-                r.restored, r.restore_tcp, r.restore_phases_ms = True, mode.value, restore_ms
-                return True
-            containers.update_status(record, to_running)
+            started = time.time_ns()
+            restored = RestoredFacts(base_image_id=base_image.id, tcp=mode.value, phases_ms={
+                **phases.report(), **{f"unpack_{k}": v for k, v in unpacked.milliseconds.items()}})
+            containers.update_status(record, lambda s: replace(s, state=ContainerState.RUNNING, pid=pid,
+                                                               started_at=started, restored=restored))
             failed.pop_all()
         log.info("container restored", extra={"container": record.id, "checkpoint": record.restore_from,
                                                "tcp": mode.value, "image_bytes": unpacked.image_bytes,
-                                               "ms": record.restore_phases_ms})
+                                               "ms": dict(record.restored.phases_ms)})
 
     # ---- recovery after a crash --------------------------------------------------------------
 
@@ -587,14 +583,14 @@ class RestoreEngine:
         if procs.is_conmon_of(conmon_pid, record.id) and state is not None and state.status == "running":
             started = procs.start_time_ns(state.pid) or time.time_ns()
 
-            def adopted(r: ContainerRecord) -> bool:
-                if not r.pending_restore:
-                    return False
-                r.state, r.pid, r.started_at, r.restored = ContainerState.RUNNING, state.pid, started, True
-                r.restore_tcp = intent.facts.get("tcp", "")
-                r.base_image_id = intent.facts.get("base_image_id", r.base_image_id)
-                r.message = "restore adopted after a daemon restart"
-                return True
+            restored = RestoredFacts(base_image_id=intent.facts.get("base_image_id", ""),
+                                     tcp=intent.facts.get("tcp", ""))
+
+            def adopted(s: ContainerStatus) -> ContainerStatus | None:
+                if s.restored is not None:
+                    return None
+                return replace(s, state=ContainerState.RUNNING, pid=state.pid, started_at=started,
+                               restored=restored, message="restore adopted after a daemon restart")
             if containers.update_status(record, adopted):
                 remove_tree(images_dir, ignore_errors=True)
                 log.warning("recovery: interrupted restore is running under its conmon; adopted it as RUNNING",

@@ -66,9 +66,21 @@ def test_a_stopping_checkpoint_killed_before_its_kill_keeps_the_archive_and_the_
     work, tmp, location = _begin(journal, tmp_path, "kill", mode="stop")
     tmp.rename(location)  # the archive was complete and in place
     checkpointer, runc = make("paused")
-    checkpointer.recover(journal.pending())
+    assert checkpointer.recover(journal.pending()) == []  # it runs on: nothing stopped it
     assert runc.status == "running"
     assert location.read_bytes() == b"partial" and not work.exists()
+
+
+def test_a_stopping_checkpoint_killed_after_its_kill_reports_the_container_stopped_by_it(parts):
+    make, journal, tmp_path = parts
+    work, tmp, location = _begin(journal, tmp_path, "kill", mode="stop")
+    tmp.rename(location)
+    checkpointer, runc = make(None)  # the kill was done: runc knows the container no more
+    stopped = checkpointer.recover(journal.pending())
+    assert [(s.container_id, s.checkpoint.location, s.checkpoint.stopped) for s in stopped] == [
+        ("c1", str(location), True)]
+    assert stopped[0].checkpoint.time_ns == location.stat().st_mtime_ns
+    assert location.is_file() and not work.exists() and journal.pending() == []
 
 
 def test_a_checkpoint_killed_before_freezing_thaws_nothing(parts):

@@ -13,7 +13,7 @@ from pyshim.checkpoint_restore import pod_checkpoint as pc
 from pyshim.checkpoint_restore.checkpoint import ArchiveMembers
 from pyshim.internal.intents import IntentJournal, Operation
 from pyshim.internal.runc import RuncError, RuncState
-from pyshim.internal.state import ContainerRecord, ContainerState
+from pyshim.internal.state import ContainerMetadata, ContainerRecord, ContainerState, ContainerStatus
 
 
 class FakeRunc:
@@ -69,10 +69,11 @@ class FakeCheckpointer:
         self.runc.resume(record.id)
 
 
-def record(cid: str) -> ContainerRecord:
-    return ContainerRecord(id=cid, sandbox_id="pod", name=f"{cid}_pod", attempt=0, config_b64="", image_ref="i",
-                           image_id="i", image_name="i", created_at=0, dir=f"/nonexistent/{cid}", log_path="",
-                           state=ContainerState.RUNNING)
+def record(cid: str, sandbox_id: str = "pod", state: ContainerState = ContainerState.RUNNING) -> ContainerRecord:
+    return ContainerRecord(ContainerMetadata(id=cid, sandbox_id=sandbox_id, name=f"{cid}_pod", attempt=0, config_b64="",
+                                             image_ref="i", image_id="i", image_name="i", created_at=0,
+                                             dir=f"/nonexistent/{cid}", log_path=""),
+                           ContainerStatus(state=state))
 
 
 def part(cid: str) -> pc.PodPart:
@@ -193,9 +194,7 @@ def test_output_dir_validation(tmp_path):
 
 
 def test_selection_validation():
-    a, other, exited = record("a"), record("x"), record("e")
-    other.sandbox_id = "elsewhere"
-    exited.state = ContainerState.EXITED
+    a, other, exited = record("a"), record("x", sandbox_id="elsewhere"), record("e", state=ContainerState.EXITED)
     found = {"a": a, "x": other, "e": exited}.get
     assert pc.validate_selection("pod", ["a"], found) == [a]
     for ids in ([], ["a", "a"], ["a", "x"], ["missing"]):

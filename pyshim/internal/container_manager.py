@@ -12,15 +12,15 @@ the container's lock, so that each transition, and its event, happens exactly on
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from cri_api import api_pb2 as cri
 from oci.runtime_spec import (ContainerSpecInput, SpecInputError, build_container_spec, linux_resources_from_cri,
@@ -30,6 +30,7 @@ from oci.tree_removal import remove_tree
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, crashpoints, mounts, procs, request_paths
 from pyshim.checkpoint_restore.checkpoint import CheckpointResult
+from pyshim.checkpoint_restore.records import CheckpointFacts
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj, recursive_read_only_mounts
 from pyshim.internal.intents import Intent, IntentJournal, Operation
@@ -37,8 +38,8 @@ from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.events import ContainerEvent, EventBus, EventType
 from pyshim.internal.runc import ExecResult, Runc, RuncError
 from pyshim.internal.sysctls import normalize_sysctl_name
-from pyshim.internal.state import (ContainerRecord, ContainerState, RecordStore, SandboxRecord,
-                                   decode_config, encode_config)
+from pyshim.internal.state import (ContainerMetadata, ContainerRecord, ContainerState, ContainerStatus, RecordStore,
+                                   SandboxRecord, decode_config, encode_config)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,15 @@ def _cgroups_path_in(config_json: Path) -> str:
         return str(json.loads(config_json.read_text()).get("linux", {}).get("cgroupsPath", ""))
     except (OSError, ValueError, AttributeError):
         return ""
+
+
+def _with_checkpoint(status: ContainerStatus, facts: CheckpointFacts) -> ContainerStatus:
+    """A status that records a finished checkpoint; a stopping one's exit is the checkpoint's."""
+    if facts.stopped and status.state == ContainerState.EXITED:
+        # Not an error and not a completion: kubelet and people should see why it ended.
+        return replace(status, last_checkpoint=facts, reason="Checkpointed",
+                       message=f"stopped after a checkpoint to {facts.location}")
+    return replace(status, last_checkpoint=facts)
 
 
 def container_name_key(config, sandbox_config) -> str:
@@ -101,30 +111,32 @@ class ContainerManager:
         with self._lock:
             return self._container_locks.setdefault(container_id, threading.RLock())
 
-    def update_status(self, record: ContainerRecord, change) -> bool:
-        """The one way a container's status changes: `change(record)` mutates it and returns True, or
-        returns False when the transition no longer applies (another thread made it first). Runs under
-        the container's lock; the record is saved atomically before this returns True, and is left as
-        it was if saving fails. Callers publish an event only when this returns True."""
+    def update_status(self, record: ContainerRecord,
+                      change: Callable[[ContainerStatus], ContainerStatus | None]) -> bool:
+        """The one way a container's status changes: `change(status)` returns the new status (a
+        dataclasses.replace of the one given), or None when the transition no longer applies (another
+        thread made it first). Runs under the container's lock; the new status is saved atomically
+        before the record holds it, so a failed save changes nothing. Callers publish an event only
+        when this returns True."""
         with self.lock_for(record.id):
             if self._records.get(record.id) is not record:
                 return False  # removed meanwhile (or a stale copy)
-            before = copy.copy(record)
-            if not change(record):
+            status = change(record.status)
+            if status is None:
                 return False
-            try:
-                self._records.save(record)
-            except BaseException:
-                vars(record).update(vars(before))
-                raise
+            self._records.replace_status(record, status)
             return True
 
     def container_dir(self, container_id: str) -> Path:
         return self._root / container_id
 
     def add(self, record: ContainerRecord) -> None:
-        """Save a new container's record, its name already reserved (reserve_name): from now on it exists."""
-        self._records.save(record)
+        """Save a new container's record, its name already reserved (reserve_name): from now on it exists.
+        Never over a stored one: a stored record's status changes only through update_status."""
+        with self._lock:
+            if self._records.get(record.id) is not None:
+                raise AlreadyExists(f"container {record.id} is already recorded")
+            self._records.save(record)
 
     def paths(self, record: ContainerRecord) -> MonitorPaths:
         return MonitorPaths(bundle=record.bundle, exit_dir=self._exit_dir,
@@ -167,20 +179,20 @@ class ContainerManager:
             if result.stopped:
                 self._wait_exit(record, 30)
 
-            def noted(r: ContainerRecord) -> bool:
-                r.checkpointed_at = time.time_ns()
-                r.checkpoint_location = str(result.location)
-                r.last_checkpoint = {
-                    "frozenMs": round(result.frozen_seconds * 1000, 1),
-                    "totalMs": round(result.total_seconds * 1000, 1),
-                    "archiveBytes": result.archive_bytes, "tcpEstablished": result.tcp_established,
-                    "stopped": result.stopped, "phasesMs": result.phases_ms}
-                if result.stopped and r.state == ContainerState.EXITED:
-                    # Not an error and not a completion: kubelet and people should see why it ended.
-                    r.reason = "Checkpointed"
-                    r.message = f"stopped after a checkpoint to {result.location}"
-                return True
-            self.update_status(record, noted)
+            facts = CheckpointFacts(
+                location=str(result.location), time_ns=time.time_ns(),
+                frozen_ms=round(result.frozen_seconds * 1000, 1), total_ms=round(result.total_seconds * 1000, 1),
+                archive_bytes=result.archive_bytes, tcp_established=result.tcp_established,
+                stopped=result.stopped, phases_ms=result.phases_ms, archive=result.archive_digest)
+            self.update_status(record, lambda s: _with_checkpoint(s, facts))
+
+    def note_stopped_by_checkpoint(self, container_id: str, facts: CheckpointFacts) -> None:
+        """Start-up: a stopping checkpoint killed this container and the daemon died before
+        note_checkpoint. Recovery has recorded the exit (SIGKILL, "Error"); say it was the checkpoint."""
+        record = self._records.get(container_id)
+        if record is not None:
+            self.update_status(record, lambda s: _with_checkpoint(s, facts) if s.state == ContainerState.EXITED
+                               else None)
 
     # ---- exit tracking -----------------------------------------------------------------------
 
@@ -199,43 +211,49 @@ class ContainerManager:
                      message: str | None = None) -> bool:
         """RUNNING/CREATED -> EXITED, once: the exit watcher and request threads may all notice the
         same exit; only the one whose transition happened publishes STOPPED."""
-        serving = self._serving
+        oom_file = record.bundle / "persist" / "oom"
 
-        def to_exited(r: ContainerRecord) -> bool:
-            if r.state == ContainerState.EXITED:
+        def to_exited(s: ContainerStatus) -> ContainerStatus | None:
+            if s.state == ContainerState.EXITED:
+                return None
+            oom = oom_file.exists()
+            return replace(
+                s, state=ContainerState.EXITED, exit_code=code, pid=0,
+                # conmon's exit-file time and our start stamp come from two clocks reads apart: a process
+                # that exits at once may seem to end before it started.
+                finished_at=max(finished_at_ns, s.started_at),
+                reason=reason or ("OOMKilled" if oom else "Completed" if code == 0 else "Error"),
+                message=s.message if message is None else message,
+                # Saved unsent, marked sent once published (_publish_stop): a daemon killed in between
+                # sends it again after its restart (publish_pending_stops) rather than never.
+                stopped_event_sent=False)
+        with self.lock_for(record.id):
+            if not self.update_status(record, to_exited):
                 return False
-            r.state = ContainerState.EXITED
-            r.exit_code = code
-            # conmon's exit-file time and our start stamp come from two clocks reads apart: a process
-            # that exits at once may seem to end before it started.
-            r.finished_at = max(finished_at_ns, r.started_at)
-            oom = (r.bundle / "persist" / "oom").exists()
-            r.reason = reason or ("OOMKilled" if oom else "Completed" if code == 0 else "Error")
-            if message is not None:
-                r.message = message
-            r.pid = 0
-            # Marked sent in the same save as the exit: a crash between the save and the publish loses
-            # this one event rather than sending it twice. Before serving there is nobody to send it to.
-            r.stopped_event_sent = serving
-            return True
-        if not self.update_status(record, to_exited):
-            return False
-        if serving:
-            self.publish(record, EventType.STOPPED)
+            # Read under the lock that publish_pending_stops takes for each record after setting it:
+            # either this publishes, or that does, never neither (and never both).
+            if self._serving:
+                self._publish_stop(record)
         return True
 
+    def _publish_stop(self, record: ContainerRecord) -> None:
+        """STOPPED for a recorded exit, then the record marked sent; the caller holds the container's
+        lock, so that no other thread publishes the same exit meanwhile."""
+        crashpoints.reached("container_exit:publish")
+        self.publish(record, EventType.STOPPED)
+        crashpoints.reached("container_exit:mark_sent")
+        self.update_status(record, lambda s: None if s.stopped_event_sent else replace(s, stopped_event_sent=True))
+
     def publish_pending_stops(self) -> None:
-        """Once the server serves: STOPPED for every container whose exit was recorded while nobody
-        could hear it (it ended while the daemon was down), exactly once across restarts."""
+        """Once the server serves: STOPPED for every container whose exit was recorded but not yet
+        published (it ended while the daemon was down, or the daemon was killed before publishing).
+        At least once across restarts: a daemon killed between a publish and its mark sends it twice."""
         self._serving = True
         for record in self._records.all():
-            def sent(r: ContainerRecord) -> bool:
-                if r.stopped_event_sent or r.state != ContainerState.EXITED:
-                    return False
-                r.stopped_event_sent = True
-                return True
-            if self.update_status(record, sent):
-                self.publish(record, EventType.STOPPED)
+            with self.lock_for(record.id):
+                if (self._records.get(record.id) is record and record.state == ContainerState.EXITED
+                        and not record.stopped_event_sent):
+                    self._publish_stop(record)
 
     def _reconcile(self, record: ContainerRecord, states: dict | None = None) -> None:
         """Bring one record up to date with what runc and conmon say (start-up only); `states` is
@@ -257,11 +275,10 @@ class ContainerManager:
             # StartContainer was killed between `runc start` and saving the record: it runs, say so.
             started = procs.start_time_ns(state.pid) or time.time_ns()
 
-            def to_running(r: ContainerRecord) -> bool:
-                if r.state != ContainerState.CREATED:
-                    return False
-                r.state, r.pid, r.started_at = ContainerState.RUNNING, state.pid, started
-                return True
+            def to_running(s: ContainerStatus) -> ContainerStatus | None:
+                if s.state != ContainerState.CREATED:
+                    return None
+                return replace(s, state=ContainerState.RUNNING, pid=state.pid, started_at=started)
             if self.update_status(record, to_running):
                 log.warning("recovery: container recorded CREATED is running (start interrupted); "
                             "recorded it RUNNING", extra={"container": record.id, "pid": state.pid})
@@ -307,27 +324,28 @@ class ContainerManager:
 
     def _create_reserved(self, container_id, key, sandbox: SandboxContext, config, image) -> ContainerRecord:
         cdir = self._root / container_id
-        record = ContainerRecord(
+        record = ContainerRecord(ContainerMetadata(
             id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,
             config_b64=encode_config(config), image_ref=config.image.image, image_id=image.id,
             image_name=(image.repo_tags or image.repo_digests or [image.id])[0],
             created_at=time.time_ns(), dir=str(cdir), log_path=self.log_path_for(sandbox.config, config),
             cgroups_path=f"{sandbox.record.cgroup_parent.rstrip('/')}/{container_id}",
             stop_signal=image.config.stop_signal or "TERM",
-        )
+        ))
         phases = PhaseTimer()
         # Everything below is found by the container's id (its dir, runc's state, conmon's pid file
         # in the dir, the cgroup named in config.json): the intent needs no more than that.
         with self._intents.track(Operation.CREATE_CONTAINER, container_id, dir=str(cdir),
                                  cgroups_path=record.cgroups_path) as intent:
-            self._create_tracked(record, sandbox, config, image, phases, intent)
+            record = self._create_tracked(record, sandbox, config, image, phases, intent)
         self.publish(record, EventType.CREATED)
         log.info("container created", extra={"container": container_id, "sandbox": sandbox.record.id,
                                              "image": record.image_name, "ms": phases.report()})
         return record
 
     def _create_tracked(self, record: ContainerRecord, sandbox: SandboxContext, config, image,
-                        phases: PhaseTimer, intent: Intent) -> None:
+                        phases: PhaseTimer, intent: Intent) -> ContainerRecord:
+        """The container made and its record saved: the record returned is the one stored."""
         container_id, key, cdir = record.id, record.name, record.bundle
         with contextlib.ExitStack() as undo:
             cdir.mkdir(mode=0o700)
@@ -350,13 +368,15 @@ class ContainerManager:
             # dir, a `runc init` and the container's cgroups, which must go with it.
             undo.callback(self._discard_runc_container, record)
             crashpoints.reached("create_container:runc_create")
-            record.pid = self._conmon.create(container_id, key, self.paths(record), record.log_path,
-                                             stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty)
+            pid = self._conmon.create(container_id, key, self.paths(record), record.log_path,
+                                      stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty)
             phases.mark("runc_create")
             crashpoints.reached("create_container:record")
-            self._records.save(record)
+            record = ContainerRecord(record.metadata, ContainerStatus(pid=pid))  # not stored yet: a new one
+            self.add(record)
             phases.mark("record")
             undo.pop_all()
+        return record
 
     def _discard_runc_container(self, record: ContainerRecord) -> None:
         """Undo of a create: runc's container (state dir and processes) and its cgroups."""
@@ -419,11 +439,10 @@ class ContainerManager:
                 crashpoints.reached("start_container:record")
                 started = time.time_ns()
 
-                def to_running(r: ContainerRecord) -> bool:
-                    if r.state != ContainerState.CREATED:
-                        return False
-                    r.state, r.started_at = ContainerState.RUNNING, started
-                    return True
+                def to_running(s: ContainerStatus) -> ContainerStatus | None:
+                    if s.state != ContainerState.CREATED:
+                        return None
+                    return replace(s, state=ContainerState.RUNNING, started_at=started)
                 changed = self.update_status(record, to_running)
         if changed:
             self.publish(record, EventType.STARTED)

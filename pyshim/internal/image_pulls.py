@@ -28,10 +28,11 @@ class ImagePuller:
         self._store = store  # oci.store.ImageStore
         self._intents = intents
 
-    def pull(self, store, ref: str, auth=None):
+    def pull(self, store, ref: str, auth=None, blob_tap=None):
         with self._intents.track(Operation.PULL_IMAGE, ref) as intent:
             image = self._client.pull(store, ref, auth,
-                                      on_step=lambda step, **facts: self._intents.advance(intent, step, **facts))
+                                      on_step=lambda step, **facts: self._intents.advance(intent, step, **facts),
+                                      blob_tap=blob_tap)
             crashpoints.reached("pull_image:recorded")  # recorded, intent still open: recovery keeps it
             return image
 

@@ -35,9 +35,11 @@ def recover(parts, journal: IntentJournal) -> float:
     parts.sandboxes.recover(pending)
     parts.registry.recover(pending)  # the journaled puller (pyshim/internal/image_pulls.py)
     parts.pod_checkpointer.recover()
-    parts.checkpointer.recover(pending)
+    stopped_by_checkpoints = parts.checkpointer.recover(pending)
     parts.restores.recover(pending)
     parts.containers.recover(pending)
+    for stopped in stopped_by_checkpoints:  # their exits are recorded now: say why they ended
+        parts.containers.note_stopped_by_checkpoint(stopped.container_id, stopped.checkpoint)
     # Pod cgroups that only became empty once orphaned containers were removed above.
     parts.sandboxes.sweep_cgroups()
     seconds = time.monotonic() - started

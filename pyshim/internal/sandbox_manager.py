@@ -518,7 +518,7 @@ class SandboxManager:
             release()
         except Exception as e:  # noqa: BLE001 - the rest of the sweep goes on; next start retries
             log.error(f"recovery: found a {what} that no pod sandbox owns, and could not release it",
-                      extra={"what": what, "name": name, "error": str(e)})
+                      extra={"what": what, "object": name, "error": str(e)})
             return
         log.warning(f"recovery: found a {what} that no pod sandbox owns; released it",
-                    extra={"what": what, "name": name})
+                    extra={"what": what, "object": name})

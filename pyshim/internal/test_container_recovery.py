@@ -3,11 +3,16 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from pyshim.checkpoint_restore.records import CheckpointFacts
+from pyshim.internal import crashpoints
 from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus, EventType
 from pyshim.internal.intents import IntentJournal, Operation
 from pyshim.internal.runc import RuncState
-from pyshim.internal.state import ContainerRecord, ContainerState
+from pyshim.checkpoint_restore.records import RestoreOrigin
+from pyshim.internal.state import ContainerMetadata, ContainerRecord, ContainerState, ContainerStatus
 
 
 class FakeRunc:
@@ -51,14 +56,17 @@ def _manager(tmp_path: Path, runc: FakeRunc | None = None, events: EventBus | No
     return manager, runc, journal
 
 
-def _record(manager: ContainerManager, container_id: str, state: ContainerState, **extra) -> ContainerRecord:
+def _record(manager: ContainerManager, container_id: str, state: ContainerState, restore_from: str = "",
+            **status) -> ContainerRecord:
     cdir = manager._root / container_id
     for sub in ("", "upper", "work", "rootfs"):
         (cdir / sub).mkdir(parents=True, exist_ok=True)
-    record = ContainerRecord(id=container_id, sandbox_id="pod", name=f"k8s_{container_id}", attempt=0,
-                             config_b64="", image_ref="busybox", image_id="sha256:x", image_name="busybox",
-                             created_at=time.time_ns(), dir=str(cdir), log_path="", state=state, **extra)
-    manager._records.save(record)
+    metadata = ContainerMetadata(id=container_id, sandbox_id="pod", name=f"k8s_{container_id}", attempt=0,
+                                 config_b64="", image_ref="busybox", image_id="sha256:x", image_name="busybox",
+                                 created_at=time.time_ns(), dir=str(cdir), log_path="",
+                                 restore=RestoreOrigin(restore_from) if restore_from else None)
+    record = ContainerRecord(metadata, ContainerStatus(state=state, **status))
+    manager.add(record)
     manager._names[record.name] = record.id
     return record
 
@@ -159,3 +167,54 @@ def test_two_concurrent_removes_send_one_deleted_event(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert [e.type for e in _drain(q)] == [EventType.DELETED]
+
+
+class _Killed(BaseException):
+    """The daemon SIGKILLed at a crash point: nothing after it runs."""
+
+
+@pytest.mark.parametrize("point", ["container_exit:publish", "container_exit:mark_sent"])
+def test_a_daemon_killed_while_publishing_an_exit_publishes_it_after_its_restart(tmp_path, monkeypatch, point):
+    events = EventBus()
+    manager, runc, journal = _manager(tmp_path, events=events)
+    manager.publish_pending_stops()  # serving
+    record = _record(manager, "c1", ContainerState.RUNNING, pid=42, started_at=1)
+    runc.add("c1", "stopped")
+    (manager._exit_dir / "c1").write_text("0")
+    q = events.subscribe()
+
+    def reached(name):
+        if name == point:
+            raise _Killed(name)
+    monkeypatch.setattr(crashpoints, "reached", reached)
+    with pytest.raises(_Killed):
+        manager.refresh(record)
+    monkeypatch.undo()
+    before = [e.type for e in _drain(q)]
+    assert before == ([] if point == "container_exit:publish" else [EventType.STOPPED])
+
+    manager2, _, _ = _manager(tmp_path, runc=runc, events=events)
+    manager2.load()
+    manager2.recover(journal.pending())
+    manager2.publish_pending_stops()
+    # Lost never; sent twice only when the kill fell between the publish and its mark.
+    assert [(e.container_id, e.type) for e in _drain(q)] == [("c1", EventType.STOPPED)]
+    manager3, _, _ = _manager(tmp_path, runc=runc, events=events)
+    manager3.load()
+    manager3.recover(journal.pending())
+    manager3.publish_pending_stops()
+    assert _drain(q) == []
+
+
+def test_a_container_killed_by_a_stopping_checkpoint_is_reported_checkpointed_not_failed(tmp_path):
+    manager, runc, journal = _manager(tmp_path)
+    _record(manager, "c1", ContainerState.RUNNING, pid=42, started_at=1)
+    (manager._exit_dir / "c1").write_text("137")  # SIGKILL, as the checkpoint's kill leaves it
+    manager2, _, _ = _manager(tmp_path, runc=runc)
+    manager2.load()
+    manager2.recover(journal.pending())
+    assert manager2.find("c1").reason == "Error"  # all that the exit alone says
+    manager2.note_stopped_by_checkpoint("c1", CheckpointFacts("/out/ckpt.tar", 5, stopped=True))
+    record = manager2.find("c1")
+    assert (record.state, record.exit_code, record.reason) == (ContainerState.EXITED, 137, "Checkpointed")
+    assert "/out/ckpt.tar" in record.message and record.last_checkpoint.location == "/out/ckpt.tar"

@@ -11,6 +11,8 @@ from oci.registry import Credentials
 from pyshim.client import Client
 from pyshim.migration import host_restart
 from pyshim.migration.migrate import DEFAULT_WORK_DIR, Migration, MigrateOptions, MigrationReport
+
+DIRECT_IMAGE_REPOSITORY = "localhost/pyshim-migrate"  # the received image's name on the target
 from pyshim.migration.workload import MoveError
 
 
@@ -22,10 +24,13 @@ def cmd_migrate(args) -> int:
             print("pyshim migrate: --creds takes USER:PASSWORD", file=sys.stderr)
             return 2
         creds = Credentials(username=user, password=password)
+    if not args.repository and not args.direct:
+        print("pyshim migrate: give --registry REGISTRY/REPO, or --direct COMMAND", file=sys.stderr)
+        return 2
     options = MigrateOptions(container_id=args.container, source=args.source, target=args.target,
-                             repository=args.repository, work_dir=Path(args.work_dir), insecure=args.insecure,
+                             repository=args.repository or DIRECT_IMAGE_REPOSITORY, work_dir=Path(args.work_dir), insecure=args.insecure,
                              credentials=creds, keep_pod=args.keep_pod, verify_seconds=args.verify_seconds,
-                             timeout=args.timeout)
+                             timeout=args.timeout, direct=args.direct or "")
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     with Client(args.source, timeout=args.timeout) as source, Client(args.target, timeout=args.timeout) as target:
         migration = Migration(options, source, target, say=say)
@@ -91,8 +96,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("container", help="container id on the source node")
     m.add_argument("--from", dest="source", required=True, metavar="ENDPOINT", help="CRI endpoint of the source node")
     m.add_argument("--to", dest="target", required=True, metavar="ENDPOINT", help="CRI endpoint of the target node")
-    m.add_argument("--registry", dest="repository", required=True, metavar="REGISTRY/REPO",
-                   help="where the checkpoint image goes, e.g. 10.0.0.1:5000/checkpoints (both nodes must reach it)")
+    m.add_argument("--direct", metavar="COMMAND",
+                   help="stream the archive to the target instead of through a registry: a shell command that "
+                        "runs `pyshim checkpoint-image receive` on the target node, e.g. "
+                        "'ssh node-b pyshim checkpoint-image receive' (--registry then only names the image)")
+    m.add_argument("--registry", dest="repository", metavar="REGISTRY/REPO",
+                   help="where the checkpoint image goes, e.g. 10.0.0.1:5000/checkpoints (both nodes must reach it); "
+                        "needed unless --direct")
     m.add_argument("--insecure", action="store_true", help="plain HTTP (or unverified HTTPS) to that registry")
     m.add_argument("--creds", metavar="USER:PASSWORD", help="registry credentials for the push")
     m.add_argument("--work-dir", default=DEFAULT_WORK_DIR, help="archives and the journal of unfinished moves")

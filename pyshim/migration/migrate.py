@@ -9,7 +9,6 @@ a rerun after a kill finish the move or roll it back. The workload is never dead
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +16,13 @@ from pathlib import Path
 import grpc
 
 from cri_api import api_pb2 as cri
-from criu_glue.checkpoint_image import build_checkpoint_image
+from criu_glue.archive import ArchiveDigest
 from oci.errors import ImageError
 from oci.reference import Reference
 from oci.registry import Credentials, RegistryClient
-from oci.store import ImageStore
 from pyshim.client import Client
+from pyshim.migration import direct
+from pyshim.migration.archive_push import push_checkpoint_archive
 from pyshim.migration.journal import Journal, JournalLock, Phase, open_journal
 from pyshim.migration.workload import (MoveError, Workload, capture, checkpoint_and_stop, container_config_from,
                                        container_info, containers_in_pod, describe, remove_quietly)
@@ -35,13 +35,14 @@ class MigrateOptions:
     container_id: str
     source: str  # CRI endpoint of node A
     target: str  # CRI endpoint of node B
-    repository: str  # REGISTRY/REPO the checkpoint image goes to
+    repository: str  # REGISTRY/REPO the checkpoint image goes to (with `direct`: only its name on the target)
     work_dir: Path = Path(DEFAULT_WORK_DIR)
     insecure: bool = False
     credentials: Credentials | None = None
     keep_pod: bool = False  # keep A's pod when the moved container was its last
     verify_seconds: float = 1.0  # how long it must stay running on B before A forgets it
     timeout: float = 600.0
+    direct: str = ""  # a command streaming the archive to the target's `checkpoint-image receive` (direct.py)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Migration:
         self.report = MigrationReport(options.container_id)
         self._last = time.monotonic()
         self._frozen_at = 0.0
+        self._checkpoint_figures: dict = {}
+        self._receiver: direct.Receiver | None = None  # --direct: started before the freeze
 
     # ---- the move, resumable ------------------------------------------------------------------
 
@@ -123,8 +126,12 @@ class Migration:
         # One name per container: a rerun racing a still-running checkpoint of a killed run names the same file.
         archive = self.options.work_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive))
+        if self.options.direct:  # its start-up is paid while the container still runs
+            self._receiver = direct.Receiver(self.options.direct, self.options.timeout)
         started = time.monotonic()
-        figures = checkpoint_and_stop(self.source, workload.container_id, str(archive), self.options.timeout)
+        figures = checkpoint_and_stop(self.source, workload.container_id, str(archive), self.options.timeout,
+                                      throwaway_archive=True)
+        self._checkpoint_figures = figures
         # Frozen from the runc pause on: the daemon's "prepare" phase ran before it.
         self._frozen_at = started + figures.get("phasesMs", {}).get("prepare", 0) / 1000
         self.report.checkpoint_phases_ms = figures.get("phasesMs", {})
@@ -156,7 +163,10 @@ class Migration:
         _require_checkpoint_restore(self.source, "checkpointEnabled", "checkpoint")
         _require_checkpoint_restore(self.target, "restoreEnabled", "restore")
         self._require_base_image(workload)
-        self._registry().check_push_access(self._image_tag(workload), self.options.credentials)
+        if self.options.direct:
+            direct.check_receiver(self.options.direct, self.options.timeout)
+        else:
+            self._registry().check_push_access(self._image_tag(workload), self.options.credentials)
         self._mark("preflight")
         return workload
 
@@ -184,16 +194,19 @@ class Migration:
     def _push(self, journal: Journal) -> None:
         workload = Workload.from_json(journal.workload)
         tag = self._image_tag(workload)
-        store_dir = Path(journal.archive).with_suffix(".store")
-        try:
-            store = ImageStore(store_dir)
-            image = build_checkpoint_image(store, journal.archive, tag)
-            self._mark("build_image")
-            digest = self._registry().push(store, image, tag, self.options.credentials)
-            self._mark("push")
-        finally:
-            shutil.rmtree(store_dir, ignore_errors=True)
-        journal.advance(Phase.PUSHED, image_ref=f"{Reference.parse(tag).name}@{digest}")
+        # The digest the source computed while writing the archive (asked again after a resume).
+        figures = self._checkpoint_figures or container_info(self.source, workload.container_id)[1].get("lastCheckpoint", {})
+        written = ArchiveDigest.from_json(figures.get("archive"))
+        if self.options.direct:
+            receiver, self._receiver = self._receiver, None
+            receiver = receiver or direct.Receiver(self.options.direct, self.options.timeout)  # after a resume
+            receiver.send(Path(journal.archive), written, tag)
+            self._mark("transfer")
+            journal.advance(Phase.PUSHED, image_ref=tag)  # in the target's store already: nothing to pull
+        else:
+            digest = push_checkpoint_archive(self._registry(), Path(journal.archive), written, tag,
+                                             self.options.credentials, self._mark)
+            journal.advance(Phase.PUSHED, image_ref=f"{Reference.parse(tag).name}@{digest}")
         self.report.image = journal.image_ref
 
     def _start_on_target(self, journal: Journal) -> None:
@@ -202,8 +215,9 @@ class Migration:
             remove_quietly(self.target, journal.target_container, journal.target_pod)
         journal.advance(Phase.RESTORING, target_pod="", target_container="")
         try:
-            self.target.pull(journal.image_ref)
-            self._mark("pull")
+            if not self.options.direct:
+                self.target.pull(journal.image_ref)
+                self._mark("pull")
             pod_id = self.target.run_pod(workload.pod_config)
             journal.advance(Phase.RESTORING, target_pod=pod_id)
             self._mark("create_pod")
@@ -269,6 +283,9 @@ class Migration:
 
     def _fail(self, journal: Journal, error: Exception) -> None:
         message = describe(error) if isinstance(error, grpc.RpcError) else str(error)
+        if self._receiver is not None:
+            self._receiver.cancel()
+            self._receiver = None
         try:
             where = self._roll_back(journal)
         except MoveError as rollback_error:
@@ -330,6 +347,6 @@ def _require_checkpoint_restore(client: Client, flag: str, what: str) -> None:
 
 
 def transfer_rate(report: MigrationReport) -> float:
-    """MiB/s of the archive through push and pull together (what loopback would make instant)."""
-    seconds = (report.phases_ms.get("push", 0) + report.phases_ms.get("pull", 0)) / 1000
+    """MiB/s of the archive through push and pull together, or the direct transfer."""
+    seconds = sum(report.phases_ms.get(p, 0) for p in ("push", "pull", "transfer")) / 1000
     return round(report.archive_bytes / (1 << 20) / seconds, 1) if seconds and report.archive_bytes else 0.0

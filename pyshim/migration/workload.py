@@ -9,7 +9,7 @@ from google.protobuf import json_format
 
 from cri_api import api_pb2 as cri
 from pyshim.client import Client
-from pyshim.annotations import CHECKPOINT_MODE_KEY, POD_IP_ANNOTATION, POD_MAC_ANNOTATION
+from pyshim.annotations import CHECKPOINT_ARCHIVE_KEY, CHECKPOINT_MODE_KEY, POD_IP_ANNOTATION, POD_MAC_ANNOTATION
 
 CHECKPOINT_MODE_METADATA = ((CHECKPOINT_MODE_KEY, "stop"),)
 
@@ -94,13 +94,16 @@ def container_info(client: Client, container_id: str) -> tuple["cri.ContainerSta
     return status.status, json.loads(status.info.get("info", "{}"))
 
 
-def checkpoint_and_stop(client: Client, container_id: str, location: str, timeout: float) -> dict:
+def checkpoint_and_stop(client: Client, container_id: str, location: str, timeout: float,
+                        throwaway_archive: bool = False) -> dict:
     """CheckpointContainer that stops the container once the archive is complete; returns the
-    daemon's figures for it (lastCheckpoint of the verbose status)."""
+    daemon's figures for it (lastCheckpoint of the verbose status). `throwaway_archive`: the archive
+    need not survive a host crash (a move's), so the daemon skips its fsync."""
+    metadata = CHECKPOINT_MODE_METADATA + (((CHECKPOINT_ARCHIVE_KEY, "throwaway"),) if throwaway_archive else ())
     try:
         client.runtime.CheckpointContainer(
             cri.CheckpointContainerRequest(container_id=container_id, location=location),
-            timeout=timeout, metadata=CHECKPOINT_MODE_METADATA)
+            timeout=timeout, metadata=metadata)
     except grpc.RpcError as e:
         raise MoveError(f"checkpoint of {container_id} on {client.endpoint}: {describe(e)}") from None
     return container_info(client, container_id)[1].get("lastCheckpoint", {})

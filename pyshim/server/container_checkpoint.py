@@ -7,7 +7,8 @@ pyshim's own option, as gRPC metadata on the standard call (`pyshim migrate` and
 commands send it; kubelet never does): `pyshim-checkpoint-mode: stop` stops the container once its
 archive is complete, as Podman's checkpoint without --leave-running does, so that a move never runs
 the same process in two places. ContainerStatus (verbose) then shows reason "Checkpointed" and the
-checkpoint's figures under `lastCheckpoint`.
+checkpoint's figures under `lastCheckpoint`, with the archive's digest and size (`archive`), computed
+as it was written. `pyshim-checkpoint-archive: throwaway` (a move's archive) skips its fsync.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 from cri_api import api_pb2 as cri
 from criu_glue import archive_format as fmt
 from criu_glue import portable_archive as portable
-from pyshim.annotations import CHECKPOINT_MODE_KEY, CHECKPOINT_MODES
+from pyshim.annotations import CHECKPOINT_ARCHIVE_KEY, CHECKPOINT_ARCHIVE_KINDS, CHECKPOINT_MODE_KEY, CHECKPOINT_MODES
 from pyshim.errors import InvalidArgument
 from pyshim.internal import netns
 from pyshim.checkpoint_restore.restore import POD_IPS_KEY
@@ -65,6 +66,13 @@ def _stop_requested(metadata: dict[str, str]) -> bool:
     return mode == "stop"
 
 
+def _durable_requested(metadata: dict[str, str]) -> bool:
+    kind = metadata.get(CHECKPOINT_ARCHIVE_KEY, "durable")
+    if kind not in CHECKPOINT_ARCHIVE_KINDS:
+        raise InvalidArgument(f"gRPC metadata {CHECKPOINT_ARCHIVE_KEY}={kind!r}: want one of {CHECKPOINT_ARCHIVE_KINDS}")
+    return kind == "durable"
+
+
 def archive_members(rt: Runtime, record, sandbox) -> ArchiveMembers:
     """What a container's archive holds besides CRIU's images and the diff (also CheckpointPod's parts)."""
     config = rt.containers.config_of(record)
@@ -91,12 +99,14 @@ def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
                          metadata: dict[str, str]) -> "cri.CheckpointContainerResponse":
     rt.checkpointer.check_enabled()
     stop = _stop_requested(metadata)
+    durable = _durable_requested(metadata)
     record = rt.containers.get(request.container_id)
     location = validate_location(request.location)
     deadline = _deadline(request.timeout, time_remaining)
     sandbox = rt.sandboxes.find(record.sandbox_id)
     members = archive_members(rt, record, sandbox)
     netns_path = str(netns.netns_path(sandbox.netns_name)) if sandbox and sandbox.netns_name else ""
-    result = rt.checkpointer.checkpoint(record, members, location, deadline, stop=stop, netns_path=netns_path)
+    result = rt.checkpointer.checkpoint(record, members, location, deadline, stop=stop, netns_path=netns_path,
+                                        durable=durable)
     rt.containers.note_checkpoint(record.id, result)
     return cri.CheckpointContainerResponse()

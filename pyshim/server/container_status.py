@@ -7,6 +7,7 @@ import time
 from google.protobuf import json_format
 
 from cri_api import api_pb2 as cri
+from pyshim.checkpoint_restore.records import CheckpointFacts
 from pyshim.server import convert
 from pyshim.server.runtime import Runtime
 
@@ -19,28 +20,51 @@ def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
         info["info"] = json.dumps({
             "pid": record.pid, "sandboxID": record.sandbox_id, "bundle": record.dir,
             "cgroupsPath": record.cgroups_path, "imageRef": record.image_ref,
-            "checkpointedAt": _rfc3339(record.checkpointed_at) if record.checkpointed_at else "",
-            "checkpointLocation": record.checkpoint_location,
-            "lastCheckpoint": record.last_checkpoint,
+            **_checkpoint_info(record.last_checkpoint),
             # What the container was created with, as containerd shows it: tools that move a
             # container (pyshim migrate, host restart) recreate it from this.
             "config": json_format.MessageToDict(config),
             **_restore_info(record),
         })
-    return cri.ContainerStatusResponse(status=convert.container_status(record, config), info=info)
+    status = convert.container_status(record, config)
+    user = _process_user(rt, record)
+    if user is not None:
+        status.user.CopyFrom(user)
+    return cri.ContainerStatusResponse(status=status, info=info)
+
+
+def _process_user(rt: Runtime, record) -> "cri.ContainerUser | None":
+    """The identity the container's first process runs with, from its OCI config, as containerd
+    reports it: supplemental groups include the primary group (they are what setgroups(2) got)."""
+    try:
+        user = rt.containers.spec_of(record).get("process", {}).get("user", {})
+    except (OSError, ValueError):
+        return None  # the bundle is gone (a container being removed): say nothing rather than guess
+    gid = user.get("gid", 0)
+    groups = list(dict.fromkeys([gid, *user.get("additionalGids", [])]))
+    return cri.ContainerUser(linux=cri.LinuxContainerUser(uid=user.get("uid", 0), gid=gid,
+                                                          supplemental_groups=groups))
+
+
+def _checkpoint_info(last: CheckpointFacts | None) -> dict:
+    if last is None:
+        return {"checkpointedAt": "", "checkpointLocation": "", "lastCheckpoint": {}}
+    return {"checkpointedAt": _rfc3339(last.time_ns), "checkpointLocation": last.location,
+            "lastCheckpoint": last.figures()}
 
 
 def _restore_info(record) -> dict:
-    if not record.restore_from:
+    origin, restored = record.metadata.restore, record.status.restored
+    if origin is None:
         return {}
     return {
-        "restored": record.restored,
-        "restoredFrom": record.restore_from,
-        "restoredCheckpointTime": _rfc3339(record.restored_checkpoint_time) if record.restored_checkpoint_time else "",
+        "restored": restored is not None,
+        "restoredFrom": origin.source,
+        "restoredCheckpointTime": _rfc3339(origin.checkpoint_time_ns) if origin.checkpoint_time_ns else "",
         # "established": connections kept; "close": closed at restore (listeners kept); "none": there were none.
-        "restoreTcp": record.restore_tcp,
-        "baseImage": record.base_image_id,
-        "restorePhasesMs": record.restore_phases_ms,
+        "restoreTcp": restored.tcp if restored else "",
+        "baseImage": restored.base_image_id if restored else "",
+        "restorePhasesMs": dict(restored.phases_ms) if restored else {},
     }
 
 

@@ -6,6 +6,7 @@ import time
 
 from cri_api import api_pb2 as cri
 from criu_glue.checkpoint_image import is_checkpoint_image
+from criu_glue.checkpoint_pull import unpack_while_pulling
 from criu_glue.errors import ArchiveError
 from oci.registry import Credentials
 from pyshim.errors import FailedPrecondition, InvalidArgument
@@ -57,11 +58,18 @@ def pull_image(rt: Runtime, request) -> "cri.PullImageResponse":
     if not name:
         raise InvalidArgument("PullImage: image name is empty")
     started = time.monotonic()
-    record = rt.registry.pull(rt.images, name, _credentials(request.auth))
+    record = rt.registry.pull(rt.images, name, _credentials(request.auth), blob_tap=_checkpoint_unpacking(rt))
     rt.log.info("image pulled", extra={"image": name, "id": record.id,
                                        "seconds": round(time.monotonic() - started, 3)})
     _unpack_checkpoint(rt, record)
     return cri.PullImageResponse(image_ref=record.id)
+
+
+def _checkpoint_unpacking(rt: Runtime):
+    """A checkpoint image's layer is unpacked while it downloads (criu_glue.checkpoint_pull)."""
+    if rt.restorer.cache is None:
+        return None
+    return unpack_while_pulling(rt.images, rt.restorer.limits_for(rt.images.root))
 
 
 def _unpack_checkpoint(rt: Runtime, record) -> None:

@@ -41,8 +41,11 @@ def status(rt: Runtime, request) -> "cri.StatusResponse":
         recursive_read_only_mounts=recursive_read_only_mounts(rt.containers.runc_mount_options()))
     # The default handler ("") and its name "runc", as containerd lists them: both are runc here.
     handlers = [cri.RuntimeHandler(name=name, features=features) for name in ("", "runc")]
+    # SupplementalGroupsPolicy (Merge and Strict) is applied when the spec is built, and
+    # ContainerStatus.user reports the identity that resulted.
     return cri.StatusResponse(status=cri.RuntimeStatus(conditions=[runtime_ready, network_ready]), info=info,
-                              runtime_handlers=handlers)
+                              runtime_handlers=handlers,
+                              features=cri.RuntimeFeatures(supplemental_groups_policy=True))
 
 
 def runtime_config(rt: Runtime, request) -> "cri.RuntimeConfigResponse":
