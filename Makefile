@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit conformance bench bench-checkpoint bench-restore bench-streaming bench-migrate bench-pod deps install clean
+.PHONY: run test unit conformance bench bench-checkpoint bench-restore bench-lazy-restore bench-streaming bench-migrate bench-pod deps install clean
 
 deps:
 	bash scripts/install-system-deps.sh
@@ -43,6 +43,10 @@ bench-checkpoint: install
 
 bench-restore: install
 	$(PY) -m bench.restore $(ARGS)
+
+# Lazy (post-copy) local restore vs eager: StartContainer times and time until every page arrived.
+bench-lazy-restore: install
+	$(PY) -m bench.lazy_restore $(ARGS)
 
 # Exec round trip (ExecSync, streaming Exec, bare runc exec) and port-forward throughput vs a direct
 # connection (ARGS="--runs 50 --mib 256").

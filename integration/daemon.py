@@ -72,7 +72,9 @@ class Daemon:
 
     def start(self, timeout: float = 30, crash_at: str = "") -> None:
         """Start and wait until it serves. `crash_at` names a crash point (pyshim/internal/crashpoints.py)
-        at which the daemon will SIGKILL itself: see `wait_crashed`."""
+        at which the daemon will SIGKILL itself: see `wait_crashed`. A daemon of ours that still runs is
+        stopped first: two on one socket would leave the first one, and its containers, orphaned."""
+        self.stop()
         s = self.settings
         s.base.mkdir(parents=True, exist_ok=True)
         s.write_config()

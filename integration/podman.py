@@ -39,6 +39,9 @@ How Podman is set up, and why:
   `--runtime-flag root=...` is not enough: conmon's exit command (`podman container cleanup`)
   does not pass runtime flags on. The archives still say `"runtime": "runc"`.
 - conmon is Debian's from PATH, the one pyshim uses; CRIU is the system's (4.2.1).
+- `podman container restore --import` has no --cgroup-parent: a restored container and its conmon
+  land in Podman's default parent, /libpod_parent, which this instance removes with the rest
+  when it was not there before (cgroups of another Podman on the machine are left alone).
 - `--network none`: runc gives the container a private network namespace holding only `lo`,
   which CRIU dumps and restores by itself; no netavark, bridge, firewall rule or /run/netns
   entry is created, so nothing can leak or collide with pyshim's CNI networks, and the archive
@@ -64,6 +67,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 PODMAN = "podman"
+DEFAULT_CGROUP_PARENT = "/libpod_parent"  # Podman's with cgroupfs, for containers it restores
 MIN_VERSION = (5, 0)
 COMMAND_TIMEOUT = 180.0
 COMPRESSIONS = ("none", "gzip", "zstd")
@@ -151,6 +155,8 @@ class Podman:
         self.runc = shutil.which("runc") or "/usr/sbin/runc"
         self.storage_driver = "overlay"
         self._netns_before = _netns_names()
+        self._owns_default_cgroup_parent = not any(
+            (h / DEFAULT_CGROUP_PARENT.lstrip("/")).exists() for h in _cgroup_hierarchies())
         try:
             self._write_config()
             self._choose_storage_driver()
@@ -283,6 +289,17 @@ class Podman:
         self.podman(*args, cid)
         return Path(out_path)
 
+    def restore_import(self, archive: Path, name: str | None = None) -> str:
+        """`podman container restore --import ARCHIVE` (with --name when given): a container,
+        running, restored from a checkpoint archive of any engine; returns its ID. The archive's
+        base image must already be in this instance (pull() it): a pull here would copy images
+        outside the private /var/lib (see the module docstring)."""
+        args = ["container", "restore", "--import", str(archive)]
+        if name:
+            args += ["--name", name]
+        out = self.podman(*args).stdout
+        return out.strip().splitlines()[-1]
+
     def remove_all(self) -> None:
         """Remove every container (killing running ones) and the cgroups they used; images stay."""
         self.podman("rm", "--all", "--force", "--time", "0", check=False)
@@ -399,12 +416,16 @@ runroot = "{self.run_root}"
                            capture_output=True)
 
     def _cgroup_dirs(self) -> list[Path]:
-        """Our cgroup parent in every v1 hierarchy (and v2's), children first."""
+        """Our cgroup parents in every v1 hierarchy (and v2's), children first."""
+        parents = [self.cgroup_parent]
+        if self._owns_default_cgroup_parent:
+            parents.append(DEFAULT_CGROUP_PARENT)
         found = []
         for hierarchy in _cgroup_hierarchies():
-            top = hierarchy / self.cgroup_parent.lstrip("/")
-            if top.is_dir():
-                found += [Path(d) for d, _, _ in os.walk(top, topdown=False)]
+            for parent in parents:
+                top = hierarchy / parent.lstrip("/")
+                if top.is_dir():
+                    found += [Path(d) for d, _, _ in os.walk(top, topdown=False)]
         return found
 
     def _processes(self) -> set[int]:

@@ -14,3 +14,8 @@ CHECKPOINT_MODES = ("leave-running", "stop")
 # minutes later and worthless after a host crash); "durable" (the default) fsyncs it and its directory.
 CHECKPOINT_ARCHIVE_KEY = "pyshim-checkpoint-archive"
 CHECKPOINT_ARCHIVE_KINDS = ("durable", "throwaway")
+
+# On a restoring CreateContainer: "true" restores post-copy (the process runs before its memory is
+# in place; CRIU's lazy-pages daemon brings the pages), "false" eagerly; absent: the config's
+# [checkpoint] lazy_restore. pyshim/checkpoint_restore/lazy_restore.py.
+RESTORE_LAZY_ANNOTATION = "io.pyshim.restore.lazy"

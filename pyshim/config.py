@@ -61,6 +61,9 @@ class CheckpointSettings:
     tcp_established: str = "auto"
     # CRIU older than 4.2 cannot dump on kernels >= 6.16 (vDSO, TCP socket options).
     min_criu_version: str = "4.2"
+    # Post-copy restores by default (annotation io.pyshim.restore.lazy overrides it per container):
+    # the process runs before its memory arrives, served by CRIU's lazy-pages daemon.
+    lazy_restore: bool = False
 
 
 @dataclass

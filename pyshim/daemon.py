@@ -89,7 +89,8 @@ def build_runtime(config: Config) -> Runtime:
                                         mirrors={r: tuple(h) for r, h in config.images.mirrors.items()}),
                          images, journal)
     containers.load()
-    restores = RestoreEngine(containers, restorer, runc, conmon, images, puller, journal)
+    restores = RestoreEngine(containers, restorer, runc, conmon, images, puller, journal,
+                             lazy_default=config.checkpoint.lazy_restore)
     pod_checkpointer = PodCheckpointer(checkpointer, runc, journal, root / "checkpoint-work")
     runtime = Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
                       registry=puller, events=events, checkpointer=checkpointer, restorer=restorer,

@@ -30,6 +30,7 @@ from pathlib import Path
 from google.protobuf.message import Message
 
 from criu_glue import archive_format as fmt
+from criu_glue import portable_archive as portable
 from criu_glue.archive import ArchiveDigest, write_archive
 from criu_glue.criu import criu_availability, has_established_tcp, log_excerpt, read_dump_stats
 from criu_glue.rootfs_diff import write_rootfs_diff
@@ -469,6 +470,7 @@ class ArchiveMembers:
     diff_exclusions: list[str]
 
     def write(self, work: Path, deleted: list[str]) -> None:
+        portable.forget_root_mode(work / fmt.CHECKPOINT_DIR)  # so that Podman and CRI-O restore it too
         fmt.write_config(work, self.config)
         fmt.write_spec(work, self.spec)
         fmt.write_status(work, self.status)

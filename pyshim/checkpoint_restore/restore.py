@@ -33,12 +33,14 @@ from criu_glue.criu import (CriuAvailability, CritError, ProcessCredentials, Res
 from criu_glue.errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from criu_glue.limits import Limits
 from criu_glue.restore_mounts import ImageMount, exists_in_new_container, weaker_mounts
+from criu_glue import lazy_pages
 from criu_glue.rootfs_diff import apply_rootfs_diff
 from oci.runtime_spec import SpecInputError, check_seccomp_profile, validate_container_config
 from oci.tree_removal import remove_tree
 from pyshim.checkpoint_restore import tcp_lock
 from pyshim.checkpoint_restore import detection
 from pyshim.checkpoint_restore.detection import RestoreSource
+from pyshim.checkpoint_restore.lazy_restore import PAGES_LOST_REASON, LazyRestores, LazyState, lazy_choice
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, crashpoints, mounts, netns, procs
@@ -422,7 +424,7 @@ class RestoreEngine:
     Restorer's; runc and conmon are called directly, as the manager does for a plain start."""
 
     def __init__(self, containers: ContainerManager, restorer: Restorer, runc: Runc, conmon: Conmon,
-                 images, puller, intents: IntentJournal):
+                 images, puller, intents: IntentJournal, lazy_default: bool = False):
         self._containers = containers
         self._restorer = restorer
         self._runc = runc
@@ -430,6 +432,11 @@ class RestoreEngine:
         self._images = images  # oci.store.ImageStore
         self._puller = puller  # pyshim.internal.image_pulls.ImagePuller: the base image may be missing
         self._intents = intents
+        # Post-copy restores: their lazy-pages daemons (lazy_restore.py); lazy_default is the config's.
+        self._lazy = LazyRestores(containers.container_dir("-").parent)
+        self._lazy.on_pages_lost(self._kill_for_lost_pages)
+        self._lazy_default = lazy_default
+        containers.on_remove(lambda record: self._lazy.discard(record.id, record.bundle))
 
     def source_of(self, config) -> RestoreSource | None:
         """The checkpoint a CreateContainer restores from, checked; None for an ordinary container."""
@@ -445,6 +452,7 @@ class RestoreEngine:
             check_seccomp_profile(config.linux.security_context)  # the spec is built only at StartContainer
         except SpecInputError as e:
             raise InvalidArgument(str(e)) from None
+        lazy_choice(config.annotations, self._lazy_default)  # a bad lazy annotation fails here, not at start
         plan = source.plan
         containers = self._containers
         with containers.reserve_name(config, sandbox) as (container_id, key):
@@ -511,12 +519,16 @@ class RestoreEngine:
         plan = checkpoint.plan
         mode = self._restorer.tcp_mode(plan, config.annotations, [sandbox.record.ip, *sandbox.record.additional_ips])
         images_dir = record.bundle / "checkpoint"
+        lazy = lazy_choice(config.annotations, self._lazy_default)
         phases = PhaseTimer()
         with contextlib.ExitStack() as undo:
-            undo.callback(remove_tree, images_dir, ignore_errors=True)  # CRIU is done with them either way
+            if not lazy.lazy:  # a lazy restore's daemon reads the page images until every page arrived
+                undo.callback(remove_tree, images_dir, ignore_errors=True)  # CRIU is done with them either way
             mounts.mount_overlay(self._images.layer_paths(base_image), record.upper, record.work, record.rootfs)
             failed = undo.enter_context(contextlib.ExitStack())
             failed.callback(mounts.unmount, record.rootfs)
+            if lazy.lazy:
+                failed.callback(remove_tree, images_dir, ignore_errors=True)
             phases.mark("rootfs")
             spec = containers.build_spec(record, sandbox, _with_command(config, plan), base_image)
             self._intents.advance(intent, "unpack")
@@ -537,11 +549,18 @@ class RestoreEngine:
                 spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
             (record.bundle / "config.json").write_text(json.dumps(spec))
             phases.mark("spec")
-            self._intents.advance(intent, "runc_restore", tcp=mode.value)
+            self._intents.advance(intent, "runc_restore", tcp=mode.value, lazy=lazy.lazy)
+            restore_args = self._restorer.runc_restore_args(mode)
+            if lazy.lazy:
+                # runc's work path is the bundle: CRIU finds the daemon's socket there.
+                self._lazy.start(record.id, record.bundle, images_dir, lazy.page_server)
+                failed.callback(self._lazy.abort, record.id)
+                restore_args += lazy_pages.RUNC_RESTORE_ARGS
+                phases.mark("lazy_pages_daemon")
             try:
                 pid = self._conmon.create(record.id, record.name, containers.paths(record), record.log_path,
                                           stdin=config.stdin, stdin_once=config.stdin_once, tty=config.tty,
-                                          restore_from=images_dir, restore_args=self._restorer.runc_restore_args(mode))
+                                          restore_from=images_dir, restore_args=restore_args)
             except RuncError as e:
                 self._runc.delete(record.id, force=True)
                 raise FailedPrecondition(self._restorer.failure_message(record.bundle, e.message)) from None
@@ -553,9 +572,55 @@ class RestoreEngine:
             containers.update_status(record, lambda s: replace(s, state=ContainerState.RUNNING, pid=pid,
                                                                started_at=started, restored=restored))
             failed.pop_all()
+            if lazy.lazy:
+                self._lazy.supervise(record.id)
         log.info("container restored", extra={"container": record.id, "checkpoint": record.restore_from,
                                                "tcp": mode.value, "image_bytes": unpacked.image_bytes,
                                                "ms": dict(record.restored.phases_ms)})
+
+    # ---- lazy (post-copy) restores ------------------------------------------------------------
+
+    def lazy_status(self, record: ContainerRecord) -> dict:
+        """The verbose status of a lazy restore's page transfer ({} for any other container)."""
+        return self._lazy.status(record.id, record.bundle) if record.restored else {}
+
+    def refuse_while_pages_arrive(self, record: ContainerRecord) -> None:
+        """A checkpoint of a lazily restored process whose pages are still arriving is refused: CRIU
+        would dump memory that is only partly in place (not tried: refused until it has been)."""
+        if self.lazy_status(record).get("lazyPages") == LazyState.TRANSFERRING.value:
+            raise FailedPrecondition(f"container {record.id} was restored lazily and its memory is still "
+                                     "arriving (verbose status lazyPages: transferring); checkpoint it once "
+                                     "lazyPages is complete")
+
+    def wait_lazy_pages(self, container_id: str, timeout: float) -> bool:
+        """Until the container's page transfer has ended (tests, benchmarks); True if it has."""
+        return self._lazy.wait(container_id, timeout)
+
+    def recover_lazy_pages(self) -> None:
+        """At start-up, after the records were reconciled: adopt or judge each lazy restore's daemon."""
+        self._lazy.recover((r.id, r.bundle, r.state == ContainerState.RUNNING) for r in self._containers.all())
+
+    def _kill_for_lost_pages(self, container_id: str, message: str) -> bool:
+        """The lazy-pages daemon died before every page arrived: the process would read zeroes where
+        its memory should be, so it is killed, EXITED with reason LazyPagesFailed and `message`.
+        False when it had ended already."""
+        containers = self._containers
+        record = containers.find(container_id)
+        if record is None:
+            return False
+        with containers.lock_for(record.id):
+            containers.refresh(record)
+            if record.state != ContainerState.RUNNING:
+                return False
+            self._runc.kill(record.id, "KILL", all_processes=True)
+            paths, deadline = containers.paths(record), time.monotonic() + 10
+            while (exited := Conmon.exit_code(paths, record.id)) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            code, when = exited if exited is not None else (137, time.time())
+            containers.mark_exited(record, code, int(when * 1e9), reason=PAGES_LOST_REASON, message=message)
+        log.warning("container killed: its lazy pages can no longer arrive",
+                    extra={"container": record.id, "why": message})
+        return True
 
     # ---- recovery after a crash --------------------------------------------------------------
 

@@ -98,6 +98,9 @@ class ContainerManager:
         self._container_locks: dict[str, threading.RLock] = {}
         # Until the server serves, exits are recorded but their STOPPED events wait (publish_pending_stops).
         self._serving = False
+        # Called with each record being removed, once its processes are dead and before its dir goes
+        # (the restore engine ends a lazy restore's page source there).
+        self._remove_hooks: list = []
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
@@ -106,6 +109,10 @@ class ContainerManager:
         self._records.load()
         for record in self._records.all():
             self._names[record.name] = record.id  # records keep the full reservation key
+
+    def on_remove(self, hook) -> None:
+        """`hook(record)` runs at every removal, after runc delete and before the container's dir goes."""
+        self._remove_hooks.append(hook)
 
     def lock_for(self, container_id: str) -> threading.RLock:
         with self._lock:
@@ -515,6 +522,8 @@ class ContainerManager:
             self._wait_exit(record, 10)
         crashpoints.reached("remove_container:delete")
         self._runc.delete(record.id, force=True)
+        for hook in self._remove_hooks:
+            hook(record)
         mounts.unmount(record.rootfs)
         # Any depth: the writable layer may hold a tree planted by the container or an archive.
         remove_tree(record.dir, ignore_errors=True)

@@ -139,6 +139,7 @@ def start_pid_infra(pin_dir: Path) -> InfraProcess:
     try:
         infra = InfraProcess(pid=pid, ns_path=Path(f"/proc/{pid}/ns/pid"), start_time=_start_time(pid))
         _check_is_pid_namespace_init(infra)
+        _wait_for_exec(pid, pin_dir)
         _write_record(pin_dir, infra)
     except BaseException:
         _kill_and_wait(pid)
@@ -252,6 +253,21 @@ def _wait_for_pidfile(pidfile: Path, pin_dir: Path) -> int:
         f"pid infra process for {pin_dir} did not report its pid within "
         f"{PID_INFRA_START_TIMEOUT}s; its stderr: {log or '(empty)'}"
     )
+
+
+def _wait_for_exec(pid: int, pin_dir: Path) -> None:
+    """The shell writes the pid file just before it execs the program: until then the process is
+    named `sh` or `env`, and a `pkill sleep`/`pkill sh` in the pod could still take it."""
+    deadline = time.monotonic() + PID_INFRA_START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == PID_INFRA_NAME:
+                return
+        except FileNotFoundError:
+            break
+        time.sleep(0.005)
+    raise Internal(f"pid infra process {pid} for {pin_dir} did not become {PID_INFRA_NAME!r} within "
+                   f"{PID_INFRA_START_TIMEOUT}s; its stderr: {_read_tail(pin_dir / PID_INFRA_LOG) or '(empty)'}")
 
 
 def _check_is_pid_namespace_init(infra: InfraProcess) -> None:

@@ -39,6 +39,8 @@ def recover(parts, journal: IntentJournal) -> float:
     parts.containers.recover(pending)
     for stopped in stopped_by_checkpoints:  # their exits are recorded now: say why they ended
         parts.containers.note_stopped_by_checkpoint(stopped.container_id, stopped.checkpoint)
+    # Lazy restores' page sources, once the records say which containers still run.
+    parts.restores.recover_lazy_pages()
     # Pod cgroups that only became empty once orphaned containers were removed above.
     parts.sandboxes.sweep_cgroups()
     seconds = time.monotonic() - started

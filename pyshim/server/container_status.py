@@ -25,6 +25,7 @@ def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
             # container (pyshim migrate, host restart) recreate it from this.
             "config": json_format.MessageToDict(config),
             **_restore_info(record),
+            **rt.restores.lazy_status(record),  # post-copy restores: whether every page has arrived
         })
     status = convert.container_status(record, config)
     user = _process_user(rt, record)

@@ -50,6 +50,8 @@ def checkpoint_pod(rt: Runtime, request, time_remaining: float | None,
         raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready: only a running pod can be checkpointed")
     options = PodCheckpointOptions.parse(dict(request.options))
     records = validate_selection(sandbox.id, list(request.container_ids), rt.containers.find)
+    for record in records:
+        rt.restores.refuse_while_pages_arrive(record)
     output = validate_output_dir(request.output_path)
     parts = []
     for record in records:
