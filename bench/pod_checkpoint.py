@@ -78,6 +78,7 @@ def _remove_pod(client, pod_id: str) -> None:
 def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: Path) -> dict:
     figures = {"pod_frozen": [], "seq_frozen_sum": [], "seq_frozen_max": [], "restore_pod": [],
                "seq_restore_sum": [], "seq_restore_max": []}
+    phases = {"pod_checkpoint": [], "container_checkpoint": [], "pod_restore": [], "container_restore": []}
     with daemon.client(timeout=600) as c:
         pod = _pod()
         pod_id = c.run_pod(pod)
@@ -94,7 +95,9 @@ def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: P
             _settle()
             before = len(_log_entries(daemon, "pod checkpointed"))
             c.checkpoint_pod(pod_id, str(out), ids)
-            figures["pod_frozen"].append(_log_entries(daemon, "pod checkpointed")[before]["frozen_ms"])
+            entry = _log_entries(daemon, "pod checkpointed")[before]
+            figures["pod_frozen"].append(entry["frozen_ms"])
+            phases["pod_checkpoint"].append(entry.get("phases_ms", {}))
 
             archives, frozen = [], []
             for cid in ids:
@@ -103,17 +106,25 @@ def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: P
                 before = len(_log_entries(daemon, "container checkpointed"))
                 c.runtime.CheckpointContainer(cri.CheckpointContainerRequest(
                     container_id=cid, location=str(archive), timeout=300), timeout=310)
-                frozen.append(_log_entries(daemon, "container checkpointed")[before]["frozen_ms"])
+                entry = _log_entries(daemon, "container checkpointed")[before]
+                frozen.append(entry["frozen_ms"])
+                phases["container_checkpoint"].append(entry.get("phases_ms", {}))
                 archives.append(archive)
             figures["seq_frozen_sum"].append(sum(frozen))
             figures["seq_frozen_max"].append(max(frozen))
 
             _settle()
+            before = len(_log_entries(daemon, "container restored"))
             started = time.monotonic()
             response = c.restore_pod(str(out), _pod(), configs)
+            restore_pod_ms = (time.monotonic() - started) * 1000
             for restored in response.restored_containers:
                 c.start(restored.container_id)
             figures["restore_pod"].append((time.monotonic() - started) * 1000)
+            restore_pod_phases = _log_entries(daemon, "pod restored (containers CREATED)")[-1].get("phases_ms", {})
+            phases["pod_restore"].append({"RestorePod": restore_pod_ms, **restore_pod_phases, **{
+                f"{k}[{i}]": v for i, e in enumerate(_log_entries(daemon, "container restored")[before:])
+                for k, v in e.get("ms", {}).items()}})
             _remove_pod(c, response.pod_sandbox_id)
 
             singles = []
@@ -124,10 +135,12 @@ def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: P
                 restore.CopyFrom(config)
                 restore.image.image = str(archive)
                 _settle()
+                before = len(_log_entries(daemon, "container restored"))
                 started = time.monotonic()
                 cid = c.create(new_id, restore, new_pod)
                 c.start(cid)
                 singles.append((time.monotonic() - started) * 1000)
+                phases["container_restore"].append(_log_entries(daemon, "container restored")[before].get("ms", {}))
                 _remove_pod(c, new_id)
             figures["seq_restore_sum"].append(sum(singles))
             figures["seq_restore_max"].append(max(singles))
@@ -135,7 +148,15 @@ def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: P
             for archive in archives:
                 archive.unlink(missing_ok=True)
         _remove_pod(c, pod_id)
-    return {k: statistics.median(v) for k, v in figures.items()}
+    medians = {k: statistics.median(v) for k, v in figures.items()}
+    medians["phases"] = {what: _median_phases(runs_of) for what, runs_of in phases.items()}
+    return medians
+
+
+def _median_phases(entries: list[dict]) -> dict:
+    """Per phase name, the median over the entries that have it (ms): where the time goes."""
+    names = list(dict.fromkeys(k for e in entries for k in e))
+    return {k: round(statistics.median(e[k] for e in entries if k in e), 1) for k in names}
 
 
 def main() -> None:
@@ -143,6 +164,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,4", help="containers per pod")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mib", type=int, default=64, help="memory per container")
+    parser.add_argument("--phases", action="store_true", help="also print where the time goes (daemon phase timers)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="pyshim-bench-pod-", dir="/var/tmp"))
     settings = new_settings("bp", "10.86.9.0/24")
@@ -173,6 +195,11 @@ def main() -> None:
               f"{f['pod_frozen'] / f['seq_frozen_max']:>8.2f} {f['restore_pod']:>17.0f} "
               f"{f['seq_restore_sum']:>13.0f} {f['seq_restore_max']:>12.0f} {f['seq_restore_max'] + 100:>8.0f}")
     print("targets (n=2): pod frozen <= 1.2 x seq max; RestorePod+start <= max restore + 100 ms")
+    if args.phases:
+        for n, f in results.items():
+            print(f"\nphases, {n} container(s), medians (ms):")
+            for what, ms in f["phases"].items():
+                print(f"  {what:>21}: " + ", ".join(f"{k} {v:.0f}" for k, v in ms.items()))
 
 
 if __name__ == "__main__":

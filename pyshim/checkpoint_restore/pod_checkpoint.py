@@ -14,6 +14,14 @@ output, so the pod is never left frozen and the caller's directory is empty agai
 
 On error every file this call wrote into the output directory is removed; the directory itself,
 which belongs to the caller, never is.
+
+Stop mode (`stop=True`: gRPC metadata `pyshim-checkpoint-mode: stop`, sent by `pyshim migrate --pod`
+and `pyshim node checkpoint-all`, never by kubelet): the containers stay frozen until every part and
+the manifest are complete, then their TCP connections are locked and they are killed while still
+frozen, so that no process runs on after its image was taken (its restored copy would repeat what it
+did meanwhile). Any failure before the kill thaws them all and removes the output, as in the normal
+mode. The intent's step "kill" tells recovery that the output is complete: it is kept, and the
+containers a killed daemon had not killed yet run on, thawed, their locks lifted.
 """
 from __future__ import annotations
 
@@ -31,7 +39,9 @@ from oci.tree_removal import remove_tree
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.checkpoint_restore import tcp_lock
 from pyshim.internal import cgroups, mounts
-from pyshim.checkpoint_restore.checkpoint import ArchiveMembers, Checkpointer, _write_archive_by_deadline
+from pyshim.checkpoint_restore.checkpoint import (ArchiveMembers, Checkpointer, StoppedByCheckpoint,
+                                                  _write_archive_by_deadline)
+from pyshim.checkpoint_restore.records import CheckpointFacts
 from pyshim.internal.intents import IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import Runc, RuncError
@@ -73,6 +83,16 @@ class PodPart:
     name: str
     config_doc: dict
     members: ArchiveMembers
+
+
+@dataclass(frozen=True)
+class PodCheckpointResult:
+    manifest: podfmt.PodManifest
+    frozen_seconds: float
+    total_seconds: float
+    stopped: bool
+    phases_ms: dict
+    tcp: dict  # container id -> whether CRIU dumped its established connections
 
 
 @dataclass
@@ -127,13 +147,19 @@ class PodCheckpointer:
         self._work_root = Path(work_root)
         self._work_root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def recover(self) -> list[str]:
-        """Start-up repair (pyshim/internal/recovery.py): thaw what an interrupted CheckpointPod froze."""
-        return recover_pod_checkpoints(self._journal, self._runc)
+    def recover(self) -> list[StoppedByCheckpoint]:
+        """Start-up repair (pyshim/internal/recovery.py): thaw what an interrupted CheckpointPod froze.
+        Returns the containers a stop-mode CheckpointPod may have killed once its output was complete:
+        recovery records them as stopped by it when their exit is found (as for CheckpointContainer)."""
+        stopped: list[StoppedByCheckpoint] = []
+        recover_pod_checkpoints(self._journal, self._runc, stopped)
+        return stopped
 
     def checkpoint(self, sandbox_id: str, pod_config_doc: dict, pod_ips: list[str], parts: list[PodPart],
-                   output: Path, options: PodCheckpointOptions, deadline: float) -> podfmt.PodManifest:
-        """Checkpoint `parts` into `output` (an existing empty directory) at one instant."""
+                   output: Path, options: PodCheckpointOptions, deadline: float, stop: bool = False,
+                   netns_path: str = "") -> PodCheckpointResult:
+        """Checkpoint `parts` into `output` (an existing empty directory) at one instant; with `stop`,
+        kill them once the checkpoint is complete (their connections locked in `netns_path` first)."""
         self._checkpointer.check_enabled()
         locks = [self._checkpointer._lock_for(p.record.id) for p in sorted(parts, key=lambda p: p.record.id)]
         taken = []
@@ -146,18 +172,42 @@ class PodCheckpointer:
             for p in parts:
                 if p.record.state != ContainerState.RUNNING:
                     raise FailedPrecondition(f"CheckpointPod: container {p.record.id} is {p.record.state.value}")
-            return self._checkpoint_locked(sandbox_id, pod_config_doc, pod_ips, parts, output, options, deadline)
+            return self._checkpoint_locked(sandbox_id, pod_config_doc, pod_ips, parts, output, options, deadline,
+                                           stop, netns_path)
         finally:
             for lock in taken:
                 lock.release()
 
     def _checkpoint_locked(self, sandbox_id, pod_config_doc, pod_ips, parts, output: Path,
-                           options: PodCheckpointOptions, deadline: float) -> podfmt.PodManifest:
+                           options: PodCheckpointOptions, deadline: float, stop: bool,
+                           netns_path: str) -> PodCheckpointResult:
         started = time.monotonic()
         phases = PhaseTimer()
         works: list[_Work] = []
         written = [output / podfmt.part_name(i) for i in range(len(parts))] + [output / podfmt.MANIFEST]
         intent = None
+        killed = False
+        manifest = None
+
+        def write_output() -> None:
+            nonlocal manifest
+            (output / podfmt.PARTS_DIR).mkdir(mode=0o700, exist_ok=True)
+            self._package_all(works, output, options, deadline)
+            phases.mark("archives")
+            manifest = _manifest(sandbox_id, pod_config_doc, pod_ips, options, works)
+            _check_deadline(deadline, "CheckpointPod ran out of time before the manifest was written")
+            podfmt.write_manifest(output, manifest)
+            phases.mark("manifest")
+
+        def write_output_and_kill() -> None:  # stop mode: all of it while frozen
+            nonlocal killed
+            self._journal.advance(intent, "archive")
+            write_output()
+            self._journal.advance(intent, "kill")
+            killed = True  # from here on the output is complete and is kept whatever happens
+            self._kill_all_frozen(works, netns_path)
+            phases.mark("kill")
+
         try:
             for i, p in enumerate(parts):
                 # Read before freezing: the frozen window is for CRIU and the diffs only.
@@ -168,37 +218,34 @@ class PodCheckpointer:
             intent = self._journal.begin(
                 Operation.CHECKPOINT_POD, sandbox_id, step="freezing",
                 containers=",".join(p.record.id for p in parts), output_files="\n".join(map(str, written)),
-                work_dirs="\n".join(str(w.directory) for w in works))
+                work_dirs="\n".join(str(w.directory) for w in works), netns_path=netns_path,
+                mode="stop" if stop else "leave-running")
             phases.mark("prepare")
-            frozen_at, frozen = self._freeze_dump_thaw(works, options, deadline, phases, intent)
-            (output / podfmt.PARTS_DIR).mkdir(mode=0o700, exist_ok=True)
-            self._package_all(works, output, options, deadline)
-            phases.mark("archives")
-            manifest = podfmt.PodManifest(
-                pod_id=sandbox_id, pod_config=pod_config_doc, pod_ips=tuple(pod_ips), tcp=options.tcp,
-                containers=tuple(podfmt.PodContainer(
-                    index=w.index, name=w.part.name, id=w.part.record.id, config=w.part.config_doc,
-                    tcp_connections=w.connections) for w in works),
-                checkpointed_time_ns=time.time_ns())
-            _check_deadline(deadline, "CheckpointPod ran out of time before the manifest was written")
-            podfmt.write_manifest(output, manifest)
-            phases.mark("manifest")
+            frozen = self._freeze_dump_thaw(works, options, deadline, phases, intent,
+                                            write_output_and_kill if stop else None)
+            if not stop:
+                write_output()  # after the thaw: packing is not frozen time
         except BaseException:
-            _remove_outputs(output, written)
+            if not killed:
+                _remove_outputs(output, written)
             raise
         finally:
             for w in works:
                 remove_tree(w.directory, ignore_errors=True)
             if intent is not None:
                 self._journal.finish(intent)
+        total = time.monotonic() - started
         log.info("pod checkpointed", extra={
             "sandbox": sandbox_id, "containers": [p.record.id for p in parts], "output": str(output),
-            "frozen_ms": round(frozen * 1000, 1), "total_ms": round((time.monotonic() - started) * 1000, 1),
+            "frozen_ms": round(frozen * 1000, 1), "total_ms": round(total * 1000, 1), "stopped": stop,
             "phases_ms": phases.report()})
-        return manifest
+        return PodCheckpointResult(manifest, frozen, total, stop, phases.report(),
+                                   {w.part.record.id: w.tcp for w in works})
 
-    def _freeze_dump_thaw(self, works: list[_Work], options, deadline: float, phases: PhaseTimer, intent):
-        """Pause all, dump all side by side, thaw all -- the thaw whatever happened."""
+    def _freeze_dump_thaw(self, works: list[_Work], options, deadline: float, phases: PhaseTimer, intent,
+                          while_frozen=None) -> float:
+        """Pause all, dump all side by side, run `while_frozen` if every dump succeeded, thaw all --
+        the thaw whatever happened. Returns the frozen time."""
         for w in works:
             w.connections = tuple(_connections_of(w.part.record))
             w.tcp = self._wants_tcp(w, options)
@@ -229,6 +276,8 @@ class PodCheckpointer:
                     except Exception as e:  # noqa: BLE001 - reported below, after every dump ended
                         w.error = e
             phases.mark("dump")
+            if while_frozen is not None and not any(w.error for w in works):
+                while_frozen()
         finally:
             thaw_errors = self._thaw_all(paused)
             frozen = time.monotonic() - frozen_at
@@ -239,21 +288,51 @@ class PodCheckpointer:
             raise _first_error(failed)
         if thaw_errors:
             raise thaw_errors[0]
-        return frozen_at, frozen
+        return frozen
+
+    def _kill_all_frozen(self, works: list[_Work], netns_path: str) -> None:
+        """Stop mode: lock every container's connections (peers see no FIN or RST), then SIGKILL them
+        all while frozen; the thaw that follows lets them die at once. A lock failure kills nothing."""
+        locked = []
+        try:
+            for w in works:
+                connections = _live_connections(w.part.record)
+                if netns_path and connections:
+                    tcp_lock.lock(netns_path, w.part.record.id, connections)
+                    locked.append(w.part.record.id)
+        except tcp_lock.LockError as e:
+            for cid in locked:
+                tcp_lock.unlock_all(netns_path, cid)
+            raise FailedPrecondition(f"CheckpointPod: cannot lock the TCP connections before stopping the pod's "
+                                     f"containers: {e}; they run on") from None
+        failed = []
+        for w in works:
+            try:
+                self._runc.kill(w.part.record.id, "KILL", all_processes=True)
+            except RuncError as e:
+                failed.append(f"{w.part.record.id}: {e.message}")
+        if failed:
+            raise FailedPrecondition(f"CheckpointPod: the checkpoint is complete, but these containers could not be "
+                                     f"stopped: {'; '.join(failed)}")
 
     def _dump_one(self, w: _Work, deadline: float) -> list[str]:
         return self._checkpointer._dump_and_diff(w.part.record, w.directory, w.part.members, w.lower_dirs, w.tcp,
                                                  deadline, PhaseTimer())
 
     def _thaw_all(self, paused: list[_Work]) -> list[Exception]:
-        errors = []
-        for w in paused:
+        """Side by side, as the freezes: the last container is not kept frozen for the others' `runc resume`."""
+        def thaw(w: _Work) -> Exception | None:
             try:
                 self._checkpointer._thaw(w.part.record)
+                return None
             except RuncError as e:
-                errors.append(FailedPrecondition(f"CheckpointPod: container {w.part.record.id} could not be "
-                                                 f"thawed: {e.message}"))
-        return errors
+                return FailedPrecondition(f"CheckpointPod: container {w.part.record.id} could not be thawed: "
+                                          f"{e.message}")
+
+        if len(paused) <= 1:
+            return [e for e in map(thaw, paused) if e is not None]
+        with ThreadPoolExecutor(max_workers=len(paused), thread_name_prefix="pod-thaw") as pool:
+            return [e for e in pool.map(thaw, paused) if e is not None]
 
     def _wants_tcp(self, w: _Work, options: PodCheckpointOptions) -> bool:
         # "close" still dumps the connections (CRIU refuses established sockets otherwise); RestorePod
@@ -278,6 +357,24 @@ class PodCheckpointer:
         for e in errors:
             if e is not None:
                 raise e
+
+
+def _manifest(sandbox_id, pod_config_doc, pod_ips, options, works: list[_Work]) -> podfmt.PodManifest:
+    return podfmt.PodManifest(
+        pod_id=sandbox_id, pod_config=pod_config_doc, pod_ips=tuple(pod_ips), tcp=options.tcp,
+        containers=tuple(podfmt.PodContainer(
+            index=w.index, name=w.part.name, id=w.part.record.id, config=w.part.config_doc,
+            tcp_connections=w.connections) for w in works),
+        checkpointed_time_ns=time.time_ns())
+
+
+def _live_connections(record: ContainerRecord) -> list:
+    if not record.cgroups_path:
+        return []
+    try:
+        return tcp_lock.established_connections(cgroups.processes(record.cgroups_path))
+    except OSError:
+        return []
 
 
 def _connections_of(record: ContainerRecord) -> list[podfmt.TcpConnection]:
@@ -320,9 +417,11 @@ def _check_deadline(deadline: float, message: str) -> None:
         raise DeadlineExceeded(message)
 
 
-def recover_pod_checkpoints(journal: IntentJournal, runc: Runc) -> list[str]:
+def recover_pod_checkpoints(journal: IntentJournal, runc: Runc,
+                            stopped: list[StoppedByCheckpoint] | None = None) -> list[str]:
     """Start-up repair of CheckpointPod calls a killed daemon left open: thaw every container they
-    froze, remove their partial output and work directories. Returns the ids thawed."""
+    froze, remove their partial output and work directories. Returns the ids thawed; adds to `stopped`
+    every container of a stop-mode call cut at its kill step (those that exited ended by it)."""
     thawed = []
     for intent in journal.pending():
         if intent.operation != Operation.CHECKPOINT_POD:
@@ -338,6 +437,14 @@ def recover_pod_checkpoints(journal: IntentJournal, runc: Runc) -> list[str]:
                           extra={"container": cid, "error": e.message, "intent": intent.id})
                 continue
         files = [Path(p) for p in intent.facts.get("output_files", "").split("\n") if p]
+        if intent.step == "kill":
+            # A stopping checkpoint killed at its last step: the output is complete and consistent (taken
+            # frozen, nothing ran since), so it is kept. The caller was never told it succeeded, so the
+            # containers not killed yet run on, their connections unlocked; a retry checkpoints afresh.
+            _unlock_survivors(intent, runc)
+            if stopped is not None:
+                stopped.extend(_stopped_by(intent, files))
+            files = []
         if files:
             _remove_outputs(files[0].parent.parent if files[0].parent.name == podfmt.PARTS_DIR
                             else files[0].parent, files)
@@ -347,3 +454,27 @@ def recover_pod_checkpoints(journal: IntentJournal, runc: Runc) -> list[str]:
         log.warning("interrupted pod checkpoint recovered", extra={"sandbox": intent.target, "thawed": thawed,
                                                                    "intent": intent.id})
     return thawed
+
+
+def _stopped_by(intent, files: list[Path]) -> list[StoppedByCheckpoint]:
+    """Container i's part is output_files[i] (the intent names both in the parts' order)."""
+    ids = [c for c in intent.facts.get("containers", "").split(",") if c]
+    found = []
+    for cid, part in zip(ids, files):
+        when = part.stat().st_mtime_ns if part.exists() else time.time_ns()
+        found.append(StoppedByCheckpoint(cid, CheckpointFacts(location=str(part), time_ns=when, stopped=True)))
+    return found
+
+
+def _unlock_survivors(intent, runc: Runc) -> None:
+    netns_path = intent.facts.get("netns_path", "")
+    if not netns_path:
+        return
+    for cid in filter(None, intent.facts.get("containers", "").split(",")):
+        try:
+            state = runc.state(cid)
+            if state is not None and state.status in ("running", "paused"):
+                tcp_lock.unlock_all(netns_path, cid)
+        except Exception:  # noqa: BLE001 - the pod's netns may be gone with the pod
+            log.warning("interrupted pod checkpoint: cannot unlock a container's connections",
+                        extra={"container": cid, "intent": intent.id})

@@ -98,6 +98,10 @@ class OpenCheckpoint:
     """A checked archive, open for the one restore that reads it (see Restorer.open)."""
     plan: RestorePlan
     archive: CheckpointArchive
+    # False: unpack straight into the restore's directory, not through the image store's cache. A part of
+    # a pod checkpoint is restored once, so hashing it for the cache would only cost CPU (while the
+    # pod's other containers restore beside it) and push out archives restored again and again.
+    cached: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ class Restorer:
             return checkpoint.plan
 
     @contextlib.contextmanager
-    def open(self, source: Path, config) -> Iterator[OpenCheckpoint]:
+    def open(self, source: Path, config, cached: bool = True) -> Iterator[OpenCheckpoint]:
         """The archive, checked as plan() checks it and kept open, so StartContainer reads it once more
         only to unpack (opening indexes the whole archive, decompressing it if compressed)."""
         if not source.is_file():
@@ -164,7 +168,7 @@ class Restorer:
                     f"checkpoint {source} expects bind mounts the new container does not have: "
                     f"{', '.join(missing)}; add them to the container's mounts (the restored process has "
                     "files open there)")
-            yield OpenCheckpoint(plan, archive)
+            yield OpenCheckpoint(plan, archive, cached)
 
     @staticmethod
     def _plan_from(archive: CheckpointArchive, source: Path) -> RestorePlan:
@@ -225,7 +229,7 @@ class Restorer:
         limits = self.limits_for(images_dir.parent)
         from_cache = False
         try:
-            if self.cache is not None:
+            if self.cache is not None and checkpoint.cached:
                 cached = self.cache.images_of(archive, limits)
                 ms["criu_images_unpack"] = _ms_since(started)
                 self.cache.link(cached, images_dir)
@@ -475,13 +479,14 @@ class RestoreEngine:
 
     # ---- StartContainer ----------------------------------------------------------------------
 
-    def start(self, container_id: str, sandbox: SandboxContext) -> ContainerRecord:
+    def start(self, container_id: str, sandbox: SandboxContext, cached: bool = True) -> ContainerRecord:
         """Restore a container CreateContainer recorded for restore. The archive is checked again (it may
-        have changed since CreateContainer) and the base image pulled if this node lacks it."""
+        have changed since CreateContainer) and the base image pulled if this node lacks it. `cached`:
+        see OpenCheckpoint."""
         self._restorer.check_enabled()
         record = self._containers.get(container_id)
         config = self._containers.config_of(record)
-        with self._restorer.open(Path(record.restore_from), config) as checkpoint:
+        with self._restorer.open(Path(record.restore_from), config, cached=cached) as checkpoint:
             image = detection.base_image(self._images, self._puller, checkpoint.plan.base_image_refs)
             return self._start(record.id, sandbox, image, checkpoint)
 

@@ -35,6 +35,10 @@ class FakeRunc:
     def state(self, cid):
         return RuncState(cid, 1, "paused" if cid in self.paused else "running", "")
 
+    def kill(self, cid, signal="TERM", all_processes=False):
+        with self.lock:
+            self.events.append(("kill", cid))
+
 
 class FakeCheckpointer:
     """Just the pieces of Checkpointer the pod checkpointer reuses."""
@@ -97,7 +101,7 @@ def setup(tmp_path):
 def test_all_frozen_before_any_dump_and_all_thawed_after(setup, tmp_path):
     runc, journal, out, make = setup
     manifest = make().checkpoint("pod", {"metadata": {}}, ["10.0.0.1"], [part("a"), part("b"), part("c")], out,
-                                 pc.PodCheckpointOptions(tcp="established"), time.monotonic() + 30)
+                                 pc.PodCheckpointOptions(tcp="established"), time.monotonic() + 30).manifest
     kinds = [e[0] for e in runc.events]
     assert kinds[:3] == ["pause"] * 3 and kinds[-3:] == ["resume"] * 3 and kinds.count("dump") == 3
     assert not runc.paused
@@ -106,6 +110,54 @@ def test_all_frozen_before_any_dump_and_all_thawed_after(setup, tmp_path):
     assert sorted(p.name for p in (out / "containers").iterdir()) == ["0.tar", "1.tar", "2.tar"]
     assert journal.pending() == []
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_stop_mode_kills_all_while_frozen_once_the_checkpoint_is_complete(setup, tmp_path):
+    runc, journal, out, make = setup
+    seen_at_kill = []
+    kill = runc.kill
+
+    def kill_checking(cid, signal="TERM", all_processes=False):
+        # Nothing ran after the image: still frozen, and the output complete, when the kill comes.
+        seen_at_kill.append((cid in runc.paused, podfmt.is_pod_checkpoint(out)))
+        kill(cid, signal, all_processes)
+    runc.kill = kill_checking
+    result = make().checkpoint("pod", {}, [], [part("a"), part("b")], out, pc.PodCheckpointOptions(tcp="established"),
+                               time.monotonic() + 30, stop=True)
+    assert result.stopped and seen_at_kill == [(True, True), (True, True)]
+    kinds = [e[0] for e in runc.events]
+    assert kinds.index("kill") > max(i for i, k in enumerate(kinds) if k == "dump")
+    assert kinds[-2:] == ["resume", "resume"] and not runc.paused  # thawed after the kill: they die at once
+    assert podfmt.read_manifest(out) == result.manifest
+    assert journal.pending() == []
+
+
+def test_stop_mode_failing_before_the_kill_thaws_all_and_kills_none(setup):
+    runc, journal, out, make = setup
+    with pytest.raises(FailedPrecondition):
+        make(fail={"b"}).checkpoint("pod", {}, [], [part("a"), part("b")], out,
+                                    pc.PodCheckpointOptions(tcp="established"), time.monotonic() + 30, stop=True)
+    assert "kill" not in [e[0] for e in runc.events] and not runc.paused
+    assert list(out.iterdir()) == []
+
+
+def test_recovery_at_the_kill_step_keeps_the_complete_output(tmp_path):
+    runc = FakeRunc()
+    journal = IntentJournal(tmp_path / "intents")
+    out = tmp_path / "out"
+    (out / "containers").mkdir(parents=True)
+    (out / "containers" / "0.tar").write_bytes(b"complete")
+    (out / podfmt.MANIFEST).write_text("{}")
+    journal.begin(Operation.CHECKPOINT_POD, "pod", step="kill", containers="a",
+                  output_files=f"{out}/containers/0.tar\n{out}/{podfmt.MANIFEST}", work_dirs="", mode="stop")
+    runc.pause("a")
+    stopped = []
+    assert pc.recover_pod_checkpoints(journal, runc, stopped) == ["a"]
+    assert not runc.paused and (out / podfmt.MANIFEST).exists() and (out / "containers" / "0.tar").exists()
+    # Container "a" is reported as stopped by this checkpoint, its part as the location.
+    assert [(s.container_id, s.checkpoint.location, s.checkpoint.stopped) for s in stopped] == \
+        [("a", f"{out}/containers/0.tar", True)]
+    assert journal.pending() == []
 
 
 def test_dumps_run_side_by_side(setup):

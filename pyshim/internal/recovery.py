@@ -34,8 +34,7 @@ def recover(parts, journal: IntentJournal) -> float:
             "count": len(pending), "intents": [f"{i.operation.value}:{i.step} {i.target}" for i in pending]})
     parts.sandboxes.recover(pending)
     parts.registry.recover(pending)  # the journaled puller (pyshim/internal/image_pulls.py)
-    parts.pod_checkpointer.recover()
-    stopped_by_checkpoints = parts.checkpointer.recover(pending)
+    stopped_by_checkpoints = parts.pod_checkpointer.recover() + parts.checkpointer.recover(pending)
     parts.restores.recover(pending)
     parts.containers.recover(pending)
     for stopped in stopped_by_checkpoints:  # their exits are recorded now: say why they ended

@@ -9,7 +9,7 @@ from pathlib import Path
 from oci.errors import ImageError
 from oci.registry import Credentials
 from pyshim.client import Client
-from pyshim.migration import host_restart
+from pyshim.migration import host_restart, pod_move
 from pyshim.migration.migrate import DEFAULT_WORK_DIR, Migration, MigrateOptions, MigrationReport
 
 DIRECT_IMAGE_REPOSITORY = "localhost/pyshim-migrate"  # the received image's name on the target
@@ -17,6 +17,8 @@ from pyshim.migration.workload import MoveError
 
 
 def cmd_migrate(args) -> int:
+    if args.pod or not args.container:
+        return pod_move.cmd_migrate_pod(args)
     creds = None
     if args.creds:
         user, sep, password = args.creds.partition(":")
@@ -93,7 +95,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "remove it from the source. A failure before it runs on the target restores it on the "
                     "source again; after a kill, run the same command again to finish or roll back. "
                     "Run it on the source node: the archive is written to --work-dir there.")
-    m.add_argument("container", help="container id on the source node")
+    m.add_argument("container", nargs="?", help="container id on the source node (or --pod)")
+    m.add_argument("--pod", metavar="POD", help="move this whole pod instead: all its running containers, cut at "
+                                                "one instant (CheckpointPod), restored together (RestorePod)")
+    m.add_argument("--transfer-dir", metavar="DIR", help="with --pod: a directory the target node reads at the same "
+                                                         "path, the pod checkpoint is copied there (default: the "
+                                                         "work dir, which both nodes must then see)")
     m.add_argument("--from", dest="source", required=True, metavar="ENDPOINT", help="CRI endpoint of the source node")
     m.add_argument("--to", dest="target", required=True, metavar="ENDPOINT", help="CRI endpoint of the target node")
     m.add_argument("--direct", metavar="COMMAND",

@@ -42,16 +42,23 @@ def create_container(rt: Runtime, request) -> "cri.CreateContainerResponse":
 def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
     """Start a created container; a container created from a checkpoint is restored now."""
     record = rt.containers.get(request.container_id)
-    if record.pending_restore:
-        context = _sandbox_context(rt, record.sandbox_id, rt.containers.config_of(record))
+    from pyshim.server.pod_restore_start import start_with_pod  # RestorePod's pods (no cycle at import)
+    if start_with_pod(rt, record, lambda r: _restore(rt, r, cached=False)):
+        pass  # restored with its pod, by this call or an earlier one
+    elif record.pending_restore:
         try:
-            rt.restores.start(record.id, context)
+            _restore(rt, record)
         finally:
             from pyshim.server.pod_restore import after_restore_started  # RestorePod's pods (no cycle at import)
             after_restore_started(rt, record.sandbox_id)
     else:
         rt.containers.start(record.id)
     return cri.StartContainerResponse()
+
+
+def _restore(rt: Runtime, record, cached: bool = True) -> None:
+    context = _sandbox_context(rt, record.sandbox_id, rt.containers.config_of(record))
+    rt.restores.start(record.id, context, cached=cached)
 
 
 def stop_container(rt: Runtime, request) -> "cri.StopContainerResponse":

@@ -9,6 +9,7 @@ removed before it returns. The checkpoint is only read.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cri_api import api_pb2 as cri
@@ -19,13 +20,16 @@ from pyshim.checkpoint_restore import pod_restore as pod_restorer
 from pyshim.internal import netns
 from pyshim.checkpoint_restore.detection import RestoreSource
 from pyshim.checkpoint_restore.restore import TCP_ANNOTATION
+from pyshim.internal.phases import PhaseTimer
 from pyshim.server.container_lifecycle import _sandbox_context
 from pyshim.server.pod_checkpoint import caller_deadline
+from pyshim.server.pod_restore_start import record_group
 from pyshim.server.runtime import Runtime
 
 
 def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.RestorePodResponse":
     deadline = caller_deadline(time_remaining, "RestorePod")
+    phases = PhaseTimer()
     rt.restorer.check_enabled()
     if not request.HasField("config"):
         raise InvalidArgument("RestorePod: config is missing")
@@ -41,10 +45,13 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         configs.append((entry, _with_tcp_decision(config, pod_restorer.tcp_annotation(manifest, entry))))
     checkpoint_dir = Path(request.checkpoint_path)
     # Every part, checked as a container archive is (hostile-archive checks, expected bind mounts),
-    # before anything is created.
-    plans = [rt.restorer.plan(checkpoint_dir / entry.part, config) for entry, config in configs]
+    # before anything is created; side by side (each reads its own archive's index).
+    with ThreadPoolExecutor(max_workers=min(len(configs), 4), thread_name_prefix="pod-plan") as pool:
+        plans = list(pool.map(lambda pair: rt.restorer.plan(checkpoint_dir / pair[0].part, pair[1]), configs))
+    phases.mark("check")
 
     sandbox = rt.sandboxes.run(request.config, request.runtime_handler)
+    phases.mark("sandbox")
     created: list[str] = []
     try:
         loopback = pod_restorer.loopback_connections(manifest)
@@ -57,13 +64,17 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
             record = rt.restores.create(context, config, RestoreSource(plan))
             created.append(record.id)
             restored.append(cri.RestoredContainer(name=entry.name, container_id=record.id))
+        # The first StartContainer of any of them restores them all together (pod_restore_start.py).
+        record_group(sandbox, created)
+        phases.mark("containers")
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
     except BaseException:
         _undo(rt, sandbox.id, created)
         raise
     rt.log.info("pod restored (containers CREATED)", extra={
-        "sandbox": sandbox.id, "checkpoint": str(checkpoint_dir), "containers": created})
+        "sandbox": sandbox.id, "checkpoint": str(checkpoint_dir), "containers": created,
+        "phases_ms": phases.report()})
     return cri.RestorePodResponse(pod_sandbox_id=sandbox.id, restored_containers=restored)
 
 

@@ -126,7 +126,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     CheckpointContainer = unary(container_checkpoint.checkpoint_container, with_deadline=True,
                                 with_metadata=True)
-    CheckpointPod = unary(pod_checkpoint.checkpoint_pod, with_deadline=True)
+    CheckpointPod = unary(pod_checkpoint.checkpoint_pod, with_deadline=True, with_metadata=True)
     RestorePod = unary(pod_restore.restore_pod, with_deadline=True)
 
     ContainerStats = unary(stats.container_stats)

@@ -1,0 +1,64 @@
+"""The first StartContainer of a RestorePod pod restores its containers together; the others then return."""
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from pyshim.errors import FailedPrecondition
+from pyshim.internal.state import ContainerState
+from pyshim.server import pod_restore_start as prs
+
+
+class Record(SimpleNamespace):
+    @property
+    def pending_restore(self):
+        return bool(self.restore_from) and not self.restored
+
+
+def make_rt(tmp_path, ids, group=True):
+    sandbox = SimpleNamespace(id="pod", pin_dir=str(tmp_path), netns_name="")
+    records = {cid: Record(id=cid, sandbox_id="pod", restore_from=f"/ckpt/{cid}.tar", restored=False,
+                           state=ContainerState.CREATED, reason="", message="") for cid in ids}
+    if group:
+        prs.record_group(sandbox, list(ids))
+
+    def get(cid):
+        return records[cid]
+    rt = SimpleNamespace(sandboxes=SimpleNamespace(find=lambda sid: sandbox if sid == "pod" else None),
+                         containers=SimpleNamespace(find=records.get, get=get, in_sandbox=lambda sid: list(records.values())))
+    return rt, records
+
+
+def test_the_first_start_restores_all_side_by_side_and_the_others_just_return(tmp_path):
+    rt, records = make_rt(tmp_path, ["a", "b"])
+    barrier = threading.Barrier(2, timeout=10)  # both restores must be in flight at once
+    restored = []
+
+    def restore_one(r):
+        barrier.wait()
+        r.restored, r.state = True, ContainerState.RUNNING
+        restored.append(r.id)
+    assert prs.start_with_pod(rt, records["a"], restore_one) is True
+    assert sorted(restored) == ["a", "b"]
+    assert prs.start_with_pod(rt, records["b"], restore_one) is True
+    assert sorted(restored) == ["a", "b"], "the second StartContainer restored again"
+
+
+def test_a_failure_is_reported_at_that_containers_own_start(tmp_path):
+    rt, records = make_rt(tmp_path, ["a", "b"])
+
+    def restore_one(r):
+        if r.id == "b":
+            r.state, r.reason, r.message = ContainerState.EXITED, "RestoreFailed", "CRIU said no"
+            raise FailedPrecondition("restore of b failed: CRIU said no")
+        r.restored, r.state = True, ContainerState.RUNNING
+    assert prs.start_with_pod(rt, records["a"], restore_one) is True
+    with pytest.raises(FailedPrecondition, match="CRIU said no"):
+        prs.start_with_pod(rt, records["b"], restore_one)
+
+
+def test_containers_outside_a_group_keep_their_own_start(tmp_path):
+    rt, records = make_rt(tmp_path, ["a"], group=False)
+    assert prs.start_with_pod(rt, records["a"], lambda r: pytest.fail("restored as a group")) is False
+    plain = Record(id="p", sandbox_id="pod", restore_from="", restored=False, state=ContainerState.CREATED)
+    assert prs.start_with_pod(rt, plain, lambda r: pytest.fail("restored")) is False
