@@ -41,8 +41,9 @@ def _own_pid() -> "cri.LinuxContainerConfig":
         namespace_options=cri.NamespaceOption(pid=cri.NamespaceMode.CONTAINER)))
 
 
-def _pod() -> "cri.PodSandboxConfig":
-    pod = pod_config(log_directory=tempfile.mkdtemp(prefix="pyshim-bench-pod-logs-"))
+def _pod(scratch: Path) -> "cri.PodSandboxConfig":
+    # Inside the run's scratch directory, which is removed at the end: the logs must not pile up in /tmp.
+    pod = pod_config(log_directory=tempfile.mkdtemp(prefix="logs-", dir=scratch))
     pod.linux.security_context.namespace_options.pid = cri.NamespaceMode.CONTAINER
     return pod
 
@@ -80,7 +81,7 @@ def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: P
                "seq_restore_sum": [], "seq_restore_max": []}
     phases = {"pod_checkpoint": [], "container_checkpoint": [], "pod_restore": [], "container_restore": []}
     with daemon.client(timeout=600) as c:
-        pod = _pod()
+        pod = _pod(scratch)
         pod_id = c.run_pod(pod)
         configs = [container_config(image, ["sh", "-c", HOLD.format(size=size_mib * MiB)], name=f"m{i}",
                                     linux=_own_pid()) for i in range(n)]
@@ -116,7 +117,7 @@ def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: P
             _settle()
             before = len(_log_entries(daemon, "container restored"))
             started = time.monotonic()
-            response = c.restore_pod(str(out), _pod(), configs)
+            response = c.restore_pod(str(out), _pod(scratch), configs)
             restore_pod_ms = (time.monotonic() - started) * 1000
             for restored in response.restored_containers:
                 c.start(restored.container_id)
@@ -129,7 +130,7 @@ def run(n: int, runs: int, size_mib: int, image: str, daemon: Daemon, scratch: P
 
             singles = []
             for archive, config in zip(archives, configs):
-                new_pod = _pod()
+                new_pod = _pod(scratch)
                 new_id = c.run_pod(new_pod)
                 restore = cri.ContainerConfig()
                 restore.CopyFrom(config)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cri_api import api_pb2 as cri
-from integration.daemon import Daemon, DaemonSettings, leftovers, remove_cgroup_tree, remove_everything
+from integration.daemon import (Daemon, DaemonSettings, keep_daemon_log, leftovers, remove_cgroup_tree,
+                                remove_everything)
 
 pytestmark = pytest.mark.integration
 
@@ -57,10 +58,7 @@ LOG_ROOT = Path(tempfile.gettempdir()) / f"pyshim-test-logs-{os.getpid()}"
 
 
 def discard(settings: DaemonSettings) -> list[str]:
-    # Keep the last daemon log for a human to read after a failed run.
-    log = settings.base / "daemon.log"
-    if log.exists():
-        shutil.copy(log, Path(tempfile.gettempdir()) / f"pyshim-last-{settings.base.name.split('-')[1]}-daemon.log")
+    keep_daemon_log(settings)
     subprocess.run(["ip", "link", "del", settings.bridge], capture_output=True)
     shutil.rmtree(settings.base, ignore_errors=True)
     # The daemon's cgroup parent, in every hierarchy (its pods removed theirs); what remains is a leak.

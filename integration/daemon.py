@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -343,3 +344,16 @@ def unowned_container_cgroups(settings: DaemonSettings, recorded_ids: set[str]) 
     if not base.is_dir():
         return []
     return [f"container cgroup {p}" for p in base.glob("*/*") if p.is_dir() and p.name not in recorded_ids]
+
+
+# Set to a directory to keep each test daemon's last log there (a failed run's evidence); unset,
+# tests write nothing outside their own temporary directories.
+KEEP_LOGS_ENV = "PYSHIM_TEST_KEEP_LOGS"
+
+
+def keep_daemon_log(settings: DaemonSettings) -> None:
+    keep = os.environ.get(KEEP_LOGS_ENV)
+    log = settings.base / "daemon.log"
+    if keep and log.exists():
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(log, Path(keep) / f"pyshim-last-{settings.base.name.split('-')[1]}-daemon.log")

@@ -27,10 +27,11 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from integration.daemon import Daemon, DaemonSettings, leftovers, remove_cgroup_tree, remove_everything
+from integration.daemon import (Daemon, DaemonSettings, keep_daemon_log, leftovers, remove_cgroup_tree,
+                                remove_everything)
 from integration.registry_server import RegistryServer
 from pyshim.client import Client
 
@@ -270,10 +271,7 @@ def _teardown(nodes: list[Node], bridge: str, settings: list[DaemonSettings]) ->
         node.daemon.stop()
         found += [f"node {node.name}: {item}" for item in leftovers(node.settings)]
     for s in settings:
-        log = s.base / "daemon.log"
-        if log.exists():
-            log_copy = Path(tempfile.gettempdir()) / f"pyshim-last-{s.base.name.split('-')[1]}-daemon.log"
-            log_copy.write_bytes(log.read_bytes())
+        keep_daemon_log(s)
         found += [f"cgroup {c}" for c in remove_cgroup_tree(s.cgroup_parent)]
         subprocess.run(["rm", "-rf", str(s.base)], capture_output=True)
     for node in nodes:
