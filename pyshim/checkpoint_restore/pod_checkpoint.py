@@ -38,7 +38,7 @@ from criu_glue.criu import has_established_tcp
 from oci.tree_removal import remove_tree
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.checkpoint_restore import tcp_lock
-from pyshim.internal import cgroups, mounts
+from pyshim.internal import cgroups, crashpoints, mounts
 from pyshim.checkpoint_restore.checkpoint import (ArchiveMembers, Checkpointer, StoppedByCheckpoint,
                                                   _write_archive_by_deadline)
 from pyshim.checkpoint_restore.records import CheckpointFacts
@@ -267,7 +267,9 @@ class PodCheckpointer:
                 raise FailedPrecondition(f"CheckpointPod: cannot freeze container {w.part.record.id}: "
                                          f"{getattr(e, 'message', e)}")
             frozen_at = time.monotonic()
-            self._journal.advance(intent, "frozen")
+            # No journal write here: recovery does for "frozen" what it does for "freezing" (thaw all,
+            # empty the output), and an fsync would only lengthen the frozen window. The crash point stays.
+            crashpoints.reached(f"{Operation.CHECKPOINT_POD.value}:frozen")
             phases.mark("pause")
             with ThreadPoolExecutor(max_workers=len(works), thread_name_prefix="pod-dump") as pool:
                 for w, future in [(w, pool.submit(self._dump_one, w, deadline)) for w in works]:
