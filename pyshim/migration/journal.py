@@ -26,8 +26,26 @@ class Phase(str, enum.Enum):
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
+class JournalFile:
+    """Saving a move's journal (a dataclass with `path` and `phase`): one atomic, private JSON file,
+    rewritten at every phase, so that a rerun knows what was done."""
+
+    def save(self) -> None:
+        doc = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
+        write_json_atomic(Path(self.path), doc, mode=0o600)
+
+    def advance(self, phase, **changes) -> None:
+        for key, value in changes.items():
+            setattr(self, key, value)
+        self.phase = phase
+        self.save()
+
+    def discard(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+
 @dataclass
-class Journal:
+class Journal(JournalFile):
     path: str
     source: str
     target: str
@@ -39,19 +57,6 @@ class Journal:
     target_pod: str = ""
     target_container: str = ""
     started_at: float = field(default_factory=time.time)
-
-    def save(self) -> None:
-        doc = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
-        write_json_atomic(Path(self.path), doc, mode=0o600)
-
-    def advance(self, phase: Phase, **changes) -> None:
-        for key, value in changes.items():
-            setattr(self, key, value)
-        self.phase = phase
-        self.save()
-
-    def discard(self) -> None:
-        Path(self.path).unlink(missing_ok=True)
 
 
 def journal_path(work_dir: Path, container_id: str) -> Path:

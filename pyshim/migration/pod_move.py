@@ -28,7 +28,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -38,8 +38,7 @@ from pyshim.annotations import CHECKPOINT_MODE_KEY
 from pyshim.client import Client
 from pyshim.errors import FailedPrecondition
 from pyshim.checkpoint_restore import pod_restore as pod_restorer
-from pyshim.internal.atomic import write_json_atomic
-from pyshim.migration.journal import JournalLock, journal_path
+from pyshim.migration.journal import JournalFile, JournalLock, journal_path
 from pyshim.migration.migrate import _require_checkpoint_restore
 from pyshim.migration.workload import (MoveError, Workload, capture, container_info, containers_in_pod, describe,
                                        pod_config_with_address, remove_quietly)
@@ -80,7 +79,7 @@ class PodPhase(str, enum.Enum):
 
 
 @dataclass
-class PodJournal:
+class PodJournal(JournalFile):
     path: str
     source: str
     target: str
@@ -92,19 +91,6 @@ class PodJournal:
     target_pod: str = ""
     target_containers: dict = field(default_factory=dict)  # name -> id on the target
     started_at: float = field(default_factory=time.time)
-
-    def save(self) -> None:
-        doc = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
-        write_json_atomic(Path(self.path), doc, mode=0o600)
-
-    def advance(self, phase: PodPhase, **changes) -> None:
-        for key, value in changes.items():
-            setattr(self, key, value)
-        self.phase = phase
-        self.save()
-
-    def discard(self) -> None:
-        Path(self.path).unlink(missing_ok=True)
 
     @property
     def moved(self) -> list[Workload]:
