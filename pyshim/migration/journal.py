@@ -67,19 +67,26 @@ def journal_path(work_dir: Path, container_id: str) -> Path:
 
 def open_journal(work_dir: Path, source: str, target: str, container_id: str) -> Journal:
     """The journal of an unfinished move of this container, or a new one."""
-    path = journal_path(work_dir, container_id)
+    return load_journal(Journal, Phase, journal_path(work_dir, container_id), source, target,
+                        container_id, container_id=container_id)
+
+
+def load_journal(cls, phase_type, path: Path, source: str, target: str, what: str, **fresh):
+    """The journal at `path` of an unfinished move of `what` (a container, a pod) between the same two
+    nodes, or a new `cls` made with `fresh` when there is none. A journal of a move between other
+    nodes, or one that cannot be read, stops the caller: a human decides."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        return Journal(path=str(path), source=source, target=target, container_id=container_id)
+        return cls(path=str(path), source=source, target=target, **fresh)
     except (OSError, ValueError) as e:
         raise MoveError(f"cannot read the journal of an earlier move, {path}: {e}; look at it, "
                         "then remove it to start over") from None
     if (doc.get("source"), doc.get("target")) != (source, target):
-        raise MoveError(f"an unfinished move of {container_id} from {doc.get('source')} to {doc.get('target')} "
+        raise MoveError(f"an unfinished move of {what} from {doc.get('source')} to {doc.get('target')} "
                         f"is recorded in {path}: rerun that one (or `--rollback` it) first")
-    doc["phase"] = Phase(doc["phase"])
-    return Journal(**{k: v for k, v in doc.items() if k in Journal.__dataclass_fields__})
+    doc["phase"] = phase_type(doc["phase"])
+    return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
 
 class JournalLock:

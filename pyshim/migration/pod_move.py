@@ -38,7 +38,7 @@ from pyshim.annotations import CHECKPOINT_MODE_KEY
 from pyshim.client import Client
 from pyshim.errors import FailedPrecondition
 from pyshim.checkpoint_restore import pod_restore as pod_restorer
-from pyshim.migration.journal import JournalFile, JournalLock, journal_path
+from pyshim.migration.journal import JournalFile, JournalLock, journal_path, load_journal
 from pyshim.migration.migrate import _require_checkpoint_restore
 from pyshim.migration.workload import (MoveError, Workload, capture, container_info, containers_in_pod, describe,
                                        pod_config_with_address, remove_quietly)
@@ -102,19 +102,8 @@ def _journal_key(pod_id: str) -> str:
 
 
 def open_pod_journal(work_dir: Path, source: str, target: str, pod_id: str) -> PodJournal:
-    path = journal_path(work_dir, _journal_key(pod_id))
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        return PodJournal(path=str(path), source=source, target=target, pod_id=pod_id)
-    except (OSError, ValueError) as e:
-        raise MoveError(f"cannot read the journal of an earlier pod move, {path}: {e}; look at it, then remove it "
-                        "to start over") from None
-    if (doc.get("source"), doc.get("target")) != (source, target):
-        raise MoveError(f"an unfinished move of pod {pod_id} from {doc.get('source')} to {doc.get('target')} is "
-                        f"recorded in {path}: rerun that one (or `--rollback` it) first")
-    doc["phase"] = PodPhase(doc["phase"])
-    return PodJournal(**{k: v for k, v in doc.items() if k in PodJournal.__dataclass_fields__})
+    return load_journal(PodJournal, PodPhase, journal_path(work_dir, _journal_key(pod_id)), source, target,
+                        f"pod {pod_id}", pod_id=pod_id)
 
 
 @dataclass
