@@ -328,8 +328,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-direct", dest="direct", action="store_false",
                         help="skip the `pyshim migrate --direct` runs")
+    parser.add_argument("--lazy", action="store_true", help="`migrate --lazy` vs eager instead (bench/migrate_lazy.py; "
+                                                            "sizes default to 256,1024)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.lazy:
+        from bench import migrate_lazy
+        migrate_lazy.main(sizes if "--sizes" in sys.argv else [256, 1024], args.runs)
+        return
     rows = [SizeRow(n) for n in sizes]
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pyshim-migbench-", dir="/tmp"))

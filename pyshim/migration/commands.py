@@ -56,8 +56,8 @@ def cmd_migrate(args) -> int:
         print(f"rolled back the move of {args.container}")
     else:
         _print_report(report)
-        if args.lazy and getattr(migration, "report_lazy", None):
-            lazy = migration.report_lazy
+        if args.lazy and getattr(report, "lazy_pages", None):
+            lazy = report.lazy_pages
             print(f"  pages     {lazy.get('lazyPagesCopiedBytes', 0) / (1 << 20):.1f} of "
                   f"{lazy.get('lazyPagesTotalBytes', 0) / (1 << 20):.1f} MiB pulled, all in place "
                   f"{lazy.get('lazyPagesMs')} ms after the target ran")

@@ -24,7 +24,7 @@ import ipaddress
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -36,12 +36,18 @@ from pyshim.annotations import (CHECKPOINT_ARCHIVE_KEY, CHECKPOINT_MODE_KEY, PAG
 from pyshim.client import Client
 from pyshim.migration import direct
 from pyshim.migration.journal import Journal, JournalLock, Phase, journal_path, load_journal
-from pyshim.migration.migrate import Migration
+from pyshim.migration.migrate import Migration, MigrationReport
 from pyshim.migration.workload import MoveError, Workload, container_info, describe, remove_quietly
 
 # CRIU's page server port when --page-server names only an address: a random one in this range.
 PAGE_SERVER_PORTS = (27000, 27999)
 _POLL_SECONDS = 0.1
+
+
+@dataclass
+class LazyMigrationReport(MigrationReport):
+    frozen_at_unix: float = 0.0   # when the source was frozen (wall clock: for clients measuring the gap)
+    lazy_pages: dict = field(default_factory=dict)  # the target's verbose lazyPages* at the end
 
 
 @dataclass
@@ -78,7 +84,7 @@ class LazyMigration(Migration):
     def __init__(self, options, source: Client, target: Client, page_server: PageServer | None, say=print):
         super().__init__(options, source, target, say)
         self.page_server = page_server
-        self.report_lazy: dict = {}
+        self.report = LazyMigrationReport(options.container_id)
 
     def run(self):
         work_dir = self.options.work_dir
@@ -151,7 +157,8 @@ class LazyMigration(Migration):
         self.report.checkpoint_phases_ms = figures.get("phasesMs", {})
         self.report.archive_bytes = figures.get("archiveBytes", 0)
         self._mark("checkpoint")
-        journal.advance(Phase.CHECKPOINTED, frozen_at=time.time() - (time.monotonic() - self._frozen_at))
+        self.report.frozen_at_unix = time.time() - (time.monotonic() - self._frozen_at)
+        journal.advance(Phase.CHECKPOINTED, frozen_at=self.report.frozen_at_unix)
 
     def _require_lazy_source(self) -> None:
         facts = _checkpoint_restore_facts(self.source)
@@ -202,8 +209,8 @@ class LazyMigration(Migration):
                                 f"({info.get('lazyPagesCopiedBytes')} of {info.get('lazyPagesTotalBytes')} bytes)")
             time.sleep(_POLL_SECONDS)
         self._mark("pages")
-        self.report_lazy = {k: info.get(k) for k in ("lazyPages", "lazyPagesTotalBytes", "lazyPagesCopiedBytes",
-                                                     "lazyPagesMs")}
+        self.report.lazy_pages = {k: info.get(k) for k in ("lazyPages", "lazyPagesTotalBytes",
+                                                           "lazyPagesCopiedBytes", "lazyPagesMs")}
         # The source's frozen copy ends now: the target alone holds the workload from here on (a rerun
         # after a kill right after this finds no dump in flight any more: nothing to end).
         if self._source_dump_state(journal.container_id):
