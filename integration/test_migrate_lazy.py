@@ -226,3 +226,46 @@ def test_preflight_refuses_a_source_with_small_pipes(two_nodes_clean, work_dir):
     assert [c.state for c in containers(two_nodes_clean.a)] == [cri.CONTAINER_RUNNING]
     assert not containers(two_nodes_clean.b) and not pods(two_nodes_clean.b)
     assert not list(work_dir.glob("*.json"))
+
+
+def test_source_daemon_killed_mid_stream_adopts_its_page_server_and_the_move_finishes(nodes, work_dir):
+    """kill -9 of the source's pyshim while CRIU serves pages: runc checkpoint and CRIU run on in their own
+    session, the restarted daemon adopts them, and the move completes (a rerun when the first run's
+    lazy-finish met the daemon down)."""
+    _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", HOLDER_AND_COUNTER.format(size=128 << 20)])
+    before = wait_lines(nodes.a, cid, lambda lines: len(sums(lines)) >= 1)
+    sum0 = next(line for line in before if line.startswith("sum0 ")).split(" ", 1)[1]
+    with nodes.a.client() as c:
+        deadline = time.monotonic() + 60
+        while "head" in c.exec_sync(cid, ["ps", "-o", "comm"]).stdout.decode().split():
+            assert time.monotonic() < deadline, "the memory holder never filled up"
+            time.sleep(0.2)
+    nodes.a.run(["tc", "qdisc", "add", "dev", "wire0", "root", "tbf", "rate", "80mbit", "burst", "64kb",
+                 "latency", "400ms"])
+    try:
+        move = migrate_lazy(nodes, cid, work_dir, wait=False)
+        try:
+            moved = _wait_target_transferring(nodes)
+            runc = _lazy_runc_checkpoints(nodes.a)
+            nodes.a.daemon.kill()
+            assert _lazy_runc_checkpoints(nodes.a) == runc, "runc checkpoint died with the daemon"
+            nodes.a.daemon.start()
+            with nodes.a.client() as c:
+                dump = json.loads(c.status(cid, verbose=True).info["info"]).get("lazyDump", {})
+            assert dump.get("state") in ("serving", "served"), dump
+            out, err = move.communicate(timeout=300)
+        finally:
+            if move.poll() is None:
+                move.kill()
+                move.communicate()
+    finally:
+        nodes.a.run(["tc", "qdisc", "del", "dev", "wire0", "root"], check=False)
+    if move.returncode != 0:  # lazy-finish met the daemon down: the journal says finish, a rerun does
+        assert "rerun" in err, (out, err)
+        migrate_lazy(nodes, cid, work_dir)
+    assert not containers(nodes.a) and not pods(nodes.a)
+    assert [c.id for c in containers(nodes.b)] == [moved]
+    lines = wait_lines(nodes.b, moved, lambda lines: len(sums(lines)) >= 2, timeout=30)
+    assert all(s == sum0 for s in sums(lines)), (sum0, sums(lines))
+    assert not list(work_dir.glob("*.json"))
+    assert node_leftovers(nodes) == []

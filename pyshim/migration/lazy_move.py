@@ -169,11 +169,13 @@ class LazyMigration(Migration):
             raise MoveError(f"{self.options.source} cannot serve a lazy move's memory: {problem}")
 
     def _source_dump_state(self, container_id: str) -> str:
-        """The source's verbose lazyDump state ("" when it has no lazy checkpoint in flight)."""
+        """The source's verbose lazyDump state ("" when it has no lazy checkpoint in flight). MoveError when
+        the source does not answer: what to do next depends on it, so never guess."""
         try:
             _, info = container_info(self.source, container_id)
-        except grpc.RpcError:
-            return ""
+        except grpc.RpcError as e:
+            raise MoveError(f"container {container_id} on {self.options.source}: {describe(e)}; rerun the same "
+                            "command once the source answers") from None
         return (info.get("lazyDump") or {}).get("state", "")
 
     # ---- the target: runs at once, pulls its pages -----------------------------------------------
@@ -231,7 +233,7 @@ class LazyMigration(Migration):
         workload = Workload.from_json(journal.workload)
         if self._source_dump_state(workload.container_id):
             self._lazy_call(workload.container_id, "lazy-resume")
-        status, _ = container_info(self.source, workload.container_id)
+        status, _ = _container_info_or_move_error(self.source, workload.container_id)
         Path(journal.archive).unlink(missing_ok=True)
         if status.state != cri.CONTAINER_RUNNING:
             raise MoveError(f"container {workload.container_id} on {self.options.source} is "
@@ -255,6 +257,13 @@ class LazyMigration(Migration):
                 metadata=((CHECKPOINT_MODE_KEY, mode),))
         except grpc.RpcError as e:
             raise MoveError(f"{mode} of {container_id} on {self.options.source}: {describe(e)}") from None
+
+
+def _container_info_or_move_error(client: Client, container_id: str):
+    try:
+        return container_info(client, container_id)
+    except grpc.RpcError as e:
+        raise MoveError(f"container {container_id} on {client.endpoint}: {describe(e)}") from None
 
 
 def _checkpoint_restore_facts(client: Client) -> dict:
