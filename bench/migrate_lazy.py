@@ -42,30 +42,47 @@ PORT = 7000
 RELAY_PORT = 7913
 SERVICE = f"({HOLD}) & exec nc -ll -p {PORT} -e /bin/cat"
 
-# In node B's netns: ask every ~10 ms at the newest known address (new lines on stdin add one), one
-# connection per question; at "END" print the answers' wall-clock times as JSON.
+# In node B's netns: ask every ~10 ms. The source is asked over ONE kept-open connection: a new connection
+# per question would sit in the frozen listener's accept queue, and CRIU refuses to dump a listener with
+# in-flight connections (pyshim does not pass --skip-in-flight; see the README). Once the bench writes the
+# target pod's address on stdin, the target is asked over a new connection per question, and when it has
+# answered the source is no longer asked. At "END" it prints the answers' wall-clock times as JSON.
 CLIENT = r"""
 import json, select, socket, sys, time
-ips, port, answers = [sys.argv[1]], int(sys.argv[2]), []
+port, answers, target = int(sys.argv[2]), [], ""
+source = socket.create_connection((sys.argv[1], port), timeout=5)
+pending, switched = False, False
 print("ready", flush=True)
 while True:
     if select.select([sys.stdin], [], [], 0)[0]:
         line = sys.stdin.readline().strip()
         if line in ("END", ""):
             break
-        ips.insert(0, line)
-    for ip in list(ips):
+        target = line
+    if not switched and source is not None:
         try:
-            with socket.create_connection((ip, port), timeout=0.1) as s:
+            if not pending:
+                source.sendall(b"x\n")
+                pending = True
+            if select.select([source], [], [], 0.01)[0]:
+                data = source.recv(64)
+                if not data:
+                    source = None
+                else:
+                    answers.append((time.time(), sys.argv[1]))
+                    pending = False
+        except OSError:
+            source = None
+    if target:
+        try:
+            with socket.create_connection((target, port), timeout=0.1) as s:
                 s.settimeout(0.5)
                 s.sendall(b"x\n")
                 if s.recv(16).startswith(b"x"):
-                    answers.append((time.time(), ip))
-                    if len(ips) > 1 and ip == ips[0]:
-                        ips = ips[:1]  # the target answers: stop asking the source
-                    break
+                    answers.append((time.time(), target))
+                    switched = True
         except OSError:
-            continue
+            pass
     time.sleep(0.01)
 print(json.dumps(answers), flush=True)
 """
