@@ -187,12 +187,13 @@ def test_page_server_killed_mid_stream_target_killed_source_runs_on(nodes, work_
         status = c.status(cid, verbose=True)
     assert status.status.state == cri.CONTAINER_RUNNING
     assert "lazyDump" not in json.loads(status.info["info"])
-    # Its memory is whole and its counter goes on from where it was frozen.
-    count = len(sums(log_lines(nodes.a, cid)))
-    lines = wait_lines(nodes.a, cid, lambda lines: len(sums(lines)) >= count + 2, timeout=30)
+    # Its memory is whole and its counter goes on. (The two test nodes share one file system, so the
+    # target's restore wrote into the same pod log file: only what A printed since is read.)
+    seen = len(log_lines(nodes.a, cid))
+    lines = wait_lines(nodes.a, cid, lambda lines: len(sums(lines[seen:])) >= 2, timeout=30)[seen:]
     assert all(s == sum0 for s in sums(lines)), (sum0, sums(lines))
     on_a = ticks(lines)
-    assert on_a == list(range(1, len(on_a) + 1)), "the source's counter skipped or repeated"
+    assert on_a[0] > 1 and on_a == list(range(on_a[0], on_a[0] + len(on_a))), on_a
     assert moved
     assert not list(work_dir.iterdir())
     assert node_leftovers(nodes) == []
@@ -211,20 +212,20 @@ def _wait_target_transferring(nodes, timeout: float = 120) -> str:
     raise AssertionError("the target never ran with pages arriving")
 
 
-def test_preflight_refuses_a_source_with_small_pipes(two_nodes_clean, work_dir):
+def test_preflight_refuses_a_source_with_small_pipes(nodes, work_dir):
     """Without CAP_SYS_RESOURCE and with fs.pipe-max-size < 4 MiB the move is refused before anything stops."""
     if host_caps.effective_capabilities() & (1 << host_caps.CAP_SYS_RESOURCE):
         pytest.skip("this daemon has CAP_SYS_RESOURCE: the pipe size does not matter")
     old = host_caps.pipe_max_size()
     Path(host_caps.PIPE_MAX_SIZE_SYSCTL).write_text("1048576")
     try:
-        _, cid = run_pod(two_nodes_clean.a, two_nodes_clean.busybox_ref, ["sleep", "1000"])
-        proc = migrate_lazy(two_nodes_clean, cid, work_dir, check=False)
+        _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sleep", "1000"])
+        proc = migrate_lazy(nodes, cid, work_dir, check=False)
     finally:
         Path(host_caps.PIPE_MAX_SIZE_SYSCTL).write_text(str(old))
     assert proc.returncode == 1 and "sysctl -w fs.pipe-max-size=4194304" in proc.stderr, proc.stderr
-    assert [c.state for c in containers(two_nodes_clean.a)] == [cri.CONTAINER_RUNNING]
-    assert not containers(two_nodes_clean.b) and not pods(two_nodes_clean.b)
+    assert [c.state for c in containers(nodes.a)] == [cri.CONTAINER_RUNNING]
+    assert not containers(nodes.b) and not pods(nodes.b)
     assert not list(work_dir.glob("*.json"))
 
 
