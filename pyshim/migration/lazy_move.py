@@ -199,8 +199,9 @@ class LazyMigration(Migration):
         while True:
             status, info = container_info(self.target, journal.target_container)
             state = info.get("lazyPages", "")
-            if state == "complete" or (state == "ended" and status.state != cri.CONTAINER_RUNNING
-                                       and status.reason != "LazyPagesFailed"):
+            # Only "complete" ends the source: "ended" (the target's process stopped before every page
+            # came) leaves the only whole copy on the source, which the rollback then thaws.
+            if state == "complete":
                 break
             if state == "failed" or status.state != cri.CONTAINER_RUNNING:
                 raise MoveError(f"the target's page transfer ended before every page arrived (lazyPages "
