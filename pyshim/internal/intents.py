@@ -47,6 +47,7 @@ class Operation(str, enum.Enum):
     REMOVE_CONTAINER = "remove_container"
     CHECKPOINT_CONTAINER = "checkpoint_container"
     CHECKPOINT_POD = "checkpoint_pod"  # pyshim/checkpoint_restore/pod_checkpoint.py recovers it
+    UNPACK_POD_PARTS = "unpack_pod_parts"  # RestorePod's early unpack (pyshim/checkpoint_restore/pod_unpack.py)
     PULL_IMAGE = "pull_image"
 
 

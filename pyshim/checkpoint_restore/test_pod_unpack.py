@@ -1,0 +1,87 @@
+"""RestorePod's early unpack of the parts: handed over whole, used once and only for the same file,
+nothing left on failure or after a killed daemon."""
+import os
+import time
+
+from criu_glue.limits import Limits
+from pyshim.checkpoint_restore import pod_unpack
+from pyshim.checkpoint_restore.pod_unpack import PREPARED_DIR, PREPARED_MARK, PodUnpacks
+from pyshim.checkpoint_restore.test_restore import _archive
+from pyshim.internal.intents import IntentJournal, Operation
+
+
+def _unpacks(tmp_path):
+    journal = IntentJournal(tmp_path / "intents")
+    return PodUnpacks(tmp_path / "work", journal, lambda _dir: Limits()), journal
+
+
+def _bundles(tmp_path, n):
+    bundles = [tmp_path / f"c{i}" for i in range(n)]
+    for b in bundles:
+        b.mkdir()
+    return bundles
+
+
+def test_parts_are_handed_to_their_containers_and_taken_once(tmp_path):
+    unpacks, journal = _unpacks(tmp_path)
+    parts = [_archive(tmp_path / "0.tar"), _archive(tmp_path / "1.tar")]
+    unpack = unpacks.start("pod", parts)
+    assert [i.operation for i in journal.pending()] == [Operation.UNPACK_POD_PARTS], "not announced first"
+    bundles = _bundles(tmp_path, 2)
+    assert unpack.hand_over(bundles) == 2
+    assert journal.pending() == [] and list((tmp_path / "work").iterdir()) == []
+    for part, bundle in zip(parts, bundles):
+        assert (bundle / PREPARED_DIR / "inventory.img").read_bytes() == b"\0" * 8
+        prepared = pod_unpack.take_prepared(bundle, part, os.stat(part))
+        assert prepared is not None and prepared.path == bundle / PREPARED_DIR and prepared.image_bytes == 8
+        assert not (bundle / PREPARED_MARK).exists(), "the mark must be consumed"
+        assert pod_unpack.take_prepared(bundle, part, os.stat(part)) is None, "a tree must be used once"
+
+
+def test_a_part_changed_since_restorepod_is_not_used(tmp_path):
+    unpacks, _ = _unpacks(tmp_path)
+    part = _archive(tmp_path / "0.tar")
+    [bundle] = _bundles(tmp_path, 1)
+    unpacks.start("pod", [part]).hand_over([bundle])
+    time.sleep(0.01)
+    _archive(tmp_path / "other.tar", config_extra={"name": "other"}).rename(part)  # another file, same path
+    assert pod_unpack.take_prepared(bundle, part, os.stat(part)) is None
+    assert not (bundle / PREPARED_DIR).exists(), "the stale tree must be removed"
+
+
+def test_a_tree_without_its_mark_is_never_used(tmp_path):
+    part = _archive(tmp_path / "0.tar")
+    [bundle] = _bundles(tmp_path, 1)
+    (bundle / PREPARED_DIR).mkdir()  # e.g. killed between the rename and the mark
+    assert pod_unpack.take_prepared(bundle, part, os.stat(part)) is None
+    assert not (bundle / PREPARED_DIR).exists()
+
+
+def test_a_part_that_cannot_be_unpacked_is_left_to_startcontainer(tmp_path):
+    unpacks, journal = _unpacks(tmp_path)
+    good, bad = _archive(tmp_path / "0.tar"), tmp_path / "1.tar"
+    bad.write_bytes(b"not a tar")
+    bundles = _bundles(tmp_path, 2)
+    assert unpacks.start("pod", [good, bad]).hand_over(bundles) == 1
+    assert (bundles[0] / PREPARED_MARK).exists() and not (bundles[1] / PREPARED_DIR).exists()
+    assert journal.pending() == [] and list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_failed_restorepod_discards_everything(tmp_path):
+    unpacks, journal = _unpacks(tmp_path)
+    unpacks.start("pod", [_archive(tmp_path / "0.tar")]).discard()
+    assert journal.pending() == [] and list((tmp_path / "work").iterdir()) == []
+
+
+def test_recovery_removes_what_a_killed_restorepod_was_unpacking(tmp_path):
+    unpacks, journal = _unpacks(tmp_path)
+    work = tmp_path / "work" / "123"
+    (work / "0").mkdir(parents=True)
+    (work / "0" / "pages-1.img").write_bytes(b"half")
+    journal.begin(Operation.UNPACK_POD_PARTS, "pod", step="unpack", work_dir=str(work))
+    outside = tmp_path / "not-ours"
+    outside.mkdir()
+    journal.begin(Operation.UNPACK_POD_PARTS, "pod", step="unpack", work_dir=str(outside))
+    unpacks.recover(journal.pending())
+    assert not work.exists() and journal.pending() == []
+    assert outside.exists(), "recovery removed a directory outside its work root"
