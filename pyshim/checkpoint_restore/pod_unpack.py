@@ -4,7 +4,8 @@ Unpacking a part (its `checkpoint/` members, tens of MiB each) and making the ne
 pause process, CNI) are independent, and the second waits on other processes much of the time. So
 once RestorePod has checked every part, it unpacks them side by side (one thread each) into a work
 directory of its own while it makes the sandbox and the containers, waits for them before it
-returns, and hands each finished tree to its container: `<bundle>/checkpoint-prepared/`, with a
+returns (until shortly before the caller's deadline: a part not done by then is left to
+StartContainer, and its thread removes what it wrote), and hands each finished tree to its container: `<bundle>/checkpoint-prepared/`, with a
 mark (`<bundle>/checkpoint-prepared.json`) naming the part file it came from. StartContainer then
 moves the tree into place instead of unpacking (RestoreEngine, Restorer.unpack) -- only if the
 part it opens is still that file (device, inode, size, mtime); otherwise the tree is dropped and
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from criu_glue.archive import open_archive
 from oci.tree_removal import remove_tree
+from pyshim.internal import crashpoints
 from pyshim.internal.atomic import write_json_atomic
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 
@@ -101,6 +103,7 @@ class _Part:
     identity: list[int] | None = None
     image_bytes: int = 0
     error: str = ""
+    done: bool = False
 
 
 class PodUnpack:
@@ -127,21 +130,25 @@ class PodUnpack:
         except Exception as e:  # noqa: BLE001 - StartContainer unpacks this part itself and reports it
             part.error = getattr(e, "message", str(e))
         self.milliseconds = max(self.milliseconds, round((time.perf_counter() - self._started) * 1000, 1))
+        part.done = True
 
-    def _join(self) -> None:
+    def _join(self, until: float | None = None) -> None:
         for t in self._threads:
-            t.join()
+            t.join(None if until is None else max(0.0, until - time.monotonic()))
 
-    def hand_over(self, bundles: list[Path]) -> int:
-        """Wait for the unpacks, then give part i's tree to the container whose bundle is bundles[i].
-        Returns how many were handed over; a part that failed is logged and left to StartContainer."""
+    def hand_over(self, bundles: list[Path], until: float | None = None) -> int:
+        """Wait for the unpacks (until the monotonic time `until` at most: RestorePod's caller has a
+        deadline), then give part i's tree to the container whose bundle is bundles[i]. Returns how many
+        were handed over; a part that failed or was not done in time is logged and left to
+        StartContainer (the threads still running then clean up after themselves)."""
         handed = 0
         try:
-            self._join()
+            self._join(until)
+            crashpoints.reached(f"{Operation.UNPACK_POD_PARTS.value}:hand_over")
             for part, bundle in zip(self._parts, bundles, strict=True):
-                if part.error or part.identity is None:
+                if not part.done or part.error or part.identity is None:
                     log.warning("RestorePod could not unpack a part ahead; StartContainer will",
-                                extra={"part": str(part.source), "error": part.error})
+                                extra={"part": str(part.source), "error": part.error or "not done in time"})
                     continue
                 try:
                     os.rename(part.dest, bundle / PREPARED_DIR)
@@ -165,6 +172,16 @@ class PodUnpack:
         if self._ended:
             return
         self._ended = True
+        if any(t.is_alive() for t in self._threads):  # given up waiting: the last unpack removes it all
+            threading.Thread(target=self._remove_after_unpacks, name="pod-unpack-cleanup", daemon=True).start()
+        else:
+            self._remove()
+
+    def _remove_after_unpacks(self) -> None:
+        self._join()
+        self._remove()
+
+    def _remove(self) -> None:
         remove_tree(self._work_dir, ignore_errors=True)
         self._journal.finish(self._intent)
 

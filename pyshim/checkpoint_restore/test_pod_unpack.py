@@ -85,3 +85,29 @@ def test_recovery_removes_what_a_killed_restorepod_was_unpacking(tmp_path):
     unpacks.recover(journal.pending())
     assert not work.exists() and journal.pending() == []
     assert outside.exists(), "recovery removed a directory outside its work root"
+
+
+def test_parts_not_unpacked_before_the_deadline_are_left_to_startcontainer_and_cleaned_up(tmp_path, monkeypatch):
+    import threading
+    from criu_glue.archive import CheckpointArchive
+    release = threading.Event()
+    real = CheckpointArchive.extract_checkpoint_images
+
+    def slow_for_part_1(self, dest, limits):
+        if dest.name == "1":
+            release.wait(30)
+        return real(self, dest, limits)
+    monkeypatch.setattr(CheckpointArchive, "extract_checkpoint_images", slow_for_part_1)
+    unpacks, journal = _unpacks(tmp_path)
+    unpack = unpacks.start("pod", [_archive(tmp_path / "0.tar"), _archive(tmp_path / "1.tar")])
+    bundles = _bundles(tmp_path, 2)
+    deadline = time.monotonic() + 60
+    while not unpack._parts[0].done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert unpack.hand_over(bundles, until=time.monotonic()) == 1  # part 1 still unpacking: given up
+    assert (bundles[0] / PREPARED_MARK).exists() and not (bundles[1] / PREPARED_DIR).exists()
+    assert journal.pending(), "closed while an unpack still writes into the work directory"
+    release.set()
+    while journal.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert journal.pending() == [] and list((tmp_path / "work").iterdir()) == []

@@ -27,6 +27,11 @@ from pyshim.server.pod_restore_start import record_group
 from pyshim.server.runtime import Runtime
 
 
+# RestorePod waits for its early unpacks only until this long before the caller's deadline; a part not
+# unpacked by then is unpacked by StartContainer instead, rather than the whole call failing.
+HAND_OVER_MARGIN_SECONDS = 1.0
+
+
 def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.RestorePodResponse":
     deadline = caller_deadline(time_remaining, "RestorePod")
     phases = PhaseTimer()
@@ -76,7 +81,7 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         # The first StartContainer of any of them restores them all together (pod_restore_start.py).
         record_group(sandbox, created)
         phases.mark("containers")
-        unpack.hand_over(bundles)
+        unpack.hand_over(bundles, until=deadline - HAND_OVER_MARGIN_SECONDS)
         phases.mark("unpack_wait")
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
