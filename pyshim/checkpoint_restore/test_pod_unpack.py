@@ -3,6 +3,8 @@ nothing left on failure or after a killed daemon."""
 import os
 import time
 
+import pytest
+
 from criu_glue.limits import Limits
 from pyshim.checkpoint_restore import pod_unpack
 from pyshim.checkpoint_restore.pod_unpack import PREPARED_DIR, PREPARED_MARK, PodUnpacks
@@ -111,3 +113,31 @@ def test_parts_not_unpacked_before_the_deadline_are_left_to_startcontainer_and_c
     while journal.pending() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert journal.pending() == [] and list((tmp_path / "work").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a thread's priority again needs CAP_SYS_NICE")
+def test_unpacks_run_at_the_lowest_priority_until_restorepod_waits_for_them(tmp_path, monkeypatch):
+    import threading
+    from criu_glue.archive import CheckpointArchive
+    started, release, seen = threading.Event(), threading.Event(), {}
+    real = CheckpointArchive.extract_checkpoint_images
+
+    def observed(self, dest, limits):
+        seen["background"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        started.set()
+        release.wait(30)
+        seen["waited_for"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return real(self, dest, limits)
+    monkeypatch.setattr(CheckpointArchive, "extract_checkpoint_images", observed)
+    set_nice = pod_unpack._set_nice
+
+    def set_then_release(tid, nice):
+        set_nice(tid, nice)
+        if nice == 0:
+            release.set()  # the unpack goes on once RestorePod has raised its priority again
+    monkeypatch.setattr(pod_unpack, "_set_nice", set_then_release)
+    unpacks, _ = _unpacks(tmp_path)
+    unpack = unpacks.start("pod", [_archive(tmp_path / "0.tar")])
+    assert started.wait(30)
+    assert unpack.hand_over(_bundles(tmp_path, 1)) == 1
+    assert seen == {"background": pod_unpack.BACKGROUND_NICE, "waited_for": 0}
