@@ -179,9 +179,12 @@ class PodUnpack:
             self._end()
         return handed
 
-    def discard(self) -> None:
-        """RestorePod failed: wait for the unpacks and remove everything they wrote."""
-        self._join()
+    def discard(self, until: float | None = None) -> None:
+        """RestorePod failed: wait for the unpacks (until the monotonic time `until` at most; those still
+        running then remove it all when they end) and remove everything they wrote."""
+        if self._ended:
+            return
+        self._join(until)
         self._end()
 
     def _end(self) -> None:

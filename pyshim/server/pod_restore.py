@@ -62,7 +62,7 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
     try:
         sandbox = rt.sandboxes.run(request.config, request.runtime_handler)
     except BaseException:
-        unpack.discard()
+        unpack.discard(until=deadline)
         raise
     phases.mark("sandbox")
     created: list[str] = []
@@ -86,7 +86,7 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
     except BaseException:
-        unpack.discard()  # (nothing once handed over: the trees then go with the containers)
+        unpack.discard(until=deadline)  # (nothing once handed over: the trees go with the containers)
         _undo(rt, sandbox.id, created)
         raise
     rt.log.info("pod restored (containers CREATED)", extra={
