@@ -41,8 +41,6 @@ from pyshim.checkpoint_restore import tcp_lock
 from pyshim.checkpoint_restore import detection
 from pyshim.checkpoint_restore.detection import RestoreSource
 from pyshim.checkpoint_restore.lazy_restore import PAGES_LOST_REASON, LazyRestores, LazyState, lazy_choice
-from pyshim.checkpoint_restore import pod_unpack
-from pyshim.checkpoint_restore.pod_unpack import PodUnpacks, PreparedImages
 from pyshim.config import CheckpointSettings
 from pyshim.errors import FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, crashpoints, mounts, netns, procs
@@ -217,26 +215,21 @@ class Restorer:
     # ---- StartContainer: the heavy work ------------------------------------------------------
 
     def unpack(self, checkpoint: OpenCheckpoint, images_dir: Path, rootfs: Path, log_path: str, hostname: str,
-               allow_devices: bool = False, keep_setid: bool = False,
-               prepared: PreparedImages | None = None) -> UnpackResult:
+               allow_devices: bool = False, keep_setid: bool = False) -> UnpackResult:
         """CRIU images into `images_dir` (with the new pod's `hostname`); deleted files and the diff onto
         the mounted `rootfs` (set-id bits and file capabilities only with `keep_setid`, see
         keeps_setid_bits); the old log lines into `log_path`.
 
         With a cache, `images_dir` holds hard links to the images unpacked once in the image store
         (unpacked now if this is the first restore of this checkpoint image or archive file) and a
-        private UTS image; without one, a copy of every image. `prepared`: the images RestorePod
-        unpacked from this very archive file (pod_unpack.py), moved into place instead."""
+        private UTS image; without one, a copy of every image."""
         archive, source = checkpoint.archive, checkpoint.plan.source
         ms: dict[str, float] = {}
         started = time.perf_counter()
         limits = self.limits_for(images_dir.parent)
         from_cache = False
         try:
-            if prepared is not None:
-                os.rename(prepared.path, images_dir)
-                image_bytes = prepared.image_bytes
-            elif self.cache is not None and checkpoint.cached:
+            if self.cache is not None and checkpoint.cached:
                 cached = self.cache.images_of(archive, limits)
                 ms["criu_images_unpack"] = _ms_since(started)
                 self.cache.link(cached, images_dir)
@@ -444,10 +437,6 @@ class RestoreEngine:
         self._lazy.on_pages_lost(self._kill_for_lost_pages)
         self._lazy_default = lazy_default
         containers.on_remove(lambda record: self._lazy.discard(record.id, record.bundle))
-        # RestorePod's parts, unpacked while it makes the sandbox (pod_unpack.py); beside the containers'
-        # dirs (one filesystem: the trees are renamed into the bundles), outside them (swept at recovery).
-        self.pod_unpacks = PodUnpacks(containers.container_dir("-").parent.parent / "pod-unpack-work", intents,
-                                      restorer.limits_for if restorer is not None else None)
 
     def source_of(self, config) -> RestoreSource | None:
         """The checkpoint a CreateContainer restores from, checked; None for an ordinary container."""
@@ -543,13 +532,11 @@ class RestoreEngine:
             phases.mark("rootfs")
             spec = containers.build_spec(record, sandbox, _with_command(config, plan), base_image)
             self._intents.advance(intent, "unpack")
-            prepared = pod_unpack.take_prepared(record.bundle, plan.source, checkpoint.archive.file_stat())
             unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
                                              allow_devices=config.linux.security_context.privileged,
                                              keep_setid=self._restorer.keeps_setid_bits(
-                                                 spec, config.linux.security_context.privileged),
-                                             prepared=prepared)
+                                                 spec, config.linux.security_context.privileged))
             self._restorer.check_privileges(unpacked.credentials, spec)
             self._restorer.check_mounts(unpacked.mounts, spec, record.rootfs)
             phases.mark("unpack")
@@ -644,7 +631,6 @@ class RestoreEngine:
             if intent.operation == Operation.RESTORE_CONTAINER:
                 self._recover_restore(intent)
                 self._intents.finish(intent)
-        self.pod_unpacks.recover(intents)
 
     def _recover_restore(self, intent: Intent) -> None:
         """A restore's StartContainer killed midway. If conmon is alive and runc says the restored

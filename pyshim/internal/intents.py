@@ -47,7 +47,6 @@ class Operation(str, enum.Enum):
     REMOVE_CONTAINER = "remove_container"
     CHECKPOINT_CONTAINER = "checkpoint_container"
     CHECKPOINT_POD = "checkpoint_pod"  # pyshim/checkpoint_restore/pod_checkpoint.py recovers it
-    UNPACK_POD_PARTS = "unpack_pod_parts"  # RestorePod's early unpack (pyshim/checkpoint_restore/pod_unpack.py)
     PULL_IMAGE = "pull_image"
     RECEIVE_CHECKPOINT_IMAGE = "receive_checkpoint_image"  # another process's (pyshim/internal/image_receives.py)
 

@@ -27,11 +27,6 @@ from pyshim.server.pod_restore_start import record_group
 from pyshim.server.runtime import Runtime
 
 
-# RestorePod waits for its early unpacks only until this long before the caller's deadline; a part not
-# unpacked by then is unpacked by StartContainer instead, rather than the whole call failing.
-HAND_OVER_MARGIN_SECONDS = 1.0
-
-
 def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.RestorePodResponse":
     deadline = caller_deadline(time_remaining, "RestorePod")
     phases = PhaseTimer()
@@ -55,15 +50,7 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         plans = list(pool.map(lambda pair: rt.restorer.plan(checkpoint_dir / pair[0].part, pair[1]), configs))
     phases.mark("check")
 
-    # The parts' CRIU images are unpacked meanwhile, side by side, and handed to the containers before
-    # this returns: StartContainer then only moves them into place (pod_unpack.py).
-    unpack = rt.restores.pod_unpacks.start(request.config.metadata.name,
-                                           [checkpoint_dir / entry.part for entry, _ in configs])
-    try:
-        sandbox = rt.sandboxes.run(request.config, request.runtime_handler)
-    except BaseException:
-        unpack.discard(until=deadline)
-        raise
+    sandbox = rt.sandboxes.run(request.config, request.runtime_handler)
     phases.mark("sandbox")
     created: list[str] = []
     try:
@@ -71,27 +58,23 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         if loopback and manifest.tcp != "close" and sandbox.netns_name:
             pod_restorer.lock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox.id, loopback)
             _lock_marker(sandbox).touch(mode=0o600)
-        restored, bundles = [], []
+        restored = []
         for (entry, config), plan in zip(configs, plans):
             context = _sandbox_context(rt, sandbox.id, config)
             record = rt.restores.create(context, config, RestoreSource(plan))
             created.append(record.id)
-            bundles.append(record.bundle)
             restored.append(cri.RestoredContainer(name=entry.name, container_id=record.id))
         # The first StartContainer of any of them restores them all together (pod_restore_start.py).
         record_group(sandbox, created)
         phases.mark("containers")
-        unpack.hand_over(bundles, until=deadline - HAND_OVER_MARGIN_SECONDS)
-        phases.mark("unpack_wait")
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
     except BaseException:
-        unpack.discard(until=deadline)  # (nothing once handed over: the trees go with the containers)
         _undo(rt, sandbox.id, created)
         raise
     rt.log.info("pod restored (containers CREATED)", extra={
         "sandbox": sandbox.id, "checkpoint": str(checkpoint_dir), "containers": created,
-        "phases_ms": {**phases.report(), "unpack_parts": unpack.milliseconds}})
+        "phases_ms": phases.report()})
     return cri.RestorePodResponse(pod_sandbox_id=sandbox.id, restored_containers=restored)
 
 

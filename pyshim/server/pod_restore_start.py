@@ -3,8 +3,7 @@
 RestorePod records the containers it created (their ids, in `<pod pin dir>/pod-restore-group`, which
 goes with the pod). Until the first StartContainer of any of them every one is CREATED and has not
 run, as the CRI asks of RestorePod. That first StartContainer restores every container of the group
-still waiting, side by side (one thread each: rootfs, moving the CRIU images RestorePod unpacked into
-place (pyshim/checkpoint_restore/pod_unpack.py), the diff, `runc restore`), and then lifts the
+still waiting, side by side (one thread each: rootfs, unpacking, `runc restore`), and then lifts the
 lock on the pod's loopback connections (pod_restore.after_restore_started). A StartContainer of a
 container of the group that is already restored returns at once; one whose restore failed with the
 others reports that failure. So:
