@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from criu_glue import archive_format as fmt
+from criu_glue import procfs
 from criu_glue.criu import log_excerpt
 from criu_glue.lazy_pages import PageServer
 from criu_glue.rootfs_diff import write_rootfs_diff
@@ -394,11 +395,8 @@ def _kill_adopted(dump: _Dump) -> None:
 
 def _criu_alive(pid: int, start_ns: int) -> bool:
     """`pid` is still the runc checkpoint we started (not a reused pid)."""
-    if pid <= 0:
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    argv = procfs.process_argv(pid) if pid > 0 else None
+    if argv is None:
         return False
     return b"checkpoint" in argv and b"--lazy-pages" in argv and procs.start_time_ns(pid) == start_ns
 
