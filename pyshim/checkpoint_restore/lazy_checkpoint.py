@@ -58,6 +58,8 @@ ARCHIVED_DIR = "archive"  # what goes into the archive: CRIU's images, its dump.
 # CRIU's line when the page server's client disconnected without an error (criu/mem.c).
 _SERVED_LINE = b"Lazy pages transfer finished successfully"
 _ADOPTED_POLL_SECONDS = 0.2
+# lazy-finish: how long CRIU may take to notice the target's disconnect before it is stopped.
+_FINISH_WAIT_SECONDS = 10.0
 
 
 class DumpState(str, enum.Enum):
@@ -247,9 +249,17 @@ class LazyCheckpoints:
     # ---- modes "lazy-finish" and "lazy-resume" ---------------------------------------------------
 
     def finish(self, record: ContainerRecord, netns_path: str, timeout: float) -> None:
-        """The target has every page: end the frozen container (it dies without running again)."""
+        """The target has every page: end the frozen container (it dies without running again). CRIU
+        normally ended when the target's lazy-pages daemon disconnected; one still running after a short
+        wait serves nobody any more (the target said it has everything) and is stopped."""
         dump = self._dump_of(record.id)
-        self._wait_criu(dump, timeout)
+        if not dump.done.wait(min(timeout, _FINISH_WAIT_SECONDS)):
+            log.warning("lazy checkpoint: CRIU's page server still runs after the target had every page; "
+                        "stopped it", extra={"container": record.id})
+            if dump.proc is not None:
+                _stop(dump.proc)
+            else:
+                _kill_adopted(dump)
         location = Path(dump.intent.facts.get("location", ""))
         self._checkpointer._kill_frozen(record, location, netns_path)
         self._close(dump)
@@ -272,14 +282,6 @@ class LazyCheckpoints:
         if dump is None:
             raise FailedPrecondition(f"container {container_id} has no lazy checkpoint in flight")
         return dump
-
-    def _wait_criu(self, dump: _Dump, timeout: float) -> None:
-        if not dump.done.wait(timeout):
-            raise DeadlineExceeded(f"CRIU's page server of {dump.container_id} still serves after {timeout:.0f}s: "
-                                   "the target has not disconnected; finish once its lazyPages is complete")
-        if dump.state == DumpState.FAILED:
-            raise FailedPrecondition(f"container {dump.container_id}: {dump.message}; resume it instead "
-                                     "(pyshim-checkpoint-mode: lazy-resume)")
 
     def _close(self, dump: _Dump) -> None:
         with self._lock:

@@ -196,9 +196,13 @@ class LazyMigration(Migration):
     def _wait_for_pages(self, journal: LazyJournal) -> None:
         """Until the target says every page arrived; MoveError when its transfer failed."""
         deadline = time.monotonic() + self.options.timeout
+        progress, progress_at = -1, time.monotonic()
         while True:
             status, info = container_info(self.target, journal.target_container)
             state = info.get("lazyPages", "")
+            copied = info.get("lazyPagesCopiedBytes", 0)
+            if copied != progress:
+                progress, progress_at = copied, time.monotonic()
             # Only "complete" ends the source: "ended" (the target's process stopped before every page
             # came) leaves the only whole copy on the source, which the rollback then thaws.
             if state == "complete":
@@ -207,6 +211,11 @@ class LazyMigration(Migration):
                 raise MoveError(f"the target's page transfer ended before every page arrived (lazyPages "
                                 f"{state or 'unknown'}, container {cri.ContainerState.Name(status.state)} "
                                 f"{status.reason}: {info.get('lazyPagesMessage') or status.message})")
+            if state == "transferring" and time.monotonic() - progress_at > self.options.stall_seconds:
+                # Pages that stop coming would leave the target's process blocked on a fault forever: the
+                # source still holds everything, so the move is undone rather than left hanging.
+                raise MoveError(f"the target's page transfer stalled: no page arrived for "
+                                f"{self.options.stall_seconds:.0f}s ({copied} of {info.get('lazyPagesTotalBytes')} bytes)")
             if time.monotonic() > deadline:
                 raise MoveError(f"the target's pages did not all arrive within {self.options.timeout:.0f}s "
                                 f"({info.get('lazyPagesCopiedBytes')} of {info.get('lazyPagesTotalBytes')} bytes)")

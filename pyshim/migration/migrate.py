@@ -43,6 +43,7 @@ class MigrateOptions:
     verify_seconds: float = 1.0  # how long it must stay running on B before A forgets it
     timeout: float = 600.0
     direct: str = ""  # a command streaming the archive to the target's `checkpoint-image receive` (direct.py)
+    stall_seconds: float = 60.0  # --lazy: no page arriving for this long undoes the move (lazy_move.py)
 
 
 @dataclass
