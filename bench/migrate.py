@@ -88,15 +88,17 @@ class SizeRow:
     raw_mib: list = field(default_factory=list)
     direct_downtime: list = field(default_factory=list)  # ms, `pyshim migrate --direct`
     direct_client: list = field(default_factory=list)
+    direct_source: list = field(default_factory=list)  # checkpoint_phases_ms of the --direct runs
     direct_target: list = field(default_factory=list)
     direct_mib_s: list = field(default_factory=list)
 
     def med(self, values) -> float:
         return _median(list(values))
 
-    def breakdown(self) -> dict[str, float]:
+    def breakdown(self, direct: bool = False) -> dict[str, float]:
         """Medians of the downtime's parts, in order (ms)."""
-        src, cli, dst = self.source, self.client, self.target
+        src, cli, dst = (self.direct_source, self.direct_client, self.direct_target) if direct else \
+            (self.source, self.client, self.target)
         parts = {
             "freeze": [p.get("pause", 0) for p in src],
             "dump": [p.get("dump", 0) for p in src],
@@ -107,6 +109,8 @@ class SizeRow:
             "build": [c.get("build_image", 0) for c in cli],
             "push": [c.get("push", 0) for c in cli],
             "pull": [c.get("pull", 0) for c in cli],
+            # --direct: what the transfer took after the checkpoint call returned (it overlaps the archive)
+            "transfer": [c.get("transfer", 0) for c in cli],
             "pod+create": [c.get("create_pod", 0) + c.get("create_container", 0) for c in cli],
             "unpack": [p.get("unpack", 0) for p in dst],
             "restore": [p.get("runc_restore", 0) for p in dst],
@@ -168,6 +172,7 @@ class MigrateBench:
         if direct:
             row.direct_downtime.append(report["downtime_ms"])
             row.direct_client.append(report["phases_ms"])
+            row.direct_source.append(report["checkpoint_phases_ms"])
             row.direct_target.append(report["restore_phases_ms"])
             row.direct_mib_s.append(report["transfer_mib_per_s"])
             self.remove_pod(self.b, report["target_pod"])
@@ -311,6 +316,12 @@ def report(rows: list[SizeRow], runs: int) -> str:
                             f"{bare:.0f} ms; transfer {rate:.0f} MiB/s = {rate / raw_mib_s:.0%} of raw TCP")
         out.append(_table(["MiB", "downtime", "bare sum", "downtime/bare", "transfer", "unpack", "restore",
                            "MiB/s", "raw MiB/s", "of raw"], table))
+        out.append("Where the --direct downtime goes (medians, ms), as above")
+        names = list(rows[0].breakdown(direct=True))
+        out.append(_table(["MiB", *names, "sum", "downtime"],
+                          [[f"{r.size_mib}", *[f"{v:.0f}" for v in r.breakdown(direct=True).values()],
+                            f"{sum(r.breakdown(direct=True).values()):.0f}", f"{r.med(r.direct_downtime):.0f}"]
+                           for r in rows]))
         out.append("")
     out.append("Per run (ms): downtime | bare ckpt + restore + raw")
     for r in rows:
@@ -328,6 +339,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-direct", dest="direct", action="store_false",
                         help="skip the `pyshim migrate --direct` runs")
+    parser.add_argument("--only-direct", action="store_true",
+                        help="only the `pyshim migrate --direct` runs and the bare baseline (no registry runs)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rows = [SizeRow(n) for n in sizes]
@@ -341,11 +354,14 @@ def main() -> None:
                     for i in range(args.runs):
                         # Alternate who goes first, so neither side always meets a warmer cache.
                         steps = [lambda: bench.pyshim_run(row), lambda: bench.bare_run(row, i)]
-                        if args.direct:
+                        if args.only_direct:
+                            steps = [lambda: bench.pyshim_run(row, direct=True), lambda: bench.bare_run(row, i)]
+                        elif args.direct:
                             steps.insert(1, lambda: bench.pyshim_run(row, direct=True))
                         for step in (steps if i % 2 == 0 else steps[::-1]):
                             step()
-                        print(f"  {row.size_mib} MiB run {i + 1}: downtime {row.downtime[-1]:.0f} ms; bare "
+                        downtime = (row.direct_downtime if args.only_direct else row.downtime)[-1]
+                        print(f"  {row.size_mib} MiB run {i + 1}: downtime {downtime:.0f} ms; bare "
                               f"{row.bare_checkpoint[-1]:.0f} + {row.bare_restore[-1]:.0f} + raw "
                               f"{row.raw_transfer[-1]:.0f} ms", file=sys.stderr, flush=True)
             except BaseException:
