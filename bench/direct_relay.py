@@ -5,9 +5,9 @@ raw TCP copy.
     python -m bench.direct_relay serve IP PORT -- RECEIVE-COMMAND...   (in node B's netns, runs forever)
     python -m bench.direct_relay send IP PORT ARGS...                  (the --direct command on node A)
 
-`send` passes its ARGS (what migrate appends: --check, or --stdin-header) as one JSON line at once (so
+`send` passes its ARGS (what migrate appends: --check, or --stdin-frames) as one JSON line at once (so
 the receiver starts while the source still checkpoints), then its stdin; `serve` runs RECEIVE-COMMAND ARGS with the rest of the connection as stdin
-and answers its exit status and stderr. Benchmark tooling only: no authentication, loopback wire only.
+and answers its stdout as it comes, then its exit status and stderr. Benchmark tooling only: no authentication, loopback wire only.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 
 
 def serve(ip: str, port: int, command: list[str]) -> None:
@@ -34,12 +35,22 @@ def serve(ip: str, port: int, command: list[str]) -> None:
                 header += byte
             args = json.loads(header or b"[]")
             # The connection's fd is the receiver's stdin: the archive goes from the socket straight to it.
-            proc = subprocess.run([*command, *args], stdin=conn.fileno(), capture_output=True)
-            try:
-                conn.sendall(json.dumps({"rc": proc.returncode, "stderr": proc.stderr.decode("utf-8", "replace"),
-                                         "stdout": proc.stdout.decode("utf-8", "replace")}).encode())
-            except OSError:
-                pass  # the sender went away (migrate cancelled its receiver)
+            # Its stdout is passed on line by line as it comes (`stored ...` before the receiver's sync),
+            # then its exit status and stderr: one JSON object per line.
+            with tempfile.TemporaryFile() as stderr:
+                proc = subprocess.Popen([*command, *args], stdin=conn.fileno(), stdout=subprocess.PIPE, stderr=stderr)
+                try:
+                    for line in proc.stdout:
+                        conn.sendall(json.dumps({"stdout": line.decode("utf-8", "replace")}).encode() + b"\n")
+                    proc.wait()
+                    stderr.seek(0)
+                    conn.sendall(json.dumps({"rc": proc.returncode,
+                                             "stderr": stderr.read().decode("utf-8", "replace")}).encode() + b"\n")
+                except OSError:
+                    pass  # the sender went away (migrate cancelled its receiver)
+                finally:
+                    proc.stdout.close()
+                    proc.wait()
 
 
 def send(ip: str, port: int, args: list[str]) -> int:
@@ -50,11 +61,11 @@ def send(ip: str, port: int, args: list[str]) -> int:
             while chunk := sys.stdin.buffer.read1(1 << 20):
                 s.sendall(chunk)
         s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    result = json.loads(answer)
-    sys.stdout.write(result["stdout"])
+        for line in s.makefile("rb"):
+            result = json.loads(line)
+            if "stdout" in result:
+                sys.stdout.write(result["stdout"])
+                sys.stdout.flush()
     sys.stderr.write(result["stderr"])
     return int(result["rc"])
 

@@ -41,6 +41,7 @@ from oci.store import Descriptor, ImageRecord, ImageStore, normalize_tag
 from oci.tree_removal import remove_tree
 
 from .archive import ArchiveDigest, extract_checkpoint_images_from_stream, open_archive
+from .archive_frames import FrameReader, FramingError, read_header
 from .checkpoint_image import CHECKPOINT_ANNOTATIONS, CheckpointImageError, documents_for_written_archive
 from .errors import ArchiveError
 from .limits import Limits
@@ -68,7 +69,8 @@ def unpack_while_pulling(store: ImageStore, limits: Limits):
 class CheckpointUnpackTap:
     """Sees the bytes of one layer blob as they are downloaded; see the module docstring."""
 
-    def __init__(self, store: ImageStore, descriptor: Descriptor, limits: Limits):
+    def __init__(self, store: ImageStore, descriptor: Descriptor | None, limits: Limits):
+        """`descriptor` None: the blob's digest and size are learnt only at its end (complete())."""
         self._store = store
         self._descriptor = descriptor
         self._limits = limits
@@ -88,9 +90,11 @@ class CheckpointUnpackTap:
         self._fed += len(chunk)
         self._pipe.put(chunk)
 
-    def complete(self) -> bool:
+    def complete(self, descriptor: Descriptor | None = None) -> bool:
         """The blob is stored and verified: adopt the unpacked images if they are exactly its checkpoint/
-        members. Returns whether they were adopted; never raises for the content (it is logged)."""
+        members. Returns whether they were adopted; never raises for the content (it is logged).
+        `descriptor`: the blob's, when the tap was made without one."""
+        self._descriptor = descriptor or self._descriptor
         self._pipe.close()
         self._thread.join()
         try:
@@ -114,8 +118,8 @@ class CheckpointUnpackTap:
 
     def _unpack(self) -> None:
         try:
-            extract_checkpoint_images_from_stream(self._pipe, self._images, self._limits,
-                                                  f"checkpoint layer {self._descriptor.digest}")
+            label = f"checkpoint layer {self._descriptor.digest}" if self._descriptor else "received checkpoint"
+            extract_checkpoint_images_from_stream(self._pipe, self._images, self._limits, label)
         except BaseException as e:  # noqa: BLE001 - reported by complete()
             self._error = e
         finally:
@@ -182,6 +186,41 @@ def receive_checkpoint_image(store: ImageStore, stream: BinaryIO, tag: str, writ
         return store.add_image(documents.manifest, documents.config, [tag])
     except BaseException:
         store.discard_unreferenced_blobs({written.digest})
+        raise
+
+
+def receive_streamed_checkpoint_image(store: ImageStore, stream: BinaryIO, limits: Limits) -> tuple[ImageRecord, str]:
+    """A checkpoint archive framed on `stream` while its writer still wrote it (criu_glue.archive_frames:
+    `pyshim migrate --direct`) becomes a checkpoint image in `store`, its CRIU images unpacked in the
+    same pass. The digest and size come last, in the trailer: the blob is renamed into the store only
+    once they match what was received, and the unpacked images are adopted only after that (as at a
+    pull). The blob is not fsynced here, to keep the sync out of a move's downtime: it is marked
+    unsynced before the image records it, and the caller must store.sync_blob() the returned digest
+    (a crash before that is repaired at the store's next start). Nothing is left if anything fails."""
+    tag = read_header(stream)
+    try:
+        tag = normalize_tag(tag)
+    except ImageError as exc:
+        raise CheckpointImageError(f"cannot tag a checkpoint image {tag!r}: {exc}") from None
+    frames = FrameReader(stream, limits.max_total_bytes)
+    tap = CheckpointUnpackTap(store, None, limits)
+    try:
+        digest = store.write_blob(tap.reading(frames), durable=False)
+        written = frames.trailer
+        if written is None or written.digest != digest:  # write_blob reads to the end: cannot happen
+            raise FramingError(f"the received archive {digest} ended without its trailer")
+    except BaseException:
+        tap.abort()
+        raise
+    try:
+        # A compressed archive (the source daemon's checkpoint.compression) is not unpacked by the tap:
+        # complete() discards what it made of it, and the first restore unpacks the blob instead.
+        tap.complete(Descriptor(MEDIA_TYPE_LAYER_TAR, written.digest, written.size))
+        documents = documents_for_written_archive(store.blob_path(written.digest), written, limits)
+        store.mark_unsynced(written.digest)
+        return store.add_image(documents.manifest, documents.config, [tag]), written.digest
+    except BaseException:
+        store.discard_unreferenced_blobs({digest})
         raise
 
 

@@ -115,6 +115,7 @@ class Migration:
                 self._start_on_target(journal)
         except (MoveError, ImageError, grpc.RpcError, OSError) as e:
             self._fail(journal, e)
+        self._await_received_image_synced()
         self._finish_on_source(journal)
         self.report.transfer_mib_per_s = transfer_rate(self.report)
 
@@ -126,8 +127,9 @@ class Migration:
         # One name per container: a rerun racing a still-running checkpoint of a killed run names the same file.
         archive = self.options.work_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive))
-        if self.options.direct:  # its start-up is paid while the container still runs
-            self._receiver = direct.Receiver(self.options.direct, self.options.timeout)
+        if self.options.direct:  # its start-up is paid while the container still runs; it follows the archive
+            self._receiver = direct.Receiver(self.options.direct, self.options.timeout, self._image_tag(workload))
+            self._receiver.follow(archive)
         started = time.monotonic()
         figures = checkpoint_and_stop(self.source, workload.container_id, str(archive), self.options.timeout,
                                       throwaway_archive=True)
@@ -198,10 +200,10 @@ class Migration:
         figures = self._checkpoint_figures or container_info(self.source, workload.container_id)[1].get("lastCheckpoint", {})
         written = ArchiveDigest.from_json(figures.get("archive"))
         if self.options.direct:
-            receiver, self._receiver = self._receiver, None
-            receiver = receiver or direct.Receiver(self.options.direct, self.options.timeout)  # after a resume
-            receiver.send(Path(journal.archive), written, tag)
-            self._mark("transfer")
+            if self._receiver is None:  # after a resume: the archive is complete, sent whole
+                self._receiver = direct.Receiver(self.options.direct, self.options.timeout, tag)
+            self._receiver.finish(Path(journal.archive), written)
+            self._mark("transfer")  # what was left to send after the checkpoint returned, and storing it
             journal.advance(Phase.PUSHED, image_ref=tag)  # in the target's store already: nothing to pull
         else:
             digest = push_checkpoint_archive(self._registry(), Path(journal.archive), written, tag,
@@ -277,6 +279,17 @@ class Migration:
         self.report.image = self.report.image or journal.image_ref
         Path(journal.archive).unlink(missing_ok=True)
         journal.discard()
+
+    def _await_received_image_synced(self) -> None:
+        """--direct: the target syncs the received image while the container is restored; the move
+        ends when that is done. A failure there does not undo a move whose container runs."""
+        receiver, self._receiver = self._receiver, None
+        if receiver is None:
+            return
+        try:
+            receiver.wait_durable()
+        except MoveError as e:
+            self.say(f"warning: moved, but {e}: the checkpoint image there may not survive a host crash")
 
     def _other_containers(self, pod_id: str, container_id: str) -> list[str]:
         return [c.id for c in containers_in_pod(self.source, pod_id) if c.id != container_id]
