@@ -98,16 +98,17 @@ def read_header(stream: BinaryIO) -> str:
 class FrameReader:
     """The archive's bytes out of the frames on `stream`, as a file-like read().
 
-    It counts and hashes what it hands out. The read that reaches the end parses the trailer and
-    raises FramingError unless it matches those figures, so a consumer (the store writing the blob)
-    fails before it can commit anything of a stream that was cut or differs. `max_bytes` bounds the
-    archive (e.g. the free space)."""
+    It counts, and unless `hashing` is False hashes, what it hands out. The read that reaches the end
+    parses the trailer and raises FramingError unless it matches those figures, so a consumer fails
+    before it can commit anything of a stream that was cut or differs. A consumer that hashes the bytes
+    itself (the image store writing the blob) passes hashing=False and must compare the trailer's
+    digest with its own. `max_bytes` bounds the archive (e.g. the free space)."""
 
-    def __init__(self, stream: BinaryIO, max_bytes: int):
+    def __init__(self, stream: BinaryIO, max_bytes: int, hashing: bool = True):
         self._stream = stream
         self._max = max_bytes
         self._left = 0  # bytes left in the current frame
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hashing else None
         self.size = 0
         self.trailer: ArchiveDigest | None = None
 
@@ -125,7 +126,8 @@ class FrameReader:
             raise FramingError(f"the stream was cut after {self.size} bytes of the archive, inside a frame")
         self._left -= len(chunk)
         self.size += len(chunk)
-        self._hash.update(chunk)
+        if self._hash is not None:
+            self._hash.update(chunk)
         return chunk
 
     def _next_frame_length(self) -> int:
@@ -152,8 +154,12 @@ class FrameReader:
         written = ArchiveDigest.from_json(doc)
         if written is None:
             raise FramingError("the trailer is not a digest, diffId and size")
-        actual = "sha256:" + self._hash.hexdigest()
+        actual = "sha256:" + self._hash.hexdigest() if self._hash is not None else written.digest
         if written.size != self.size or written.digest != actual:
-            raise FramingError(f"the archive received ({self.size} bytes, {actual}) is not the one the source "
-                               f"wrote ({written.size} bytes, {written.digest})")
+            raise not_what_was_written(self.size, actual, written)
         return written
+
+
+def not_what_was_written(size: int, digest: str, written: ArchiveDigest) -> FramingError:
+    return FramingError(f"the archive received ({size} bytes, {digest}) is not the one the source wrote "
+                        f"({written.size} bytes, {written.digest})")

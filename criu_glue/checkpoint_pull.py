@@ -41,7 +41,7 @@ from oci.store import Descriptor, ImageRecord, ImageStore, normalize_tag
 from oci.tree_removal import remove_tree
 
 from .archive import ArchiveDigest, extract_checkpoint_images_from_stream, open_archive
-from .archive_frames import FrameReader, FramingError, read_header
+from .archive_frames import FrameReader, FramingError, not_what_was_written, read_header
 from .checkpoint_image import CHECKPOINT_ANNOTATIONS, CheckpointImageError, documents_for_written_archive
 from .errors import ArchiveError
 from .limits import Limits
@@ -202,15 +202,23 @@ def receive_streamed_checkpoint_image(store: ImageStore, stream: BinaryIO, limit
         tag = normalize_tag(tag)
     except ImageError as exc:
         raise CheckpointImageError(f"cannot tag a checkpoint image {tag!r}: {exc}") from None
-    frames = FrameReader(stream, limits.max_total_bytes)
+    frames = FrameReader(stream, limits.max_total_bytes, hashing=False)  # the store hashes the blob
     tap = CheckpointUnpackTap(store, None, limits)
     try:
         digest = store.write_blob(tap.reading(frames), durable=False)
-        written = frames.trailer
-        if written is None or written.digest != digest:  # write_blob reads to the end: cannot happen
-            raise FramingError(f"the received archive {digest} ended without its trailer")
     except BaseException:
         tap.abort()
+        raise
+    try:
+        written = frames.trailer
+        if written is None:  # write_blob reads to the end, where the trailer is: cannot happen
+            raise FramingError(f"the received archive {digest} ended without its trailer")
+        if written.digest != digest:
+            # Renamed in under its true digest, but referenced by nothing: it goes again below.
+            raise not_what_was_written(frames.size, digest, written)
+    except BaseException:
+        tap.abort()
+        store.discard_unreferenced_blobs({digest})
         raise
     try:
         # A compressed archive (the source daemon's checkpoint.compression) is not unpacked by the tap:

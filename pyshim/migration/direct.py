@@ -92,7 +92,11 @@ class Receiver:
         self._written = written
         self._ended.set()
         if self._follower is not None:
-            self._follower.join()
+            self._follower.join(self._timeout)
+            if self._follower.is_alive():  # the transport takes no more bytes and does not exit either
+                self._kill()
+                self._follower.join()
+                self._error = self._error or f"the receiver did not take the rest within {self._timeout:.0f} s"
         else:
             self._stream_tail(archive, None, 0)  # after a resume: the whole archive, nothing followed
         if self._error:
