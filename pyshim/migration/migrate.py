@@ -9,6 +9,7 @@ a rerun after a kill finish the move or roll it back. The workload is never dead
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,9 +201,7 @@ class Migration:
         figures = self._checkpoint_figures or container_info(self.source, workload.container_id)[1].get("lastCheckpoint", {})
         written = ArchiveDigest.from_json(figures.get("archive"))
         if self.options.direct:
-            if self._receiver is None:  # after a resume: the archive is complete, sent whole
-                self._receiver = direct.Receiver(self.options.direct, self.options.timeout, tag)
-            self._receiver.finish(Path(journal.archive), written)
+            self._transfer_direct(journal, workload, tag, written)
             self._mark("transfer")  # what was left to send after the checkpoint returned, and storing it
             journal.advance(Phase.PUSHED, image_ref=tag)  # in the target's store already: nothing to pull
         else:
@@ -211,17 +210,47 @@ class Migration:
             journal.advance(Phase.PUSHED, image_ref=f"{Reference.parse(tag).name}@{digest}")
         self.report.image = journal.image_ref
 
+    def _transfer_direct(self, journal: Journal, workload: Workload, tag: str, written) -> None:
+        """The rest of the archive to the target and stored there; the target's pod is made meanwhile
+        (it needs no image), and recorded in the journal so that a rollback removes it."""
+        if journal.target_pod:  # made by a killed run during its transfer
+            remove_quietly(self.target, "", journal.target_pod)
+            journal.advance(journal.phase, target_pod="")
+        if self._receiver is None:  # after a resume: the archive is complete, sent whole
+            self._receiver = direct.Receiver(self.options.direct, self.options.timeout, tag)
+        pod: dict = {}
+
+        def make_pod() -> None:
+            try:
+                pod["id"] = self.target.run_pod(workload.pod_config)
+            except grpc.RpcError as e:
+                pod["error"] = e
+
+        maker = threading.Thread(target=make_pod, name="target-pod", daemon=True)
+        maker.start()
+        try:
+            self._receiver.finish(Path(journal.archive), written)
+        finally:
+            maker.join()
+            if pod.get("id"):
+                journal.advance(journal.phase, target_pod=pod["id"])
+        if "error" in pod:
+            raise MoveError(f"restore on {self.options.target}: {describe(pod['error'])}")
+
     def _start_on_target(self, journal: Journal) -> None:
         workload = Workload.from_json(journal.workload)
+        # --direct made the pod during the transfer.
+        pod_id = journal.target_pod if journal.phase == Phase.PUSHED else ""
         if journal.phase == Phase.RESTORING:  # a rerun: what a killed run made on B is redone
             remove_quietly(self.target, journal.target_container, journal.target_pod)
-        journal.advance(Phase.RESTORING, target_pod="", target_container="")
+        journal.advance(Phase.RESTORING, target_pod=pod_id, target_container="")
         try:
             if not self.options.direct:
                 self.target.pull(journal.image_ref)
                 self._mark("pull")
-            pod_id = self.target.run_pod(workload.pod_config)
-            journal.advance(Phase.RESTORING, target_pod=pod_id)
+            if not pod_id:
+                pod_id = self.target.run_pod(workload.pod_config)
+                journal.advance(Phase.RESTORING, target_pod=pod_id)
             self._mark("create_pod")
             container_id = self.target.create(pod_id, container_config_from(workload.container_config,
                                                                               journal.image_ref),
