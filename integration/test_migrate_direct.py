@@ -121,10 +121,11 @@ sys.exit(rc if rc >= 0 else 128 - rc)
 """
 
 
-def target_image_names(node) -> list[str]:
+def images_of_the_move(node, cid: str) -> list[str]:
+    """The target's images named for the move of `cid` (migrate tags them NAME-<cid[:12]>)."""
     with node.client() as c:
         return [t for i in c.images.ListImages(cri.ListImagesRequest()).images for t in i.repo_tags
-                if "pyshim-migrate" in t]
+                if cid[:12] in t]
 
 
 @pytest.mark.parametrize("mode, says", [("cut", "was cut"), ("kill", "exited 137"),
@@ -141,7 +142,7 @@ def test_a_damaged_stream_or_killed_receiver_rolls_back_and_leaves_nothing_on_th
     running = [c for c in containers(nodes.a) if c.state == cri.CONTAINER_RUNNING]
     assert len(running) == 1
     assert not containers(nodes.b) and not pods(nodes.b)
-    assert target_image_names(nodes.b) == []
+    assert images_of_the_move(nodes.b, cid) == []
     # A killed receiver cannot clean up after itself: the next opener of the store (here the next
     # receiver's preflight) removes what it left, while the daemon keeps running.
     subprocess.run(["sh", "-c", f"{receiver(nodes.b)} --check"], check=True, capture_output=True)
