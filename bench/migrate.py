@@ -89,6 +89,8 @@ class SizeRow:
     direct_downtime: list = field(default_factory=list)  # ms, `pyshim migrate --direct`
     direct_client: list = field(default_factory=list)
     direct_source: list = field(default_factory=list)  # checkpoint_phases_ms of the --direct runs
+    direct_receive: list = field(default_factory=list)  # receive_phases_ms: inside B's receiver
+    direct_tail_mib: list = field(default_factory=list)  # left to send when the checkpoint call returned
     direct_target: list = field(default_factory=list)
     direct_mib_s: list = field(default_factory=list)
 
@@ -173,6 +175,8 @@ class MigrateBench:
             row.direct_downtime.append(report["downtime_ms"])
             row.direct_client.append(report["phases_ms"])
             row.direct_source.append(report["checkpoint_phases_ms"])
+            row.direct_receive.append(report.get("receive_phases_ms", {}))
+            row.direct_tail_mib.append(report.get("streamed_after_checkpoint_bytes", 0) / MIB)
             row.direct_target.append(report["restore_phases_ms"])
             row.direct_mib_s.append(report["transfer_mib_per_s"])
             self.remove_pod(self.b, report["target_pod"])
@@ -322,6 +326,11 @@ def report(rows: list[SizeRow], runs: int) -> str:
                           [[f"{r.size_mib}", *[f"{v:.0f}" for v in r.breakdown(direct=True).values()],
                             f"{sum(r.breakdown(direct=True).values()):.0f}", f"{r.med(r.direct_downtime):.0f}"]
                            for r in rows]))
+        for r in rows:
+            phases = {k: r.med(p.get(k, 0) for p in r.direct_receive) for k in ("data", "adopt", "record")}
+            out.append(f"  {r.size_mib} MiB: B's receiver " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
+                       + f" ms (data overlaps the archive's writing); {r.med(r.direct_tail_mib):.1f} MiB were left "
+                       "to send when CheckpointContainer returned")
         out.append("")
     out.append("Per run (ms): downtime | bare ckpt + restore + raw")
     for r in rows:

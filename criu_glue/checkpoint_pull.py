@@ -30,7 +30,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from typing import BinaryIO
@@ -189,7 +191,14 @@ def receive_checkpoint_image(store: ImageStore, stream: BinaryIO, tag: str, writ
         raise
 
 
-def receive_streamed_checkpoint_image(store: ImageStore, stream: BinaryIO, limits: Limits) -> tuple[ImageRecord, str]:
+@dataclass(frozen=True)
+class ReceivedCheckpoint:
+    record: ImageRecord
+    digest: str        # the layer blob's, to store.sync_blob()
+    phases_ms: dict    # data (until the last byte was written), adopt (the unpacked images checked), record
+
+
+def receive_streamed_checkpoint_image(store: ImageStore, stream: BinaryIO, limits: Limits) -> ReceivedCheckpoint:
     """A checkpoint archive framed on `stream` while its writer still wrote it (criu_glue.archive_frames:
     `pyshim migrate --direct`) becomes a checkpoint image in `store`, its CRIU images unpacked in the
     same pass. The digest and size come last, in the trailer: the blob is renamed into the store only
@@ -204,6 +213,7 @@ def receive_streamed_checkpoint_image(store: ImageStore, stream: BinaryIO, limit
         raise CheckpointImageError(f"cannot tag a checkpoint image {tag!r}: {exc}") from None
     frames = FrameReader(stream, limits.max_total_bytes, hashing=False)  # the store hashes the blob
     tap = CheckpointUnpackTap(store, None, limits)
+    started = time.monotonic()
     try:
         digest = store.write_blob(tap.reading(frames), durable=False)
     except BaseException:
@@ -223,10 +233,14 @@ def receive_streamed_checkpoint_image(store: ImageStore, stream: BinaryIO, limit
     try:
         # A compressed archive (the source daemon's checkpoint.compression) is not unpacked by the tap:
         # complete() discards what it made of it, and the first restore unpacks the blob instead.
+        data_done = time.monotonic()
         tap.complete(Descriptor(MEDIA_TYPE_LAYER_TAR, written.digest, written.size))
+        adopted = time.monotonic()
         documents = documents_for_written_archive(store.blob_path(written.digest), written, limits)
         store.mark_unsynced(written.digest)
-        return store.add_image(documents.manifest, documents.config, [tag]), written.digest
+        record = store.add_image(documents.manifest, documents.config, [tag])
+        phases = {"data": data_done - started, "adopt": adopted - data_done, "record": time.monotonic() - adopted}
+        return ReceivedCheckpoint(record, written.digest, {k: round(v * 1000, 1) for k, v in phases.items()})
     except BaseException:
         store.discard_unreferenced_blobs({digest})
         raise

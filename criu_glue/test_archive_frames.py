@@ -128,8 +128,9 @@ def test_a_missing_or_bad_header_is_refused(header):
 
 def test_a_streamed_archive_becomes_an_unpacked_checkpoint_image_synced_afterwards(tmp_path, store):
     archive, written = archive_of(tmp_path)
-    record, digest = receive_streamed_checkpoint_image(store, io.BytesIO(framed(tmp_path, archive, written)),
-                                                       Limits())
+    received = receive_streamed_checkpoint_image(store, io.BytesIO(framed(tmp_path, archive, written)), Limits())
+    record, digest = received.record, received.digest
+    assert set(received.phases_ms) == {"data", "adopt", "record"}
     assert digest == written.digest and record.repo_tags == [TAG] and is_checkpoint_image(record)
     assert store.blob_path(digest).read_bytes() == archive.read_bytes()
     assert store.unpacked_checkpoints() == [digest] and os.listdir(store.root / "tmp") == []
@@ -155,7 +156,7 @@ def test_a_streamed_archive_that_is_not_what_was_written_leaves_nothing(tmp_path
 def test_a_streamed_compressed_archive_is_stored_and_unpacked_later(tmp_path, store):
     out = tmp_path / "ck.tar.zst"
     written = write_archive(out, prepare_members(tmp_path), "zstd")
-    record, _ = receive_streamed_checkpoint_image(store, io.BytesIO(framed(tmp_path, out, written)), Limits())
+    record = receive_streamed_checkpoint_image(store, io.BytesIO(framed(tmp_path, out, written)), Limits()).record
     assert record.layers[0].diff_id == written.diff_id != written.digest
     assert store.unpacked_checkpoints() == [] and os.listdir(store.root / "tmp") == []
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import select
 import signal
@@ -71,6 +72,8 @@ class Receiver:
         self._follower: threading.Thread | None = None
         self._error = ""
         self._stored = False
+        self.phases_ms: dict = {}  # the receiver's, from its `stored` line
+        self.tail_bytes = 0  # sent after CheckpointContainer returned
         try:
             self._writer.header(tag)
         except OSError as e:
@@ -182,6 +185,7 @@ class Receiver:
             if os.fstat(fd).st_ino != os.stat(archive).st_ino:
                 raise ArchiveError(f"the file streamed is not the archive {archive} the checkpoint wrote")
             written = self._written or _digest_of(archive)
+            self.tail_bytes = max(0, written.size - offset)
             if offset > written.size:
                 raise ArchiveError(f"{offset} bytes were streamed of the {written.size}-byte archive {archive}")
             self._writer.frames_from_file(fd, offset, written.size - offset)
@@ -201,6 +205,11 @@ class Receiver:
             raise MoveError(f"cannot {what}: `{self._line}` did not report the image stored "
                             f"(answered {line[:200]!r})")
         self._stored = True
+        try:  # `stored ID TAG {phases}`; figures only, an older receiver may send none
+            phases = json.loads(line.split(b" ", 3)[3])
+            self.phases_ms = phases if isinstance(phases, dict) else {}
+        except (IndexError, ValueError):
+            pass
 
     def _give_up(self, what: str) -> None:
         try:

@@ -60,6 +60,8 @@ class MigrationReport:
     transfer_mib_per_s: float = 0.0
     tcp: str = ""  # B's restoreTcp: established, close or none
     resumed_from: str = ""
+    receive_phases_ms: dict = field(default_factory=dict)  # --direct: inside B's `checkpoint-image receive`
+    streamed_after_checkpoint_bytes: int = 0  # --direct: what was left to send when the checkpoint returned
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -230,6 +232,8 @@ class Migration:
         maker.start()
         try:
             self._receiver.finish(Path(journal.archive), written)
+            self.report.receive_phases_ms = self._receiver.phases_ms
+            self.report.streamed_after_checkpoint_bytes = self._receiver.tail_bytes
         finally:
             maker.join()
             if pod.get("id"):
