@@ -327,7 +327,7 @@ def report(rows: list[SizeRow], runs: int) -> str:
                             f"{sum(r.breakdown(direct=True).values()):.0f}", f"{r.med(r.direct_downtime):.0f}"]
                            for r in rows]))
         for r in rows:
-            phases = {k: r.med(p.get(k, 0) for p in r.direct_receive) for k in ("data", "adopt", "record")}
+            phases = {k: r.med(p.get(k, 0) for p in r.direct_receive) for k in ("data", "check", "record")}
             out.append(f"  {r.size_mib} MiB: B's receiver " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
                        + f" ms (data overlaps the archive's writing); {r.med(r.direct_tail_mib):.1f} MiB were left "
                        "to send when CheckpointContainer returned")

@@ -490,22 +490,42 @@ def extract_checkpoint_images_from_stream(stream: BinaryIO, dest: Path, limits: 
     files and directories only, safe names, the size budget) hold member by member, but nothing here
     has seen the archive whole: the caller must index the complete archive (open_archive) and compare
     before it uses anything in `dest`, and discard `dest` on any error."""
+    budget = Budget(limits, label)
+    extract_checkpoint_images_from_reader(ForwardReader(stream), dest, budget, label)
+    return budget.total_bytes
+
+
+@dataclass(frozen=True)
+class ImageExtent:
+    """Where an unpacked CRIU image's data lies in the archive: `size` bytes from `offset`."""
+    rel: str     # its path under checkpoint/
+    offset: int
+    size: int
+
+
+def extract_checkpoint_images_from_reader(reader: ForwardReader, dest: Path, budget: Budget,
+                                          label: str) -> list[ImageExtent]:
+    """extract_checkpoint_images_from_stream on a ForwardReader (whose sink may see the rest of the
+    archive); returns where each unpacked file's data lies in the archive. Reads up to the tar's
+    end-of-archive block."""
     dest = Path(dest)
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.listdir(dest):
         raise ArchiveError(f"destination for CRIU images {dest} is not empty")
-    budget = Budget(limits, label)
-    reader = ForwardReader(stream)
+    extents = []
     try:
         # tarfile parses the headers; the data of each member goes from the stream's chunks to its file.
         with open_tar(reader, seekable=True) as tar:
             for member in members(tar):
                 name = member_name(member, label)
                 if name.startswith(_CHECKPOINT_PREFIX):
-                    _extract_image(reader, member, name[len(_CHECKPOINT_PREFIX):], dest, budget, label)
+                    rel = name[len(_CHECKPOINT_PREFIX):]
+                    _extract_image(reader, member, rel, dest, budget, label)
+                    if member.isreg():
+                        extents.append(ImageExtent(rel, member.offset_data, member.size))
     except corrupt_stream_errors() as exc:
         raise ArchiveFormatError(label, f"not a readable tar archive: {exc}") from None
-    return budget.total_bytes
+    return extents
 
 
 def _extract_image(source: tarfile.TarFile | ForwardReader, member: tarfile.TarInfo, rel: str, dest: Path,

@@ -30,9 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 from typing import BinaryIO
@@ -43,7 +41,6 @@ from oci.store import Descriptor, ImageRecord, ImageStore, normalize_tag
 from oci.tree_removal import remove_tree
 
 from .archive import ArchiveDigest, extract_checkpoint_images_from_stream, open_archive
-from .archive_frames import FrameReader, FramingError, not_what_was_written, read_header
 from .checkpoint_image import CHECKPOINT_ANNOTATIONS, CheckpointImageError, documents_for_written_archive
 from .errors import ArchiveError
 from .limits import Limits
@@ -71,8 +68,7 @@ def unpack_while_pulling(store: ImageStore, limits: Limits):
 class CheckpointUnpackTap:
     """Sees the bytes of one layer blob as they are downloaded; see the module docstring."""
 
-    def __init__(self, store: ImageStore, descriptor: Descriptor | None, limits: Limits):
-        """`descriptor` None: the blob's digest and size are learnt only at its end (complete())."""
+    def __init__(self, store: ImageStore, descriptor: Descriptor, limits: Limits):
         self._store = store
         self._descriptor = descriptor
         self._limits = limits
@@ -92,11 +88,9 @@ class CheckpointUnpackTap:
         self._fed += len(chunk)
         self._pipe.put(chunk)
 
-    def complete(self, descriptor: Descriptor | None = None) -> bool:
+    def complete(self) -> bool:
         """The blob is stored and verified: adopt the unpacked images if they are exactly its checkpoint/
-        members. Returns whether they were adopted; never raises for the content (it is logged).
-        `descriptor`: the blob's, when the tap was made without one."""
-        self._descriptor = descriptor or self._descriptor
+        members. Returns whether they were adopted; never raises for the content (it is logged)."""
         self._pipe.close()
         self._thread.join()
         try:
@@ -120,8 +114,8 @@ class CheckpointUnpackTap:
 
     def _unpack(self) -> None:
         try:
-            label = f"checkpoint layer {self._descriptor.digest}" if self._descriptor else "received checkpoint"
-            extract_checkpoint_images_from_stream(self._pipe, self._images, self._limits, label)
+            extract_checkpoint_images_from_stream(self._pipe, self._images, self._limits,
+                                                  f"checkpoint layer {self._descriptor.digest}")
         except BaseException as e:  # noqa: BLE001 - reported by complete()
             self._error = e
         finally:
@@ -138,7 +132,7 @@ class CheckpointUnpackTap:
         with open_archive(self._store.blob_path(digest), self._limits) as archive:
             expected = {m.name[len(_CHECKPOINT_PREFIX):]: (m.size if m.kind == "file" else None)
                         for m in archive.checkpoint_members()}
-        unpacked = _tree(self._images)
+        unpacked = unpacked_files(self._images)
         if unpacked != expected:
             raise ArchiveError(f"the CRIU images unpacked from checkpoint layer {digest} are not the "
                                "checkpoint/ members of the stored layer")
@@ -148,7 +142,7 @@ class CheckpointUnpackTap:
         remove_tree(self._scratch, ignore_errors=True)
 
 
-def _tree(root: Path) -> dict[str, int | None]:
+def unpacked_files(root: Path) -> dict[str, int | None]:
     """relative path -> size for files, None for directories (what _checkpoint_members lists)."""
     found: dict[str, int | None] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -188,61 +182,6 @@ def receive_checkpoint_image(store: ImageStore, stream: BinaryIO, tag: str, writ
         return store.add_image(documents.manifest, documents.config, [tag])
     except BaseException:
         store.discard_unreferenced_blobs({written.digest})
-        raise
-
-
-@dataclass(frozen=True)
-class ReceivedCheckpoint:
-    record: ImageRecord
-    digest: str        # the layer blob's, to store.sync_blob()
-    phases_ms: dict    # data (until the last byte was written), adopt (the unpacked images checked), record
-
-
-def receive_streamed_checkpoint_image(store: ImageStore, stream: BinaryIO, limits: Limits) -> ReceivedCheckpoint:
-    """A checkpoint archive framed on `stream` while its writer still wrote it (criu_glue.archive_frames:
-    `pyshim migrate --direct`) becomes a checkpoint image in `store`, its CRIU images unpacked in the
-    same pass. The digest and size come last, in the trailer: the blob is renamed into the store only
-    once they match what was received, and the unpacked images are adopted only after that (as at a
-    pull). The blob is not fsynced here, to keep the sync out of a move's downtime: it is marked
-    unsynced before the image records it, and the caller must store.sync_blob() the returned digest
-    (a crash before that is repaired at the store's next start). Nothing is left if anything fails."""
-    tag = read_header(stream)
-    try:
-        tag = normalize_tag(tag)
-    except ImageError as exc:
-        raise CheckpointImageError(f"cannot tag a checkpoint image {tag!r}: {exc}") from None
-    frames = FrameReader(stream, limits.max_total_bytes, hashing=False)  # the store hashes the blob
-    tap = CheckpointUnpackTap(store, None, limits)
-    started = time.monotonic()
-    try:
-        digest = store.write_blob(tap.reading(frames), durable=False)
-    except BaseException:
-        tap.abort()
-        raise
-    try:
-        written = frames.trailer
-        if written is None:  # write_blob reads to the end, where the trailer is: cannot happen
-            raise FramingError(f"the received archive {digest} ended without its trailer")
-        if written.digest != digest:
-            # Renamed in under its true digest, but referenced by nothing: it goes again below.
-            raise not_what_was_written(frames.size, digest, written)
-    except BaseException:
-        tap.abort()
-        store.discard_unreferenced_blobs({digest})
-        raise
-    try:
-        # A compressed archive (the source daemon's checkpoint.compression) is not unpacked by the tap:
-        # complete() discards what it made of it, and the first restore unpacks the blob instead.
-        data_done = time.monotonic()
-        tap.complete(Descriptor(MEDIA_TYPE_LAYER_TAR, written.digest, written.size))
-        adopted = time.monotonic()
-        documents = documents_for_written_archive(store.blob_path(written.digest), written, limits)
-        store.mark_unsynced(written.digest)
-        record = store.add_image(documents.manifest, documents.config, [tag])
-        phases = {"data": data_done - started, "adopt": adopted - data_done, "record": time.monotonic() - adopted}
-        return ReceivedCheckpoint(record, written.digest, {k: round(v * 1000, 1) for k, v in phases.items()})
-    except BaseException:
-        store.discard_unreferenced_blobs({digest})
         raise
 
 

@@ -12,8 +12,9 @@ On disk, under `root`:
     tmp/                      partial blobs and unpacks, renamed into place only when complete
     tmp/private-<pid>-<x>/    the same, of one process that asked for its own (private_tmp): removed
                               by any opener of the store once that process is gone, even killed
-    unsynced/<alg>-<hex>      a blob written without fsync (a checkpoint received for a move, whose
-                              sync comes after the restore), not yet synced; checked at start-up
+    unsynced/<alg>-<hex>      a blob written without fsync, or not yet complete (a checkpoint received
+                              for a move: its CRIU images' bytes are copied in from the unpacked
+                              entry, and synced, after the restore); checked at start-up
 
     images.lock               flock held (exclusively) around every change to images.json
     users.lock                flock every open store holds shared for its lifetime
@@ -495,6 +496,26 @@ class ImageStore:
     def write_blob_bytes(self, data: bytes, expected_digest: str | None = None) -> str:
         return self.write_blob(io.BytesIO(data), expected_digest, len(data))
 
+    def new_blob_file(self) -> tuple[int, Path]:
+        """A private temporary file under tmp/ (fd, path) for a blob its caller writes itself."""
+        fd, name = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
+        return fd, Path(name)
+
+    def adopt_blob_file(self, tmp: Path, digest: str) -> None:
+        """Rename the new_blob_file() `tmp` into place as the blob `digest` (an existing blob of that
+        digest is kept, and `tmp` removed). Only for a caller that hashed exactly the content it
+        stands for, and that marked it unsynced (mark_unsynced) first if the file is not complete
+        yet: it must then complete it and sync_blob() it."""
+        final = self.blob_path(digest)
+        try:
+            if final.is_file():
+                return
+            final.parent.mkdir(exist_ok=True)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     # ------------------------------------------------------------ blobs synced later
 
     def mark_unsynced(self, digest: str) -> None:
@@ -546,7 +567,7 @@ class ImageStore:
                 marker.unlink(missing_ok=True)
                 continue
             self._remove_unpacked_checkpoint(digest)
-            if self._blob_matches(digest):
+            if self.blob_matches(digest):
                 self.sync_blob(digest)
                 log.warning("image store %s: blob %s was not synced before a crash; it is intact and "
                             "synced now", self.root, digest)
@@ -559,7 +580,8 @@ class ImageStore:
                         "removed with the images recording it", self.root, digest)
             marker.unlink(missing_ok=True)
 
-    def _blob_matches(self, digest: str) -> bool:
+    def blob_matches(self, digest: str) -> bool:
+        """Whether the stored blob's content hashes to `digest` (reads it whole)."""
         algorithm, hasher = new_hasher(digest)
         try:
             with open(self.blob_path(digest), "rb") as f:

@@ -166,9 +166,9 @@ def _receive(args, store) -> int:
 
 def _receive_streamed(store, stdin) -> int:
     """`receive --stdin-frames` (migrate --direct): the archive framed while the source writes it. The
-    line `stored ID TAG PHASES` says the image is usable (the move's restore may start); the blob is synced
-    after it, and the exit status says whether that worked."""
-    from criu_glue.checkpoint_pull import receive_streamed_checkpoint_image
+    line `stored ID TAG PHASES` says the image is usable (the move's restore may start); the blob is
+    completed and synced after it, and the exit status says whether that worked."""
+    from criu_glue.checkpoint_receive import complete_received_blob, receive_streamed_checkpoint_image
 
     # Stopped (the move cancelled, ssh hung up): unwind, so that nothing partial is left in the store.
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -176,7 +176,7 @@ def _receive_streamed(store, stdin) -> int:
     received = receive_streamed_checkpoint_image(store, stdin, _receive_limits(store))
     # One line: `stored ID TAG {phases in ms}` (the sender reports the phases with the move's).
     print(f"stored {received.record.id} {received.record.repo_tags[0]} {json.dumps(received.phases_ms)}", flush=True)
-    store.sync_blob(received.digest)
+    complete_received_blob(store, received)
     return 0
 
 

@@ -67,7 +67,7 @@ def test_the_archive_is_sent_while_it_is_written_and_stored_on_the_target(tmp_pa
     writer.start()
     writer.join()  # CheckpointContainer returned
     receiver.finish(location, written)
-    assert set(receiver.phases_ms) == {"data", "adopt", "record"} and receiver.tail_bytes <= written.size
+    assert set(receiver.phases_ms) == {"data", "check", "record"} and receiver.tail_bytes <= written.size
     receiver.wait_durable()
     tags, unpacked, tmp = store_state(root)
     assert tags == [[TAG]] and unpacked == [written.digest] and tmp == []
