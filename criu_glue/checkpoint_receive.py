@@ -48,6 +48,7 @@ from .limits import Budget, Limits
 from .tarstream import COPY_CHUNK, GZIP_MAGIC, ZSTD_MAGIC, ForwardReader
 
 _CHECKPOINT_PREFIX = "checkpoint/"
+_MAGIC_BYTES = max(len(GZIP_MAGIC), len(ZSTD_MAGIC))
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,13 @@ class _Peeked:
 
     def __init__(self, frames: FrameReader):
         self._frames = frames
-        self.first = frames.read(COPY_CHUNK)
-        self._pending = self.first
+        first = b""
+        while len(first) < _MAGIC_BYTES:  # frames may be as short as the source's first write
+            chunk = frames.read(COPY_CHUNK)
+            if not chunk:
+                break
+            first += chunk
+        self.first = self._pending = first
 
     def read(self, size: int = -1) -> bytes:
         if self._pending:

@@ -50,9 +50,10 @@ def receive(tmp_path: Path, store: ImageStore, archive: Path, written, **kwargs)
                                              Limits())
 
 
-def test_the_images_are_written_once_and_the_blob_completed_from_them_afterwards(tmp_path, store):
+@pytest.mark.parametrize("pieces", [1, 3, 5000])  # as the source daemon's writes came: any frame sizes
+def test_the_images_are_written_once_and_the_blob_completed_from_them_afterwards(tmp_path, store, pieces):
     archive, written = archive_of(tmp_path)
-    received = receive(tmp_path, store, archive, written)
+    received = receive(tmp_path, store, archive, written, pieces=pieces)
     assert received.digest == written.digest and received.record.repo_tags == [TAG]
     assert is_checkpoint_image(received.record) and set(received.phases_ms) == {"data", "check", "record"}
     assert store.unpacked_checkpoints() == [written.digest] and os.listdir(store.root / "tmp") == []
@@ -113,10 +114,12 @@ def test_the_size_budget_holds(tmp_path, store):
     assert nothing_left(store)
 
 
-def test_a_compressed_archive_is_stored_whole_and_unpacked_later(tmp_path, store):
+@pytest.mark.parametrize("pieces", [3, 7000])  # 7000: frames of a few bytes, as when the file had just begun
+def test_a_compressed_archive_is_stored_whole_and_unpacked_later(tmp_path, store, pieces):
     out = tmp_path / "ck.tar.zst"
     written = write_archive(out, prepare_members(tmp_path), "zstd")
-    received = receive(tmp_path, store, out, written)
+    assert written.size < 7000 * 100
+    received = receive(tmp_path, store, out, written, pieces=pieces)
     assert received.record.layers[0].diff_id == written.diff_id != written.digest and received.pending == ()
     assert store.unpacked_checkpoints() == [] and os.listdir(store.root / "tmp") == []
     complete_received_blob(store, received)
