@@ -69,10 +69,13 @@ def receive_streamed_checkpoint_image(store: ImageStore, stream: BinaryIO, limit
         raise CheckpointImageError(f"cannot tag a checkpoint image {tag!r}: {exc}") from None
     started = time.monotonic()
     frames = FrameReader(stream, limits.max_total_bytes)
-    head = _Peeked(frames)
-    if head.first.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
-        return _receive_whole(store, head, frames, tag, limits, started)
-    return _receive_split(store, head, frames, tag, limits, started)
+    try:
+        head = _Peeked(frames)
+        if head.first.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
+            return _receive_whole(store, head, frames, tag, limits, started)
+        return _receive_split(store, head, frames, tag, limits, started)
+    finally:
+        frames.close()
 
 
 def complete_received_blob(store: ImageStore, received: ReceivedCheckpoint) -> None:

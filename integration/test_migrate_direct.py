@@ -82,7 +82,7 @@ def test_a_receiver_that_fails_rolls_the_move_back_to_the_source(nodes, work_dir
     _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", COUNTER])
     time.sleep(1)
     # Passes the preflight (--check), then refuses the archive: the container must run on A again.
-    failing = f"sh -c 'case \"$*\" in *--check*) {receiver(nodes.b)} --check;; *) cat >/dev/null; exit 3;; esac' sh"
+    failing = f"sh -c 'case \"$*\" in *--check*) {receiver(nodes.b)} --check;; *) head -c 1000 >/dev/null; exit 3;; esac' sh"
     proc = pyshim("migrate", cid, "--from", nodes.a.endpoint, "--to", nodes.b.endpoint, "--direct", failing,
                   "--work-dir", str(work_dir), check=False)
     assert proc.returncode == 1 and "exited 3" in proc.stderr and "rolled back" in proc.stderr, proc.stderr
@@ -105,10 +105,15 @@ stdin = sys.stdin.buffer
 header = stdin.readline()
 proc.stdin.write(header)
 if mode == "flip":
-    data = bytearray(stdin.read())
+    data = bytearray()
+    while not (data.endswith(b"}\n") and b"\0\0\0\0{" in data[-300:]):  # up to the trailer (the stream stays open)
+        chunk = stdin.read1(1 << 20)
+        if not chunk:
+            break
+        data += chunk
     data[data.rindex(b"\0\0\0\0{") - 1] ^= 0xFF  # the archive's last byte, just before the end frame
     proc.stdin.write(bytes(data))
-    proc.stdin.close()
+    proc.stdin.flush()
     sys.exit(proc.wait())
 proc.stdin.write(stdin.read(65536))
 proc.stdin.flush()

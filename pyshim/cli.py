@@ -167,7 +167,7 @@ def _receive(args, store) -> int:
 def _receive_streamed(store, stdin) -> int:
     """`receive --stdin-frames` (migrate --direct): the archive framed while the source writes it. The
     line `stored ID TAG PHASES` says the image is usable (the move's restore may start); the blob is
-    completed and synced after it, and the exit status says whether that worked."""
+    completed and synced once stdin ends, and the exit status says whether that worked."""
     from criu_glue.checkpoint_receive import complete_received_blob, receive_streamed_checkpoint_image
 
     # Stopped (the move cancelled, ssh hung up): unwind, so that nothing partial is left in the store.
@@ -176,6 +176,10 @@ def _receive_streamed(store, stdin) -> int:
     received = receive_streamed_checkpoint_image(store, stdin, _receive_limits(store))
     # One line: `stored ID TAG {phases in ms}` (the sender reports the phases with the move's).
     print(f"stored {received.record.id} {received.record.repo_tags[0]} {json.dumps(received.phases_ms)}", flush=True)
+    # The sender ends the stream once the container runs (or it gave up): the blob is completed and
+    # synced only then, so that this work does not compete with the restore for the node's CPUs.
+    while stdin.read(1 << 16):
+        pass
     complete_received_blob(store, received)
     return 0
 

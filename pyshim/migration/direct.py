@@ -107,7 +107,7 @@ class Receiver:
         self._await_stored(f"send the checkpoint archive {archive} to the target")
 
     def wait_durable(self) -> None:
-        """After the restore: wait for the target to have synced the stored image to disk."""
+        """After the restore: let the target complete and sync the stored image, and wait for that."""
         self._finish("sync the received checkpoint image on the target")
 
     def cancel(self) -> None:
@@ -190,7 +190,8 @@ class Receiver:
                 raise ArchiveError(f"{offset} bytes were streamed of the {written.size}-byte archive {archive}")
             self._writer.frames_from_file(fd, offset, written.size - offset)
             self._writer.trailer(written)
-            self._proc.stdin.close()
+            # stdin stays open: its end tells the receiver to complete and sync the image (wait_durable),
+            # which is kept off the target's CPUs while the container is restored.
         finally:
             if own:
                 os.close(fd)
