@@ -30,6 +30,7 @@ from .archive_format import (BIND_MOUNTS, CHECKPOINT_DIR, CONFIG_DUMP, DELETED_F
                              SPEC_DUMP, STATUS_DUMP, BindMount, CheckpointConfig,
                              bind_mounts_from_json, check_spec_shape, deleted_files_from_json,
                              json_object_from)
+from .background_hash import BackgroundHash
 from .errors import ArchiveError, ArchiveFormatError, UnsafeArchive
 from .limits import Budget, Limits
 from .tarstream import (COMPRESSIONS, COPY_CHUNK, ForwardReader, copy_exactly, copy_member_data,
@@ -104,20 +105,25 @@ def write_archive(out_path: Path, members_dir: Path, compression: str = "none",
     try:
         with os.fdopen(fd, "wb", buffering=0) as raw:
             written = _HashingWriter(raw)
-            with _compressing(written, compression) as compressed:
-                tar_stream = _HashingWriter(compressed) if compression != "none" else written
-                # "w", not the stream mode "w|": tarfile's stream buffer re-slices every 10 KiB record
-                # (measured: twice the time); a sequential writer is all "w" needs here.
-                with tarfile.open(fileobj=tar_stream, mode="w", format=tarfile.PAX_FORMAT,
-                                  encoding="utf-8", errors="surrogateescape", copybufsize=COPY_CHUNK) as tar:
-                    _add_tree(tar, members_dir / CHECKPOINT_DIR, CHECKPOINT_DIR)
-                    for name in sorted(os.listdir(members_dir)):
-                        if name != CHECKPOINT_DIR:
-                            _add_tree(tar, members_dir / name, name)
+            tar_stream = written
+            try:
+                with _compressing(written, compression) as compressed:
+                    tar_stream = _HashingWriter(compressed) if compression != "none" else written
+                    # "w", not the stream mode "w|": tarfile's stream buffer re-slices every 10 KiB record
+                    # (measured: twice the time); a sequential writer is all "w" needs here.
+                    with tarfile.open(fileobj=tar_stream, mode="w", format=tarfile.PAX_FORMAT,
+                                      encoding="utf-8", errors="surrogateescape", copybufsize=COPY_CHUNK) as tar:
+                        _add_tree(tar, members_dir / CHECKPOINT_DIR, CHECKPOINT_DIR)
+                        for name in sorted(os.listdir(members_dir)):
+                            if name != CHECKPOINT_DIR:
+                                _add_tree(tar, members_dir / name, name)
+                result = ArchiveDigest(written.digest(), tar_stream.digest(), written.size)
+            finally:
+                written.close()
+                tar_stream.close()
             os.fchmod(raw.fileno(), mode)
             if durable:
                 os.fsync(raw.fileno())
-        result = ArchiveDigest(written.digest(), tar_stream.digest(), written.size)
         if before_rename is not None:
             before_rename()
         os.rename(tmp, out_path)
@@ -139,11 +145,12 @@ def write_archive(out_path: Path, members_dir: Path, compression: str = "none",
 
 class _HashingWriter:
     """A sequential sink that hashes and counts what passes through it (the tar is written once and
-    its digest is known when the last byte is; building an image from it reads nothing again)."""
+    its digest is known when the last byte is; building an image from it reads nothing again). The
+    hash runs in a thread beside the writing (BackgroundHash); close() ends it on any outcome."""
 
     def __init__(self, sink: BinaryIO):
         self._sink = sink
-        self._hash = hashlib.sha256()
+        self._hash = BackgroundHash()
         self.size = 0
 
     def write(self, data) -> int:
@@ -163,6 +170,9 @@ class _HashingWriter:
 
     def digest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._hash.close()
 
 
 def _check_members_dir(members_dir: Path) -> None:

@@ -18,22 +18,19 @@ match the bytes -- is a FramingError: the receiver keeps nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import queue
 import struct
-import threading
 from typing import BinaryIO
 
 from .archive import ArchiveDigest
+from .background_hash import BackgroundHash
 from .errors import ArchiveError
 
 FORMAT = "pyshim-archive-frames/1"
 MAX_FRAME = 8 << 20  # what a sender puts in one frame at most; a larger announced frame is refused
 _LENGTH = struct.Struct(">I")
 _MAX_LINE = 4096
-_HASH_BACKLOG = 64  # chunks (of up to 1 MiB) read but not hashed yet
 
 
 class FramingError(ArchiveError):
@@ -111,7 +108,7 @@ class FrameReader:
         self._stream = stream
         self._max = max_bytes
         self._left = 0  # bytes left in the current frame
-        self._hash = _BackgroundHash() if hashing else None
+        self._hash = BackgroundHash() if hashing else None
         self.size = 0
         self.trailer: ArchiveDigest | None = None
 
@@ -166,32 +163,6 @@ class FrameReader:
         if written.size != self.size or written.digest != actual:
             raise not_what_was_written(self.size, actual, written)
         return written
-
-
-class _BackgroundHash:
-    """sha256 in a thread of its own (hashlib releases the GIL): the receiver reads and writes the next
-    chunk while this one is hashed. At most _HASH_BACKLOG chunks wait."""
-
-    def __init__(self):
-        self._hash = hashlib.sha256()
-        self._chunks: queue.Queue = queue.Queue(maxsize=_HASH_BACKLOG)
-        self._digest = ""
-        self._thread = threading.Thread(target=self._run, name="frames-hash", daemon=True)
-        self._thread.start()
-
-    def update(self, chunk: bytes) -> None:
-        self._chunks.put(chunk)
-
-    def hexdigest(self) -> str:
-        if self._thread.is_alive():
-            self._chunks.put(None)
-            self._thread.join()
-            self._digest = self._hash.hexdigest()
-        return self._digest
-
-    def _run(self) -> None:
-        while (chunk := self._chunks.get()) is not None:
-            self._hash.update(chunk)
 
 
 def not_what_was_written(size: int, digest: str, written: ArchiveDigest) -> FramingError:
