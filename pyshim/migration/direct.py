@@ -100,8 +100,11 @@ class Receiver:
                 self._kill()
                 self._follower.join()
                 self._error = self._error or f"the receiver did not take the rest within {self._timeout:.0f} s"
-        else:
-            self._stream_tail(archive, None, 0)  # after a resume: the whole archive, nothing followed
+        else:  # after a resume: the whole archive, nothing was followed
+            try:
+                self._stream_tail(archive, None, 0)
+            except (OSError, ArchiveError) as e:
+                self._error = getattr(e, "strerror", None) or str(e)
         if self._error:
             self._give_up(f"send the checkpoint archive {archive} to the target ({self._error})")
         self._await_stored(f"send the checkpoint archive {archive} to the target")

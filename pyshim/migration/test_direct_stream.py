@@ -120,3 +120,12 @@ def test_a_receiver_killed_mid_stream_fails_the_transfer_and_its_leftovers_go(tm
     with pytest.raises(MoveError, match="exited -9|exited 137"):
         receiver.finish(location, written)
     assert store_state(root) == ([], [], [])  # the next opener removed the dead receiver's partial files
+
+
+def test_an_archive_gone_before_a_resumed_transfer_is_a_move_error(tmp_path):
+    root = tmp_path / "target"
+    receiver = direct.Receiver(receive_command(root), timeout=60, tag=TAG)
+    with pytest.raises(MoveError, match="No such file"):
+        receiver.finish(tmp_path / "gone.tar", None)
+    receiver.cancel()
+    assert store_state(root) == ([], [], [])
