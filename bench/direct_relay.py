@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 
 def serve(ip: str, port: int, command: list[str]) -> None:
@@ -56,18 +57,34 @@ def serve(ip: str, port: int, command: list[str]) -> None:
 def send(ip: str, port: int, args: list[str]) -> int:
     with socket.create_connection((ip, port), timeout=1800) as s:
         s.sendall(json.dumps(args).encode() + b"\n")
+        # The answers are passed on as they come (`stored ...` arrives while stdin is still open).
+        result: dict = {}
+        answers = threading.Thread(target=_pass_answers, args=(s, result), daemon=True)
+        answers.start()
         if "--check" not in args:
-            # stdin: the archive file, or (--stdin-header, the receiver started early) a pipe from migrate
-            while chunk := sys.stdin.buffer.read1(1 << 20):
-                s.sendall(chunk)
-        s.shutdown(socket.SHUT_WR)
-        for line in s.makefile("rb"):
-            result = json.loads(line)
-            if "stdout" in result:
-                sys.stdout.write(result["stdout"])
-                sys.stdout.flush()
-    sys.stderr.write(result["stderr"])
-    return int(result["rc"])
+            # stdin: the framed archive from migrate, kept open until the move tells the receiver to sync
+            try:
+                while chunk := sys.stdin.buffer.read1(1 << 20):
+                    s.sendall(chunk)
+            except OSError:
+                pass  # the receiver side went away: its answer says why
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        answers.join()
+    sys.stderr.write(result.get("stderr", "the relay's connection ended without an exit status\n"))
+    return int(result.get("rc", 1))
+
+
+def _pass_answers(s: socket.socket, result: dict) -> None:
+    for line in s.makefile("rb"):
+        answer = json.loads(line)
+        if "stdout" in answer:
+            sys.stdout.write(answer["stdout"])
+            sys.stdout.flush()
+        else:
+            result.update(answer)
 
 
 def main() -> None:
