@@ -25,7 +25,7 @@ re-hashes every marked blob and removes a blob that does not match its digest wi
 Any failure before the image is recorded leaves nothing in the store.
 
 A compressed archive (a source daemon with checkpoint.compression set) cannot be split this way: it
-is stored whole, unsynced, and unpacked at its first restore, as before.
+is stored whole and synced, like any blob, and unpacked at its first restore, as before.
 """
 from __future__ import annotations
 
@@ -136,13 +136,13 @@ def _receive_split(store: ImageStore, head: "_Peeked", frames: FrameReader, tag:
 
 def _receive_whole(store: ImageStore, head: "_Peeked", frames: FrameReader, tag: str, limits: Limits,
                    started: float) -> ReceivedCheckpoint:
-    digest = store.write_blob(head, durable=False)
+    # Synced as any blob (this rare case keeps the fsync inside the move's downtime).
+    digest = store.write_blob(head)
     try:
         written = _trailer(frames)
         if written.digest != digest:  # cannot differ: FrameReader checked the same bytes
             raise FramingError(f"the received archive {digest} is not {written.digest}")
         data_done = time.monotonic()
-        store.mark_unsynced(digest)
         record = _record(store, written, tag, limits)
     except BaseException:
         store.discard_unreferenced_blobs({digest})

@@ -122,9 +122,9 @@ def test_a_compressed_archive_is_stored_whole_and_unpacked_later(tmp_path, store
     received = receive(tmp_path, store, out, written, pieces=pieces)
     assert received.record.layers[0].diff_id == written.diff_id != written.digest and received.pending == ()
     assert store.unpacked_checkpoints() == [] and os.listdir(store.root / "tmp") == []
+    assert store.blob_path(written.digest).read_bytes() == out.read_bytes()  # stored whole, synced
+    assert not (store.root / "unsynced").exists()
     complete_received_blob(store, received)
-    assert store.blob_path(written.digest).read_bytes() == out.read_bytes()
-    assert os.listdir(store.root / "unsynced") == []
 
 
 # ---- a crash before the blob is complete and synced -------------------------------------------------

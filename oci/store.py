@@ -12,9 +12,9 @@ On disk, under `root`:
     tmp/                      partial blobs and unpacks, renamed into place only when complete
     tmp/private-<pid>-<x>/    the same, of one process that asked for its own (private_tmp): removed
                               by any opener of the store once that process is gone, even killed
-    unsynced/<alg>-<hex>      a blob written without fsync, or not yet complete (a checkpoint received
-                              for a move: its CRIU images' bytes are copied in from the unpacked
-                              entry, and synced, after the restore); checked at start-up
+    unsynced/<alg>-<hex>      a blob not yet complete nor synced (a checkpoint received for a move:
+                              its CRIU images' bytes are copied in from the unpacked entry, and
+                              synced, after the restore); checked at start-up
 
     images.lock               flock held (exclusively) around every change to images.json
     users.lock                flock every open store holds shared for its lifetime
@@ -455,12 +455,10 @@ class ImageStore:
         return data
 
     def write_blob(self, stream: BinaryIO, expected_digest: str | None = None,
-                   expected_size: int | None = None, durable: bool = True) -> str:
+                   expected_size: int | None = None) -> str:
         """Stream `stream` into the store, verify it, and return its digest.
 
-        When `expected_digest` is already stored, the stream is left unread. `durable` False skips
-        the fsync: the caller must mark_unsynced() the blob before an image records it, and
-        sync_blob() it later (a move's received checkpoint, synced once the container runs).
+        When `expected_digest` is already stored, the stream is left unread.
         """
         if expected_digest and self.has_blob(expected_digest):
             return expected_digest
@@ -478,8 +476,7 @@ class ImageStore:
                     hasher.update(chunk)
                     out.write(chunk)
                 out.flush()
-                if durable:
-                    os.fsync(out.fileno())
+                os.fsync(out.fileno())
             digest = f"{algorithm}:{hasher.hexdigest()}"
             if expected_size is not None and size != expected_size:
                 raise DigestMismatch(f"size of blob {expected_digest or digest}", str(expected_size), str(size))
@@ -519,9 +516,9 @@ class ImageStore:
     # ------------------------------------------------------------ blobs synced later
 
     def mark_unsynced(self, digest: str) -> None:
-        """Record, durably, that the blob `digest` (written with durable=False) and its unpacked
-        checkpoint entry may not be on disk yet. Call it before an image records the blob: after a
-        host crash the next sole opener of the store checks such a blob (_recover_unsynced)."""
+        """Record, durably, that the blob `digest` (written by its caller, not complete or not synced)
+        and its unpacked checkpoint entry may not be on disk yet. Call it before the blob is visible
+        under its digest: after a crash, the next sole opener of the store checks it (_recover_unsynced)."""
         marker = self._unsynced_marker(digest)
         marker.parent.mkdir(exist_ok=True)
         marker.touch()
