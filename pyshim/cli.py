@@ -588,7 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
         "receive", help="store a checkpoint archive read from stdin as a checkpoint image (migrate --direct)",
         description="Read a plain-tar checkpoint archive from stdin, check it against --digest and --size, and "
                     "add it to the local store as the checkpoint image --tag, its CRIU images unpacked in the same "
-                    "pass. `pyshim migrate --direct` runs this on the target node. Nothing is kept on any error.")
+                    "pass. With --stdin-frames (what `pyshim migrate --direct` runs on the target node) the archive "
+                    "comes framed while the source writes it, its tag first and its digest and size last; the line "
+                    "`stored ID TAG PHASES` says the image is usable, and its layer blob is completed and synced "
+                    "once stdin ends. Nothing is kept on any error.")
     receive.add_argument("--tag", "-t", metavar="NAME[:TAG]", help="name of the image")
     receive.add_argument("--digest", metavar="sha256:HEX", help="the archive's digest, as its writer computed it")
     receive.add_argument("--size", type=int, help="the archive's size in bytes")
