@@ -81,8 +81,8 @@ def test_counter_moves_directly_without_gaps_and_its_images_land_unpacked(nodes,
 def test_a_receiver_that_fails_rolls_the_move_back_to_the_source(nodes, work_dir):
     _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", COUNTER])
     time.sleep(1)
-    # Passes the preflight (--check), then refuses the archive: the container must run on A again.
-    failing = f"sh -c 'case \"$*\" in *--check*) {receiver(nodes.b)} --check;; *) head -c 1000 >/dev/null; exit 3;; esac' sh"
+    # Says it is ready (the preflight passes), then refuses the archive: the container must run on A again.
+    failing = f"sh -c 'case \"$*\" in *--check*) {receiver(nodes.b)} --check;; *) echo ready; head -c 1000 >/dev/null; exit 3;; esac' sh"
     proc = pyshim("migrate", cid, "--from", nodes.a.endpoint, "--to", nodes.b.endpoint, "--direct", failing,
                   "--work-dir", str(work_dir), check=False)
     assert proc.returncode == 1 and "exited 3" in proc.stderr and "rolled back" in proc.stderr, proc.stderr

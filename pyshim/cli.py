@@ -166,13 +166,15 @@ def _receive(args, store) -> int:
 
 def _receive_streamed(store, stdin) -> int:
     """`receive --stdin-frames` (migrate --direct): the archive framed while the source writes it. The
-    line `stored ID TAG PHASES` says the image is usable (the move's restore may start); the blob is
-    completed and synced once stdin ends, and the exit status says whether that worked."""
+    line `ready` says the store is open; `stored ID TAG PHASES` that the image is usable (the move's
+    restore may start); the blob is completed and synced once stdin ends, and the exit status says
+    whether that worked."""
     from criu_glue.checkpoint_receive import complete_received_blob, receive_streamed_checkpoint_image
 
     # Stopped (the move cancelled, ssh hung up): unwind, so that nothing partial is left in the store.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
+    print("ready", flush=True)  # the store is open (a private tmp made in it): migrate may freeze the container
     received = receive_streamed_checkpoint_image(store, stdin, _receive_limits(store))
     # One line: `stored ID TAG {phases in ms}` (the sender reports the phases with the move's).
     print(f"stored {received.record.id} {received.record.repo_tags[0]} {json.dumps(received.phases_ms)}", flush=True)
@@ -589,8 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a plain-tar checkpoint archive from stdin, check it against --digest and --size, and "
                     "add it to the local store as the checkpoint image --tag, its CRIU images unpacked in the same "
                     "pass. With --stdin-frames (what `pyshim migrate --direct` runs on the target node) the archive "
-                    "comes framed while the source writes it, its tag first and its digest and size last; the line "
-                    "`stored ID TAG PHASES` says the image is usable, and its layer blob is completed and synced "
+                    "comes framed while the source writes it, its tag first and its digest and size last; it answers "
+                    "`ready` once the store is open and `stored ID TAG PHASES` once the image is usable, and its layer blob is completed and synced "
                     "once stdin ends. Nothing is kept on any error.")
     receive.add_argument("--tag", "-t", metavar="NAME[:TAG]", help="name of the image")
     receive.add_argument("--digest", metavar="sha256:HEX", help="the archive's digest, as its writer computed it")

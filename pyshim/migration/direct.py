@@ -6,9 +6,9 @@ receive` on the target node with the target daemon's store -- typically `ssh nod
 checkpoint-image receive --root /var/lib/pyshim`. Each byte crosses the wire once and is read once on
 the source; the registry path writes it three times (archive, registry, target) and reads it three times.
 
-Preflight runs `CMD --check` (before anything is stopped): the receiver starts and can write the store.
-Then, still before the container is frozen, `CMD --stdin-frames` is started (a Receiver): its interpreter
-start-up, the ssh connection and the opening of the store are paid while the container still runs.
+The preflight starts `CMD --stdin-frames` (a Receiver) and waits for its `ready` (the target's store is
+open and writable) before anything is stopped: its interpreter start-up, the ssh connection and the
+opening of the store are not part of the downtime.
 The archive is sent *while the source daemon writes it*: the Receiver follows the daemon's temporary
 archive file (checkpoint.archive_temp_glob) as it grows and sends what is there, framed
 (criu_glue.archive_frames); once CheckpointContainer returns, the rest and a trailer with the digest and
@@ -25,7 +25,6 @@ import json
 import os
 import select
 import signal
-import shlex
 import subprocess
 import tempfile
 import threading
@@ -43,11 +42,6 @@ _POLL_SECONDS = 0.003  # how often the follower looks for more of the archive
 _CANCEL_SECONDS = 5.0  # a cancelled receiver's time to clean up and exit before it is killed
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PIPE_BYTES = 1 << 20
-
-
-def check_receiver(command: str, timeout: float) -> None:
-    """Raise MoveError unless `command --check` succeeds (the target node's receiver is usable)."""
-    _run(command, ["--check"], None, timeout, "check the direct transfer to the target")
 
 
 class Receiver:
@@ -79,6 +73,14 @@ class Receiver:
         except OSError as e:
             self.cancel()
             raise MoveError(f"cannot start the receiver on the target: `{self._line}`: {e.strerror or e}") from None
+
+    def wait_ready(self) -> None:
+        """Until the receiver says `ready` (its store is open and writable); MoveError if it fails."""
+        line = self._answer()
+        if line.strip() != b"ready":
+            self._finish("start the receiver on the target")  # its message, if it exited
+            raise MoveError(f"cannot start the receiver on the target: `{self._line}` did not say it is "
+                            f"ready (answered {line[:200]!r})")
 
     def follow(self, archive: Path) -> None:
         """Stream the archive the source daemon is about to write at `archive`, from its temporary file
@@ -201,9 +203,15 @@ class Receiver:
 
     # ---- the receiver's answers ----------------------------------------------------------------
 
-    def _await_stored(self, what: str) -> None:
+    def _answer(self) -> bytes:
+        """The receiver's next line on stdout; b"" if it ended or said nothing within the timeout."""
         ready, _, _ = select.select([self._proc.stdout], [], [], self._timeout)
-        line = self._proc.stdout.readline() if ready else b""
+        return self._proc.stdout.readline() if ready else b""
+
+    def _await_stored(self, what: str) -> None:
+        line = self._answer()
+        if line.strip() == b"ready":  # a receiver started after a resume: nobody waited for it
+            line = self._answer()
         if not line.startswith(b"stored "):
             self._finish(what)  # the receiver failed (its message) or answered nothing in time
             raise MoveError(f"cannot {what}: `{self._line}` did not report the image stored "
@@ -262,17 +270,3 @@ def _digest_of(archive: Path) -> ArchiveDigest:
                             "move it through a registry (--registry) instead")
         digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
     return ArchiveDigest(digest, digest, archive.stat().st_size)
-
-
-def _run(command: str, args: list[str], stdin, timeout: float, what: str) -> None:
-    line = f"{command} {' '.join(shlex.quote(a) for a in args)}"
-    try:
-        proc = subprocess.run(["sh", "-c", line], stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise MoveError(f"cannot {what}: `{line}` took longer than {timeout:.0f} s") from None
-    except OSError as e:
-        raise MoveError(f"cannot {what}: `{line}`: {e}") from None
-    if proc.returncode != 0:
-        stderr = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-_STDERR_LINES:]
-        raise MoveError(f"cannot {what}: `{line}` exited {proc.returncode}: {' / '.join(stderr) or 'no message'}")

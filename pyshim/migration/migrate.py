@@ -130,8 +130,7 @@ class Migration:
         # One name per container: a rerun racing a still-running checkpoint of a killed run names the same file.
         archive = self.options.work_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive))
-        if self.options.direct:  # its start-up is paid while the container still runs; it follows the archive
-            self._receiver = direct.Receiver(self.options.direct, self.options.timeout, self._image_tag(workload))
+        if self._receiver is not None:  # --direct: ready since the preflight; it follows the archive as written
             self._receiver.follow(archive)
         started = time.monotonic()
         figures = checkpoint_and_stop(self.source, workload.container_id, str(archive), self.options.timeout,
@@ -169,7 +168,10 @@ class Migration:
         _require_checkpoint_restore(self.target, "restoreEnabled", "restore")
         self._require_base_image(workload)
         if self.options.direct:
-            direct.check_receiver(self.options.direct, self.options.timeout)
+            # The receiver of the move itself, started and ready (its store open and writable) before
+            # anything stops: its start-up is not part of the downtime.
+            self._receiver = direct.Receiver(self.options.direct, self.options.timeout, self._image_tag(workload))
+            self._receiver.wait_ready()
         else:
             self._registry().check_push_access(self._image_tag(workload), self.options.credentials)
         self._mark("preflight")

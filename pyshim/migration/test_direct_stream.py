@@ -62,6 +62,7 @@ def test_the_archive_is_sent_while_it_is_written_and_stored_on_the_target(tmp_pa
     location = work / "c1.tar"
     root = tmp_path / "target"
     receiver = direct.Receiver(receive_command(root), timeout=60, tag=TAG)
+    receiver.wait_ready()
     receiver.follow(location)
     writer = threading.Thread(target=write_slowly, args=(source, location))
     writer.start()
@@ -129,3 +130,9 @@ def test_an_archive_gone_before_a_resumed_transfer_is_a_move_error(tmp_path):
         receiver.finish(tmp_path / "gone.tar", None)
     receiver.cancel()
     assert store_state(root) == ([], [], [])
+
+
+def test_a_receiver_that_cannot_start_fails_the_preflight(tmp_path):
+    receiver = direct.Receiver("sh -c 'echo no store here >&2; exit 4' sh", timeout=60, tag=TAG)
+    with pytest.raises(MoveError, match="exited 4: no store here"):
+        receiver.wait_ready()
