@@ -330,7 +330,7 @@ def report(rows: list[SizeRow], runs: int) -> str:
             phases = {k: r.med(p.get(k, 0) for p in r.direct_receive) for k in ("data", "check", "record")}
             out.append(f"  {r.size_mib} MiB: B's receiver " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
                        + f" ms (data overlaps the archive's writing); {r.med(r.direct_tail_mib):.1f} MiB were left "
-                       "to send when CheckpointContainer returned")
+                       "to send when CheckpointContainer returned; MiB/s counts from the first byte sent to stored")
         out.append("")
     out.append("Per run (ms): downtime | bare ckpt + restore + raw")
     for r in rows:

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from criu_glue.archive import ArchiveDigest
@@ -68,6 +69,8 @@ class Receiver:
         self._stored = False
         self.phases_ms: dict = {}  # the receiver's, from its `stored` line
         self.tail_bytes = 0  # sent after CheckpointContainer returned
+        self._first_sent_at = 0.0  # time.monotonic() of the archive's first frame
+        self.stream_seconds = 0.0  # from the archive's first frame to the target's `stored`
         try:
             self._writer.header(tag)
         except OSError as e:
@@ -153,6 +156,7 @@ class Receiver:
             while fd is not None and not self._cancelled:
                 size = os.fstat(fd).st_size
                 if size > offset:
+                    self._first_sent_at = self._first_sent_at or time.monotonic()
                     offset += self._writer.frames_from_file(fd, offset, size - offset)
                 elif self._ended.is_set():
                     break
@@ -193,6 +197,7 @@ class Receiver:
             self.tail_bytes = max(0, written.size - offset)
             if offset > written.size:
                 raise ArchiveError(f"{offset} bytes were streamed of the {written.size}-byte archive {archive}")
+            self._first_sent_at = self._first_sent_at or time.monotonic()
             self._writer.frames_from_file(fd, offset, written.size - offset)
             self._writer.trailer(written)
             # stdin stays open: its end tells the receiver to complete and sync the image (wait_durable),
@@ -217,6 +222,7 @@ class Receiver:
             raise MoveError(f"cannot {what}: `{self._line}` did not report the image stored "
                             f"(answered {line[:200]!r})")
         self._stored = True
+        self.stream_seconds = time.monotonic() - self._first_sent_at if self._first_sent_at else 0.0
         try:  # `stored ID TAG {phases}`; figures only, an older receiver may send none
             phases = json.loads(line.split(b" ", 3)[3])
             self.phases_ms = phases if isinstance(phases, dict) else {}
