@@ -123,9 +123,10 @@ class SizeRow:
 
 
 class MigrateBench:
-    def __init__(self, nodes: TwoNodes, work: Path):
+    def __init__(self, nodes: TwoNodes, work: Path, archive_dir: Path | None = None):
         self.nodes = nodes
         self.work = work
+        self.archive_dir = archive_dir
         self.a = nodes.a.client(timeout=1200)
         self.b = nodes.b.client(timeout=1200)
         self.bare = BareRunc(work / "bare")
@@ -166,7 +167,8 @@ class MigrateBench:
         proc = subprocess.run(
             [sys.executable, "-m", "pyshim", "migrate", cid, "--from", self.nodes.a.endpoint,
              "--to", self.nodes.b.endpoint, *via,
-             "--work-dir", str(work_dir), "--verify-seconds", "0.5", "--json"],
+             "--work-dir", str(work_dir), "--verify-seconds", "0.5", "--json",
+             *(["--archive-dir", str(self.archive_dir)] if self.archive_dir else [])],
             capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"pyshim migrate exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -348,6 +350,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-direct", dest="direct", action="store_false",
                         help="skip the `pyshim migrate --direct` runs")
+    parser.add_argument("--archive-dir", help="archives of the moves in a new directory under this one (e.g. /dev/shm, "
+                                              "a tmpfs): pyshim migrate --archive-dir")
     parser.add_argument("--only-direct", action="store_true",
                         help="only the `pyshim migrate --direct` runs and the bare baseline (no registry runs)")
     args = parser.parse_args()
@@ -355,9 +359,10 @@ def main() -> None:
     rows = [SizeRow(n) for n in sizes]
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pyshim-migbench-", dir="/tmp"))
+    archives = Path(tempfile.mkdtemp(prefix="migbench-archives-", dir=args.archive_dir)) if args.archive_dir else None
     try:
         with two_nodes_up() as nodes:
-            bench = MigrateBench(nodes, work)
+            bench = MigrateBench(nodes, work, archive_dir=archives)
             try:
                 for row in rows:
                     for i in range(args.runs):
@@ -381,6 +386,8 @@ def main() -> None:
                 bench.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if archives is not None:
+            shutil.rmtree(archives, ignore_errors=True)
     print(report(rows, args.runs))
     print(f"\nload average (1 min) at start {load_before:.2f}, at end {os.getloadavg()[0]:.2f}, "
           f"on {os.cpu_count()} CPUs; left behind: nothing (two_nodes_up checks and raises otherwise)")

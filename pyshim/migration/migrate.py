@@ -44,6 +44,7 @@ class MigrateOptions:
     verify_seconds: float = 1.0  # how long it must stay running on B before A forgets it
     timeout: float = 600.0
     direct: str = ""  # a command streaming the archive to the target's `checkpoint-image receive` (direct.py)
+    archive_dir: Path | None = None  # where the source daemon writes the archive (default: work_dir)
 
 
 @dataclass
@@ -129,7 +130,9 @@ class Migration:
             return
         workload = self._preflight()
         # One name per container: a rerun racing a still-running checkpoint of a killed run names the same file.
-        archive = self.options.work_dir / f"{workload.container_id}.tar"
+        archive_dir = self.options.archive_dir or self.options.work_dir
+        archive_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        archive = archive_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive))
         if self._receiver is not None:  # --direct: ready since the preflight; it follows the archive as written
             self._receiver.follow(archive)
