@@ -108,7 +108,7 @@ class Receiver:
         else:  # after a resume: the whole archive, nothing was followed
             try:
                 self._stream_tail(archive, None, 0)
-            except (OSError, ArchiveError) as e:
+            except (OSError, ArchiveError, MoveError) as e:
                 self._error = getattr(e, "strerror", None) or str(e)
         if self._error:
             self._give_up(f"send the checkpoint archive {archive} to the target ({self._error})")
@@ -164,7 +164,7 @@ class Receiver:
                     self._ended.wait(_POLL_SECONDS)
             if not self._cancelled:
                 self._stream_tail(archive, fd, offset if fd is not None else 0)
-        except (OSError, ArchiveError) as e:
+        except (OSError, ArchiveError, MoveError) as e:
             self._error = getattr(e, "strerror", None) or str(e)
         finally:
             if fd is not None:
