@@ -41,6 +41,11 @@ _CHECKPOINT_PREFIX = CHECKPOINT_DIR + "/"
 _INVENTORY = _CHECKPOINT_PREFIX + "inventory.img"  # CRIU writes it first; no restore without it
 _PRIVATE = 0o600
 GZIP_LEVEL = 6
+# CRIU images are copied into an archive 16 MiB at a time: each chunk's read and write release the GIL,
+# and in a daemon whose other threads want it, taking it back costs up to the switch interval (5 ms).
+# Measured beside one busy thread: 512 MiB in 4.4 s with 1 MiB chunks, 1.1 s with 16 MiB (0.4 s alone).
+ARCHIVE_COPY_CHUNK = 16 << 20
+_HASH_BACKLOG = 4  # chunks waiting for the hashing thread: at most 64 MiB held
 ZSTD_LEVEL = 3
 
 
@@ -112,7 +117,8 @@ def write_archive(out_path: Path, members_dir: Path, compression: str = "none",
                     # "w", not the stream mode "w|": tarfile's stream buffer re-slices every 10 KiB record
                     # (measured: twice the time); a sequential writer is all "w" needs here.
                     with tarfile.open(fileobj=tar_stream, mode="w", format=tarfile.PAX_FORMAT,
-                                      encoding="utf-8", errors="surrogateescape", copybufsize=COPY_CHUNK) as tar:
+                                      encoding="utf-8", errors="surrogateescape",
+                                      copybufsize=ARCHIVE_COPY_CHUNK) as tar:
                         _add_tree(tar, members_dir / CHECKPOINT_DIR, CHECKPOINT_DIR)
                         for name in sorted(os.listdir(members_dir)):
                             if name != CHECKPOINT_DIR:
@@ -150,7 +156,7 @@ class _HashingWriter:
 
     def __init__(self, sink: BinaryIO):
         self._sink = sink
-        self._hash = BackgroundHash()
+        self._hash = BackgroundHash(backlog=_HASH_BACKLOG)
         self.size = 0
 
     def write(self, data) -> int:

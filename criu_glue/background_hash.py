@@ -17,9 +17,9 @@ class BackgroundHash:
     """update() hands a chunk over (it must not change afterwards: bytes are copied if need be);
     hexdigest() waits for the thread and ends it. close() ends it without a result."""
 
-    def __init__(self):
+    def __init__(self, backlog: int = BACKLOG):
         self._hash = hashlib.sha256()
-        self._chunks: queue.Queue = queue.Queue(maxsize=BACKLOG)
+        self._chunks: queue.Queue = queue.Queue(maxsize=backlog)
         self._digest: str | None = None
         self._thread = threading.Thread(target=self._run, name="background-sha256", daemon=True)
         self._thread.start()
