@@ -124,17 +124,19 @@ def cmd_checkpoint_image_build(args) -> int:
 @_one_line_errors
 def cmd_checkpoint_image_receive(args) -> int:
     """A checkpoint archive on stdin (`pyshim migrate --direct` pipes it here) into the local store."""
-    # A private tmp: what a killed receiver leaves, the next opener of the store removes.
-    _, store = _local_image_store(args, private_tmp=True)
+    # --stdin-frames: a private tmp, whose files the next opener of the store removes if this receiver is
+    # killed; the one-shot form journals its partial files for the daemon's recovery instead.
+    config, store = _local_image_store(args, private_tmp=args.stdin_frames)
     try:
-        return _receive(args, store)
+        return _receive(args, config, store)
     finally:
         store.close()
 
 
-def _receive(args, store) -> int:
+def _receive(args, config, store) -> int:
     from criu_glue.archive import ArchiveDigest
-    from criu_glue.checkpoint_pull import receive_checkpoint_image
+    from pyshim.internal.image_receives import receive
+    from pyshim.internal.intents import IntentJournal
 
     if args.check:  # migrate's preflight: this node's store can be opened and written
         store.scratch_dir("receive-check-").rmdir()
@@ -159,7 +161,9 @@ def _receive(args, store) -> int:
     if written is None:
         raise _CommandFailed(f"--digest/--diff-id {args.digest!r}/{args.diff_id!r} are not sha256 digests, "
                              "or --size is negative")
-    record = receive_checkpoint_image(store, stdin, args.tag, written, _receive_limits(store))
+    # Journaled where the daemon's recovery reads: a receiver killed mid-stream leaves nothing it keeps.
+    record = receive(store, IntentJournal(config.root_path / "state" / "intents"), stdin, args.tag, written,
+                     _receive_limits(store))
     print(f"{record.id} {' '.join(record.repo_tags)}")
     return 0
 
