@@ -441,6 +441,12 @@ def archive_temp_path(location: Path, token: str) -> Path:
     return location.parent / f".{location.name}.pyshim-{token}.tmp"
 
 
+def archive_temp_glob(location: Path) -> str:
+    """The names archive_temp_path gives, as a glob pattern in `location`'s directory: `pyshim migrate
+    --direct` streams the archive from that file while it is written."""
+    return f".{location.name}.pyshim-*.tmp"
+
+
 def _remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         remove_tree(path, ignore_errors=True)
