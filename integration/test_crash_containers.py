@@ -157,7 +157,8 @@ def _checkpoint(c, cid, location: Path, stop: bool = False) -> None:
 
 
 @pytest.mark.parametrize("point,stop", [
-    ("checkpoint_container:prepare", False), ("checkpoint_container:freeze", False),
+    # A leave-running checkpoint is frozen by CRIU (no "freeze" step: runc pause is for stopping ones).
+    ("checkpoint_container:prepare", False), ("checkpoint_container:freeze", True),
     ("checkpoint_container:dump", False), ("checkpoint_container:post_dump", False),
     ("checkpoint_container:archive", False),
     ("checkpoint_container:dump", True), ("checkpoint_container:archive", True),
