@@ -196,8 +196,9 @@ _CRIU_LOG_TIME = re.compile(rb"^\((\d+)\.(\d+)\)")
 
 
 def _criu_hook_ms(archive: Path) -> float:
-    """How long CRIU ran its post-dump scripts (pyshim's hook: the diff and the round trip), the tasks
-    frozen: "Running post-dump scripts" to the next stamped line of dump.log; 0 without scripts."""
+    """How long CRIU ran pyshim's post-dump script (the diff and the round trip), the tasks frozen:
+    from its "\t[<path>/criu-post-dump-hook]" line of dump.log to the next stamped line; 0 if none.
+    (runc's own post-dump notification, the "\tRPC" line before it, is there in bare runc too.)"""
     with open_archive(archive) as cp, cp.open_member(fmt.DUMP_LOG) as log:
         started = None
         for line in log:
@@ -207,7 +208,7 @@ def _criu_hook_ms(archive: Path) -> float:
             stamp = int(m.group(1)) * 1000 + int(m.group(2)) / 1000
             if started is not None:
                 return stamp - started
-            if b"Running post-dump scripts" in line:
+            if line.rstrip().endswith(b"/criu-post-dump-hook]"):
                 started = stamp
     return 0.0
 
