@@ -269,7 +269,9 @@ def run(sizes: list[int], runs: int, random_mib: int) -> tuple[list[Subject], st
             with daemon.client() as client:
                 client.pull(image)
                 for s in subjects:
-                    pod = pod_config(name=f"ckb-{s.label.lower()}")
+                    # Pod logs in the daemon's own directory, removed with it (pytest's session
+                    # fixture that removes the shared log root does not run in a benchmark).
+                    pod = pod_config(name=f"ckb-{s.label.lower()}", log_directory=str(settings.base / "logs" / s.label))
                     s.pod_id = client.run_pod(pod)
                     s.cid = client.create(s.pod_id, container_config(image, _hold_command(s.size_mib, s.content)), pod)
                     client.start(s.cid)
