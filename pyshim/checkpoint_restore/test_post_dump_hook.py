@@ -160,3 +160,48 @@ def test_recovery_takes_our_line_out_of_a_config_file(tmp_path):
     config.write_text("action-script /var/lib/pyshim/criu-post-dump-hook\n")
     assert hook.remove_from_config(config) and not config.exists()
     assert not hook.remove_from_config(tmp_path / "missing.conf")
+
+
+class RecordingRunc:
+    def __init__(self):
+        self.calls = []
+
+    def pause(self, container_id):
+        self.calls.append("pause")
+
+    def resume(self, container_id):
+        self.calls.append("resume")
+
+    def checkpoint(self, container_id, req, timeout):
+        self.calls.append("checkpoint")
+
+
+def test_a_criu_that_runs_no_hook_makes_the_checkpointer_pause_first(tmp_path, monkeypatch):
+    """The images CRIU made without calling the hook are of another instant than any diff: they are
+    dropped and the container is checkpointed again, paused first, as all later ones are."""
+    from types import SimpleNamespace
+
+    from pyshim.checkpoint_restore import checkpoint as cp
+    from pyshim.config import CheckpointSettings
+    from pyshim.internal.intents import IntentJournal
+    from pyshim.internal.phases import PhaseTimer
+
+    monkeypatch.setattr(cp, "criu_availability", lambda version: None)
+    runc = RecordingRunc()
+    checkpointer = cp.Checkpointer(CheckpointSettings(), runc, tmp_path / "root" / "checkpoint-work",
+                                   intents=IntentJournal(tmp_path / "root" / "state" / "intents"))
+
+    def no_hook(*args, **kwargs):
+        (tmp_path / "work" / "checkpoint" / "stale.img").write_bytes(b"x")
+        raise hook.HookNotRun("CRIU dumped without running the script")
+    monkeypatch.setattr(checkpointer._post_dump, "dump", no_hook)
+    work = tmp_path / "work"
+    (work / "checkpoint").mkdir(parents=True)
+    (tmp_path / "upper").mkdir()
+    record = SimpleNamespace(id="c1", upper=tmp_path / "upper", cgroups_path="/no/such/cgroup")
+    by, frozen, deleted = checkpointer._dump_frozen_by_criu(
+        record, work, SimpleNamespace(diff_exclusions=[]), [], False, time.monotonic() + 30, PhaseTimer(),
+        tmp_path / "criu.conf")
+    assert by.startswith("runc pause") and runc.calls == ["pause", "checkpoint", "resume"]
+    assert not (work / "checkpoint" / "stale.img").exists() and deleted == []
+    assert not checkpointer._post_dump.usable and checkpointer._post_dump.config_for(tmp_path) is None
