@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from collections import deque
 from pathlib import Path
 
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from oci.errors import ImageError
 from oci.layout import MEDIA_TYPE_LAYER_TAR
@@ -68,13 +69,15 @@ def unpack_while_pulling(store: ImageStore, limits: Limits):
 class CheckpointUnpackTap:
     """Sees the bytes of one layer blob as they are downloaded; see the module docstring."""
 
-    def __init__(self, store: ImageStore, descriptor: Descriptor, limits: Limits):
+    def __init__(self, store: ImageStore, descriptor: Descriptor, limits: Limits, scratch_parent: Path | None = None):
         self._store = store
         self._descriptor = descriptor
         self._limits = limits
         self._fed = 0
         self._pipe = _ChunkPipe(_PIPE_CHUNKS)
-        self._scratch = store.scratch_dir("checkpoint-pull-")
+        # Under the store's tmp/, or under the caller's scratch directory there (receive_checkpoint_image).
+        self._scratch = Path(tempfile.mkdtemp(dir=scratch_parent, prefix="checkpoint-pull-")) \
+            if scratch_parent is not None else store.scratch_dir("checkpoint-pull-")
         self._images = self._scratch / "images"
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._unpack, name="checkpoint-pull-unpack", daemon=True)
@@ -155,27 +158,33 @@ def _tree(root: Path) -> dict[str, int | None]:
 
 
 def receive_checkpoint_image(store: ImageStore, stream: BinaryIO, tag: str, written: ArchiveDigest,
-                             limits: Limits) -> ImageRecord:
+                             limits: Limits, scratch: Path | None = None,
+                             on_stored: Callable[[], None] | None = None) -> ImageRecord:
     """A checkpoint archive read once from `stream` (e.g. piped from another node by `pyshim migrate
     --direct`) becomes the checkpoint image `tag` in `store`: stored as its layer blob, checked against
     `written` (the digest and size its writer computed), with its CRIU images unpacked in the same pass
     when it is a plain tar (a compressed one is unpacked from the blob at its first restore). Nothing is
-    left in the store if anything fails."""
+    left in the store if anything fails. `scratch`: a store.scratch_dir() that receives every partial
+    file (the blob being written, the images being unpacked), so that whoever journals the receive can
+    remove them after a crash; `on_stored` is called once the blob is stored, before the image is
+    recorded (the step where a crash leaves a whole blob that no image uses)."""
     try:
         tag = normalize_tag(tag)
     except ImageError as exc:
         raise CheckpointImageError(f"cannot tag a checkpoint image {tag!r}: {exc}") from None
     descriptor = Descriptor(MEDIA_TYPE_LAYER_TAR, written.digest, written.size)
     plain = written.diff_id == written.digest
-    tap = CheckpointUnpackTap(store, descriptor, limits) \
+    tap = CheckpointUnpackTap(store, descriptor, limits, scratch_parent=scratch) \
         if plain and not store.has_unpacked_checkpoint(written.digest) else None
     try:
-        store.write_blob(tap.reading(stream) if tap else stream, written.digest, written.size)
+        store.write_blob(tap.reading(stream) if tap else stream, written.digest, written.size, tmp_dir=scratch)
     except BaseException:
         if tap:
             tap.abort()
         raise
     try:
+        if on_stored is not None:
+            on_stored()
         if tap:
             tap.complete()
         documents = documents_for_written_archive(store.blob_path(written.digest), written, limits)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .criu import log_excerpt
 from .errors import ArchiveError
+from .procfs import live_pids, process_argv
 
 SOCKET_NAME = "lazy-pages.socket"  # CRIU's LAZY_PAGES_SOCK_NAME, fixed, in the work directory
 LOG_NAME = "lazy-pages.log"
@@ -117,32 +118,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 def is_lazy_pages_daemon(pid: int, work_dir: Path) -> bool:
     """`pid` is alive and is the lazy-pages daemon serving `work_dir` (not a reused pid)."""
-    if pid <= 0:
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"lazy-pages" in argv and str(work_dir).encode() in argv
+    argv = process_argv(pid)
+    return argv is not None and b"lazy-pages" in argv and str(work_dir).encode() in argv
 
 
 def find_daemons(work_dirs_under: Path) -> dict[int, Path]:
     """Every live lazy-pages daemon whose work directory lies under `work_dirs_under`, by pid."""
     found: dict[int, Path] = {}
     prefix = str(work_dirs_under).rstrip("/") + "/"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"lazy-pages" not in argv or b"-W" not in argv:
+    for pid in live_pids():
+        argv = process_argv(pid)
+        if argv is None or b"lazy-pages" not in argv or b"-W" not in argv:
             continue
         index = argv.index(b"-W") + 1
         work = argv[index].decode(errors="replace") if index < len(argv) else ""
         if work.startswith(prefix):
-            found[int(entry.name)] = Path(work)
+            found[pid] = Path(work)
     return found
 
 

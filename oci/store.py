@@ -404,15 +404,16 @@ class ImageStore:
         return data
 
     def write_blob(self, stream: BinaryIO, expected_digest: str | None = None,
-                   expected_size: int | None = None) -> str:
+                   expected_size: int | None = None, tmp_dir: Path | None = None) -> str:
         """Stream `stream` into the store, verify it, and return its digest.
 
-        When `expected_digest` is already stored, the stream is left unread.
+        When `expected_digest` is already stored, the stream is left unread. `tmp_dir`: a scratch_dir()
+        to write the partial blob in, for a caller that must find it after a crash.
         """
         if expected_digest and self.has_blob(expected_digest):
             return expected_digest
         algorithm, hasher = new_hasher(expected_digest)
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir or self._tmp, prefix="blob-")
         tmp = Path(tmp_name)
         try:
             size = 0

@@ -124,10 +124,11 @@ def cmd_checkpoint_image_build(args) -> int:
 def cmd_checkpoint_image_receive(args) -> int:
     """A checkpoint archive on stdin (`pyshim migrate --direct` pipes it here) into the local store."""
     from criu_glue.archive import ArchiveDigest
-    from criu_glue.checkpoint_pull import receive_checkpoint_image
     from criu_glue.limits import Limits
+    from pyshim.internal.image_receives import receive
+    from pyshim.internal.intents import IntentJournal
 
-    _, store = _local_image_store(args)
+    config, store = _local_image_store(args)
     if args.check:  # migrate's preflight: this node's store can be opened and written
         store.scratch_dir("receive-check-").rmdir()
         print("ready")
@@ -150,7 +151,8 @@ def cmd_checkpoint_image_receive(args) -> int:
                              "or --size is negative")
     stat = os.statvfs(store.root)
     limits = Limits(max_total_bytes=min(Limits().max_total_bytes, stat.f_bavail * stat.f_frsize))
-    record = receive_checkpoint_image(store, stdin, args.tag, written, limits)
+    # Journaled where the daemon's recovery reads: a receiver killed mid-stream leaves nothing it keeps.
+    record = receive(store, IntentJournal(config.root_path / "state" / "intents"), stdin, args.tag, written, limits)
     print(f"{record.id} {' '.join(record.repo_tags)}")
     return 0
 

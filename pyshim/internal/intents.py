@@ -48,6 +48,7 @@ class Operation(str, enum.Enum):
     CHECKPOINT_CONTAINER = "checkpoint_container"
     CHECKPOINT_POD = "checkpoint_pod"  # pyshim/checkpoint_restore/pod_checkpoint.py recovers it
     PULL_IMAGE = "pull_image"
+    RECEIVE_CHECKPOINT_IMAGE = "receive_checkpoint_image"  # another process's (pyshim/internal/image_receives.py)
 
 
 @dataclass

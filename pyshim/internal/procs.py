@@ -5,6 +5,8 @@ import os
 import signal
 from pathlib import Path
 
+from criu_glue.procfs import process_argv
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -35,13 +37,8 @@ def read_pidfile(path: Path) -> int:
 
 def is_conmon_of(pid: int, container_id: str) -> bool:
     """True if `pid` is alive and is the conmon monitoring `container_id` (not a reused pid)."""
-    if pid <= 0:
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return bool(argv) and argv[0].endswith(b"conmon") and container_id.encode() in argv
+    argv = process_argv(pid)
+    return argv is not None and argv[0].endswith(b"conmon") and container_id.encode() in argv
 
 
 def kill(pid: int) -> None:

@@ -7,7 +7,7 @@ and what was done. Every step is idempotent: a daemon killed during recovery rec
 
 Order matters:
 1. pod sandboxes (netns, IPs, CNI cache, pod dirs, cgroups): a container's repair may need its pod;
-2. the image store (partial pulls): a restore's retry may need its base image whole;
+2. the image store (partial pulls and receives): a restore's retry may need its base image whole;
 3. checkpoints (CheckpointPod's, then CheckpointContainer's): a container frozen by a killed checkpoint is thawed before the containers are
    reconciled, so that runc's state read there is the truth (running, not paused);
 4. restores cut short (the restore engine, pyshim/checkpoint_restore/restore.py);
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 
+from pyshim.internal import image_receives
 from pyshim.internal.intents import IntentJournal
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def recover(parts, journal: IntentJournal) -> float:
             "count": len(pending), "intents": [f"{i.operation.value}:{i.step} {i.target}" for i in pending]})
     parts.sandboxes.recover(pending)
     parts.registry.recover(pending)  # the journaled puller (pyshim/internal/image_pulls.py)
+    image_receives.recover(parts.images, journal, pending)  # killed `checkpoint-image receive`s
     stopped_by_checkpoints = parts.pod_checkpointer.recover() + parts.checkpointer.recover(pending)
     parts.restores.recover(pending)
     parts.containers.recover(pending)

@@ -15,13 +15,11 @@ from __future__ import annotations
 import time
 
 from cri_api import api_pb2 as cri
-from criu_glue import archive_format as fmt
-from criu_glue import portable_archive as portable
 from pyshim.annotations import CHECKPOINT_ARCHIVE_KEY, CHECKPOINT_ARCHIVE_KINDS, CHECKPOINT_MODE_KEY, CHECKPOINT_MODES
 from pyshim.errors import InvalidArgument
 from pyshim.internal import netns
-from pyshim.checkpoint_restore.restore import POD_IPS_KEY
-from pyshim.checkpoint_restore.checkpoint import ArchiveMembers, bind_mount_of, diff_exclusions, validate_location
+from pyshim.checkpoint_restore.archive_members import archive_members as build_archive_members
+from pyshim.checkpoint_restore.checkpoint import ArchiveMembers, validate_location
 from pyshim.server import convert
 from pyshim.server.runtime import Runtime
 
@@ -36,27 +34,6 @@ def _deadline(request_timeout: int, time_remaining: float | None) -> float:
     if time_remaining is not None:
         limits.append(time_remaining)
     return time.monotonic() + min(limits)
-
-
-def _base_image_fields(rt: Runtime, record) -> dict:
-    """The image the container's rootfs is built on. rootfsImageRef is NAME@DIGEST where known
-    (containerd's form, which it pulls): another node pulls exactly this image to restore on. Else
-    it is the image ID as bare hex, the only form CRI-O accepts there. A restored container's base is
-    the image under its checkpoint, not the checkpoint image itself."""
-    if not record.base_image_id:
-        image = rt.images.get(record.image_id)
-        ref = image.repo_digests[0] if image is not None and image.repo_digests else _bare(record.image_id)
-        return {"rootfs_image": record.image_ref, "rootfs_image_ref": ref, "rootfs_image_name": record.image_name}
-    image = rt.images.get(record.base_image_id)
-    if image is None:
-        return {"rootfs_image_ref": _bare(record.base_image_id)}
-    name = (image.repo_tags or image.repo_digests or [image.id])[0]
-    ref = image.repo_digests[0] if image.repo_digests else _bare(image.id)
-    return {"rootfs_image": name, "rootfs_image_ref": ref, "rootfs_image_name": name}
-
-
-def _bare(image_id: str) -> str:
-    return image_id.removeprefix("sha256:")
 
 
 def _stop_requested(metadata: dict[str, str]) -> bool:
@@ -74,25 +51,9 @@ def _durable_requested(metadata: dict[str, str]) -> bool:
 
 
 def archive_members(rt: Runtime, record, sandbox) -> ArchiveMembers:
-    """What a container's archive holds besides CRIU's images and the diff (also CheckpointPod's parts)."""
-    config = rt.containers.config_of(record)
-    spec = rt.containers.spec_of(record)
-    return ArchiveMembers(
-        config=fmt.CheckpointConfig(
-            id=record.id, name=config.metadata.name, **_base_image_fields(rt, record), runtime="runc",
-            created_time_ns=record.created_at, checkpointed_time_ns=time.time_ns(),
-            # "engine" tells pyshim's archives apart from containerd's, whose annotations they share;
-            # the pod's addresses decide at restore whether established TCP connections can live on;
-            # libpod's keys let Podman restore the archive too.
-            extra={"engine": "pyshim",
-                   POD_IPS_KEY: [ip for ip in ([sandbox.ip, *sandbox.additional_ips] if sandbox else []) if ip],
-                   **portable.libpod_config_fields(spec, record.base_image_id or record.image_id)}),
-        spec=portable.portable_spec(spec, [m.container_path for m in config.mounts], config.annotations),
-        status=convert.container_status(record, config),  # written in containerd's Go form
-        bind_mounts=[bind_mount_of(m.host_path, m.container_path) for m in config.mounts],
-        log_path=record.log_path,
-        diff_exclusions=diff_exclusions([m.container_path for m in config.mounts]),
-    )
+    """What a container's archive holds besides CRIU's images and the diff (also CheckpointPod's parts);
+    the engine builds them, with the server's CRI status conversion."""
+    return build_archive_members(rt.containers, rt.images, record, sandbox, status_of=convert.container_status)
 
 
 def checkpoint_container(rt: Runtime, request, time_remaining: float | None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +37,26 @@ from pyshim.server.runtime import Runtime
 log = logging.getLogger(__name__)
 
 GROUP_FILE = "pod-restore-group"
-_locks: dict[str, threading.Lock] = {}
+
+
+class _PodLock:
+    """One pod's group-restore lock. Held weakly by `_locks`: the entry lives exactly as long as some
+    StartContainer holds or waits for it, so the map never outgrows the StartContainers in flight
+    (no pruning at pod removal to forget), and two concurrent callers always share one lock."""
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+_locks: "weakref.WeakValueDictionary[str, _PodLock]" = weakref.WeakValueDictionary()
 _locks_guard = threading.Lock()
 
 
@@ -100,6 +120,9 @@ def _read_group(sandbox) -> list[str]:
     return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
-def _lock_for(sandbox_id: str) -> threading.Lock:
+def _lock_for(sandbox_id: str) -> _PodLock:
     with _locks_guard:
-        return _locks.setdefault(sandbox_id, threading.Lock())
+        lock = _locks.get(sandbox_id)
+        if lock is None:
+            lock = _locks[sandbox_id] = _PodLock()
+        return lock

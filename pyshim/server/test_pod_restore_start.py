@@ -62,3 +62,21 @@ def test_containers_outside_a_group_keep_their_own_start(tmp_path):
     assert prs.start_with_pod(rt, records["a"], lambda r: pytest.fail("restored as a group")) is False
     plain = Record(id="p", sandbox_id="pod", restore_from="", restored=False, state=ContainerState.CREATED)
     assert prs.start_with_pod(rt, plain, lambda r: pytest.fail("restored")) is False
+
+
+def test_the_per_pod_lock_is_forgotten_once_no_start_uses_it(tmp_path):
+    rt, records = make_rt(tmp_path, ["a", "b"])
+
+    def restore_one(r):
+        assert "pod" in prs._locks, "the pod's lock is not held during its restore"
+        r.restored, r.state = True, ContainerState.RUNNING
+    prs.start_with_pod(rt, records["a"], restore_one)
+    prs.start_with_pod(rt, records["b"], restore_one)
+    assert "pod" not in prs._locks, "the lock map keeps an entry for every pod ever restored"
+
+
+def test_concurrent_starts_of_one_pod_share_its_lock(tmp_path):
+    first = prs._lock_for("pod")
+    assert prs._lock_for("pod") is first
+    del first
+    assert "pod" not in prs._locks
