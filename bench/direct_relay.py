@@ -5,9 +5,9 @@ raw TCP copy.
     python -m bench.direct_relay serve IP PORT -- RECEIVE-COMMAND...   (in node B's netns, runs forever)
     python -m bench.direct_relay send IP PORT ARGS...                  (the --direct command on node A)
 
-`send` passes its ARGS (what migrate appends: --check, or --stdin-header) as one JSON line at once (so
+`send` passes its ARGS (what migrate appends: --check, or --stdin-frames) as one JSON line at once (so
 the receiver starts while the source still checkpoints), then its stdin; `serve` runs RECEIVE-COMMAND ARGS with the rest of the connection as stdin
-and answers its exit status and stderr. Benchmark tooling only: no authentication, loopback wire only.
+and answers its stdout as it comes, then its exit status and stderr. Benchmark tooling only: no authentication, loopback wire only.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 
 
 def serve(ip: str, port: int, command: list[str]) -> None:
@@ -34,29 +36,55 @@ def serve(ip: str, port: int, command: list[str]) -> None:
                 header += byte
             args = json.loads(header or b"[]")
             # The connection's fd is the receiver's stdin: the archive goes from the socket straight to it.
-            proc = subprocess.run([*command, *args], stdin=conn.fileno(), capture_output=True)
-            try:
-                conn.sendall(json.dumps({"rc": proc.returncode, "stderr": proc.stderr.decode("utf-8", "replace"),
-                                         "stdout": proc.stdout.decode("utf-8", "replace")}).encode())
-            except OSError:
-                pass  # the sender went away (migrate cancelled its receiver)
+            # Its stdout is passed on line by line as it comes (`stored ...` before the receiver's sync),
+            # then its exit status and stderr: one JSON object per line.
+            with tempfile.TemporaryFile() as stderr:
+                proc = subprocess.Popen([*command, *args], stdin=conn.fileno(), stdout=subprocess.PIPE, stderr=stderr)
+                try:
+                    for line in proc.stdout:
+                        conn.sendall(json.dumps({"stdout": line.decode("utf-8", "replace")}).encode() + b"\n")
+                    proc.wait()
+                    stderr.seek(0)
+                    conn.sendall(json.dumps({"rc": proc.returncode,
+                                             "stderr": stderr.read().decode("utf-8", "replace")}).encode() + b"\n")
+                except OSError:
+                    pass  # the sender went away (migrate cancelled its receiver)
+                finally:
+                    proc.stdout.close()
+                    proc.wait()
 
 
 def send(ip: str, port: int, args: list[str]) -> int:
     with socket.create_connection((ip, port), timeout=1800) as s:
         s.sendall(json.dumps(args).encode() + b"\n")
+        # The answers are passed on as they come (`stored ...` arrives while stdin is still open).
+        result: dict = {}
+        answers = threading.Thread(target=_pass_answers, args=(s, result), daemon=True)
+        answers.start()
         if "--check" not in args:
-            # stdin: the archive file, or (--stdin-header, the receiver started early) a pipe from migrate
-            while chunk := sys.stdin.buffer.read1(1 << 20):
-                s.sendall(chunk)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    result = json.loads(answer)
-    sys.stdout.write(result["stdout"])
-    sys.stderr.write(result["stderr"])
-    return int(result["rc"])
+            # stdin: the framed archive from migrate, kept open until the move tells the receiver to sync
+            try:
+                while chunk := sys.stdin.buffer.read1(1 << 20):
+                    s.sendall(chunk)
+            except OSError:
+                pass  # the receiver side went away: its answer says why
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        answers.join()
+    sys.stderr.write(result.get("stderr", "the relay's connection ended without an exit status\n"))
+    return int(result.get("rc", 1))
+
+
+def _pass_answers(s: socket.socket, result: dict) -> None:
+    for line in s.makefile("rb"):
+        answer = json.loads(line)
+        if "stdout" in answer:
+            sys.stdout.write(answer["stdout"])
+            sys.stdout.flush()
+        else:
+            result.update(answer)
 
 
 def main() -> None:

@@ -88,15 +88,19 @@ class SizeRow:
     raw_mib: list = field(default_factory=list)
     direct_downtime: list = field(default_factory=list)  # ms, `pyshim migrate --direct`
     direct_client: list = field(default_factory=list)
+    direct_source: list = field(default_factory=list)  # checkpoint_phases_ms of the --direct runs
+    direct_receive: list = field(default_factory=list)  # receive_phases_ms: inside B's receiver
+    direct_tail_mib: list = field(default_factory=list)  # left to send when the checkpoint call returned
     direct_target: list = field(default_factory=list)
     direct_mib_s: list = field(default_factory=list)
 
     def med(self, values) -> float:
         return _median(list(values))
 
-    def breakdown(self) -> dict[str, float]:
+    def breakdown(self, direct: bool = False) -> dict[str, float]:
         """Medians of the downtime's parts, in order (ms)."""
-        src, cli, dst = self.source, self.client, self.target
+        src, cli, dst = (self.direct_source, self.direct_client, self.direct_target) if direct else \
+            (self.source, self.client, self.target)
         parts = {
             "freeze": [p.get("pause", 0) for p in src],
             "dump": [p.get("dump", 0) for p in src],
@@ -107,6 +111,8 @@ class SizeRow:
             "build": [c.get("build_image", 0) for c in cli],
             "push": [c.get("push", 0) for c in cli],
             "pull": [c.get("pull", 0) for c in cli],
+            # --direct: what the transfer took after the checkpoint call returned (it overlaps the archive)
+            "transfer": [c.get("transfer", 0) for c in cli],
             "pod+create": [c.get("create_pod", 0) + c.get("create_container", 0) for c in cli],
             "unpack": [p.get("unpack", 0) for p in dst],
             "restore": [p.get("runc_restore", 0) for p in dst],
@@ -117,9 +123,10 @@ class SizeRow:
 
 
 class MigrateBench:
-    def __init__(self, nodes: TwoNodes, work: Path):
+    def __init__(self, nodes: TwoNodes, work: Path, archive_dir: Path | None = None):
         self.nodes = nodes
         self.work = work
+        self.archive_dir = archive_dir
         self.a = nodes.a.client(timeout=1200)
         self.b = nodes.b.client(timeout=1200)
         self.bare = BareRunc(work / "bare")
@@ -160,7 +167,8 @@ class MigrateBench:
         proc = subprocess.run(
             [sys.executable, "-m", "pyshim", "migrate", cid, "--from", self.nodes.a.endpoint,
              "--to", self.nodes.b.endpoint, *via,
-             "--work-dir", str(work_dir), "--verify-seconds", "0.5", "--json"],
+             "--work-dir", str(work_dir), "--verify-seconds", "0.5", "--json",
+             *(["--archive-dir", str(self.archive_dir)] if self.archive_dir else [])],
             capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"pyshim migrate exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -168,6 +176,9 @@ class MigrateBench:
         if direct:
             row.direct_downtime.append(report["downtime_ms"])
             row.direct_client.append(report["phases_ms"])
+            row.direct_source.append(report["checkpoint_phases_ms"])
+            row.direct_receive.append(report.get("receive_phases_ms", {}))
+            row.direct_tail_mib.append(report.get("streamed_after_checkpoint_bytes", 0) / MIB)
             row.direct_target.append(report["restore_phases_ms"])
             row.direct_mib_s.append(report["transfer_mib_per_s"])
             self.remove_pod(self.b, report["target_pod"])
@@ -311,6 +322,17 @@ def report(rows: list[SizeRow], runs: int) -> str:
                             f"{bare:.0f} ms; transfer {rate:.0f} MiB/s = {rate / raw_mib_s:.0%} of raw TCP")
         out.append(_table(["MiB", "downtime", "bare sum", "downtime/bare", "transfer", "unpack", "restore",
                            "MiB/s", "raw MiB/s", "of raw"], table))
+        out.append("Where the --direct downtime goes (medians, ms), as above")
+        names = list(rows[0].breakdown(direct=True))
+        out.append(_table(["MiB", *names, "sum", "downtime"],
+                          [[f"{r.size_mib}", *[f"{v:.0f}" for v in r.breakdown(direct=True).values()],
+                            f"{sum(r.breakdown(direct=True).values()):.0f}", f"{r.med(r.direct_downtime):.0f}"]
+                           for r in rows]))
+        for r in rows:
+            phases = {k: r.med(p.get(k, 0) for p in r.direct_receive) for k in ("data", "check", "record")}
+            out.append(f"  {r.size_mib} MiB: B's receiver " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
+                       + f" ms (data overlaps the archive's writing); {r.med(r.direct_tail_mib):.1f} MiB were left "
+                       "to send when CheckpointContainer returned; MiB/s counts from the first byte sent to stored")
         out.append("")
     out.append("Per run (ms): downtime | bare ckpt + restore + raw")
     for r in rows:
@@ -330,6 +352,10 @@ def main() -> None:
                         help="skip the `pyshim migrate --direct` runs")
     parser.add_argument("--lazy", action="store_true", help="`migrate --lazy` vs eager instead (bench/migrate_lazy.py; "
                                                             "sizes default to 256,1024)")
+    parser.add_argument("--archive-dir", help="archives of the moves in a new directory under this one (e.g. /dev/shm, "
+                                              "a tmpfs): pyshim migrate --archive-dir")
+    parser.add_argument("--only-direct", action="store_true",
+                        help="only the `pyshim migrate --direct` runs and the bare baseline (no registry runs)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.lazy:
@@ -339,19 +365,23 @@ def main() -> None:
     rows = [SizeRow(n) for n in sizes]
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pyshim-migbench-", dir="/tmp"))
+    archives = Path(tempfile.mkdtemp(prefix="migbench-archives-", dir=args.archive_dir)) if args.archive_dir else None
     try:
         with two_nodes_up() as nodes:
-            bench = MigrateBench(nodes, work)
+            bench = MigrateBench(nodes, work, archive_dir=archives)
             try:
                 for row in rows:
                     for i in range(args.runs):
                         # Alternate who goes first, so neither side always meets a warmer cache.
                         steps = [lambda: bench.pyshim_run(row), lambda: bench.bare_run(row, i)]
-                        if args.direct:
+                        if args.only_direct:
+                            steps = [lambda: bench.pyshim_run(row, direct=True), lambda: bench.bare_run(row, i)]
+                        elif args.direct:
                             steps.insert(1, lambda: bench.pyshim_run(row, direct=True))
                         for step in (steps if i % 2 == 0 else steps[::-1]):
                             step()
-                        print(f"  {row.size_mib} MiB run {i + 1}: downtime {row.downtime[-1]:.0f} ms; bare "
+                        downtime = (row.direct_downtime if args.only_direct else row.downtime)[-1]
+                        print(f"  {row.size_mib} MiB run {i + 1}: downtime {downtime:.0f} ms; bare "
                               f"{row.bare_checkpoint[-1]:.0f} + {row.bare_restore[-1]:.0f} + raw "
                               f"{row.raw_transfer[-1]:.0f} ms", file=sys.stderr, flush=True)
             except BaseException:
@@ -362,6 +392,8 @@ def main() -> None:
                 bench.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if archives is not None:
+            shutil.rmtree(archives, ignore_errors=True)
     print(report(rows, args.runs))
     print(f"\nload average (1 min) at start {load_before:.2f}, at end {os.getloadavg()[0]:.2f}, "
           f"on {os.cpu_count()} CPUs; left behind: nothing (two_nodes_up checks and raises otherwise)")

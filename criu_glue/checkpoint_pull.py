@@ -135,7 +135,7 @@ class CheckpointUnpackTap:
         with open_archive(self._store.blob_path(digest), self._limits) as archive:
             expected = {m.name[len(_CHECKPOINT_PREFIX):]: (m.size if m.kind == "file" else None)
                         for m in archive.checkpoint_members()}
-        unpacked = _tree(self._images)
+        unpacked = unpacked_files(self._images)
         if unpacked != expected:
             raise ArchiveError(f"the CRIU images unpacked from checkpoint layer {digest} are not the "
                                "checkpoint/ members of the stored layer")
@@ -145,7 +145,7 @@ class CheckpointUnpackTap:
         remove_tree(self._scratch, ignore_errors=True)
 
 
-def _tree(root: Path) -> dict[str, int | None]:
+def unpacked_files(root: Path) -> dict[str, int | None]:
     """relative path -> size for files, None for directories (what _checkpoint_members lists)."""
     found: dict[str, int | None] = {}
     for dirpath, dirnames, filenames in os.walk(root):

@@ -133,14 +133,14 @@ def test_the_size_budget_and_a_full_disk_mid_unpack_leave_nothing(tmp_path, stor
     assert nothing_left(store)
     store.blob_path(layer(data).digest).unlink()  # downloaded again below, through the full disk
 
-    real_copy = archive_mod.copy_exactly
+    real_copy = archive_mod.copy_member_data
 
-    def disk_full(src, dst, size, what):
+    def disk_full(reader, fd, size, what):
         if size > 100_000:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_copy(src, dst, size, what)
+        real_copy(reader, fd, size, what)
 
-    monkeypatch.setattr(archive_mod, "copy_exactly", disk_full)
+    monkeypatch.setattr(archive_mod, "copy_member_data", disk_full)
     tap = download(store, data, layer(data))
     assert isinstance(tap._error, OSError) and tap._error.errno == errno.ENOSPC
     assert nothing_left(store)

@@ -1,5 +1,6 @@
 import gzip
 import io
+import os
 import tarfile
 import time
 
@@ -110,3 +111,38 @@ def test_compression_detection_and_multi_frame_zstd():
     with pytest.raises(ValueError):
         with decompressed(io.BytesIO(raw), "bzip2"):
             pass
+
+
+# ---- ForwardReader: a stream as tarfile's seekable mode reads it -----------------------------------
+
+class _Chunks:
+    """A download: read() hands out whatever chunk came next, whatever size was asked."""
+
+    def __init__(self, data: bytes, chunk: int):
+        self._chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+
+    def read(self, _size: int = -1) -> bytes:
+        return self._chunks.pop(0) if self._chunks else b""
+
+
+def test_forward_reader_reads_skips_and_refuses_to_go_back():
+    from criu_glue.tarstream import ForwardReader
+    reader = ForwardReader(_Chunks(bytes(range(256)) * 40, 1000))
+    assert reader.read(10) == bytes(range(10)) and reader.tell() == 10
+    assert reader.seek(2500) == 2500 and reader.read(3) == bytes([2500 % 256, 2501 % 256, 2502 % 256])
+    assert bytes(reader.read_view(5000)) == (bytes(range(256)) * 40)[2503:3000]  # at most one chunk, no copy
+    with pytest.raises(tarfile.ReadError, match="backwards"):
+        reader.seek(100)
+    assert reader.seek(1 << 20) == 10240 and reader.read(1) == b""
+
+
+def test_a_member_cut_short_in_a_stream_is_a_corrupt_tar(tmp_path):
+    from criu_glue.tarstream import CorruptTar, ForwardReader, copy_member_data
+    reader = ForwardReader(_Chunks(b"x" * 3000, 1024))
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(CorruptTar, match="truncated"):
+            copy_member_data(reader, fd, 4000, "member 'pages-1.img'")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == b"x" * 3000

@@ -157,8 +157,10 @@ def _checkpoint(c, cid, location: Path, stop: bool = False) -> None:
 
 
 @pytest.mark.parametrize("point,stop", [
-    ("checkpoint_container:prepare", False), ("checkpoint_container:freeze", False),
-    ("checkpoint_container:dump", False), ("checkpoint_container:archive", False),
+    # A leave-running checkpoint is frozen by CRIU (no "freeze" step: runc pause is for stopping ones).
+    ("checkpoint_container:prepare", False), ("checkpoint_container:freeze", True),
+    ("checkpoint_container:dump", False), ("checkpoint_container:post_dump", False),
+    ("checkpoint_container:archive", False),
     ("checkpoint_container:dump", True), ("checkpoint_container:archive", True),
     ("checkpoint_container:kill", True)])
 def test_checkpoint_killed_leaves_the_container_running_thawed_and_no_debris(crashy, busybox_ref, tmp_path,
@@ -182,6 +184,9 @@ def test_checkpoint_killed_leaves_the_container_running_thawed_and_no_debris(cra
         # Only a stopping checkpoint killed after its archive was renamed into place keeps it.
         assert location.exists() == (point == "checkpoint_container:kill")
         nothing_unowned(crashy, c, archive_dir)
+        # A kill while CRIU waited in pyshim's post-dump hook: the hook read EOF, CRIU failed the dump
+        # and thawed the tasks; recovery took the action script out of the container's CRIU config.
+        assert not (crashy.settings.root / "containers" / cid / "criu.conf").exists()
         location.unlink(missing_ok=True)
         _checkpoint(c, cid, location)  # the retry
         assert location.is_file() and state_of(c, cid) == cri.CONTAINER_RUNNING

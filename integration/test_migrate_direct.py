@@ -81,8 +81,8 @@ def test_counter_moves_directly_without_gaps_and_its_images_land_unpacked(nodes,
 def test_a_receiver_that_fails_rolls_the_move_back_to_the_source(nodes, work_dir):
     _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", COUNTER])
     time.sleep(1)
-    # Passes the preflight (--check), then refuses the archive: the container must run on A again.
-    failing = f"sh -c 'case \"$*\" in *--check*) {receiver(nodes.b)} --check;; *) cat >/dev/null; exit 3;; esac' sh"
+    # Says it is ready (the preflight passes), then refuses the archive: the container must run on A again.
+    failing = f"sh -c 'case \"$*\" in *--check*) {receiver(nodes.b)} --check;; *) echo ready; head -c 1000 >/dev/null; exit 3;; esac' sh"
     proc = pyshim("migrate", cid, "--from", nodes.a.endpoint, "--to", nodes.b.endpoint, "--direct", failing,
                   "--work-dir", str(work_dir), check=False)
     assert proc.returncode == 1 and "exited 3" in proc.stderr and "rolled back" in proc.stderr, proc.stderr
@@ -90,6 +90,71 @@ def test_a_receiver_that_fails_rolls_the_move_back_to_the_source(nodes, work_dir
     assert len(running) == 1
     assert not containers(nodes.b) and not pods(nodes.b)
     assert store_leftovers(nodes.b) == []
+
+
+# A transport that damages the stream on its way to the real receiver: `MODE RECEIVER...`.
+# cut: passes the header and 64 KiB, then ends the stream; kill: the same, then SIGKILLs the receiver;
+# flip: passes everything with one byte of the archive changed.
+DAMAGING_TRANSPORT = r"""
+import os, signal, subprocess, sys
+mode, receiver = sys.argv[1], sys.argv[2:]
+if "--check" in receiver:
+    os.execvp(receiver[0], receiver)
+proc = subprocess.Popen(receiver, stdin=subprocess.PIPE)
+stdin = sys.stdin.buffer
+header = stdin.readline()
+proc.stdin.write(header)
+if mode == "flip":
+    data = bytearray()
+    while not (data.endswith(b"}\n") and b"\0\0\0\0{" in data[-300:]):  # up to the trailer (the stream stays open)
+        chunk = stdin.read1(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    data[data.rindex(b"\0\0\0\0{") - 1] ^= 0xFF  # the archive's last byte, just before the end frame
+    proc.stdin.write(bytes(data))
+    proc.stdin.flush()
+    sys.exit(proc.wait())
+proc.stdin.write(stdin.read(65536))
+proc.stdin.flush()
+if mode == "kill":
+    proc.kill()
+proc.stdin.close()
+os.close(0)  # the sender sees a broken pipe, as when the connection to the target breaks
+rc = proc.wait()
+sys.exit(rc if rc >= 0 else 128 - rc)
+"""
+
+
+def images_of_the_move(node, cid: str) -> list[str]:
+    """The target's images named for the move of `cid` (migrate tags them NAME-<cid[:12]>)."""
+    with node.client() as c:
+        return [t for i in c.images.ListImages(cri.ListImagesRequest()).images for t in i.repo_tags
+                if cid[:12] in t]
+
+
+@pytest.mark.parametrize("mode, says", [("cut", "was cut"), ("kill", "exited 137"),
+                                        ("flip", "is not the one the source wrote")])
+def test_a_damaged_stream_or_killed_receiver_rolls_back_and_leaves_nothing_on_the_target(nodes, work_dir, mode,
+                                                                                         says):
+    _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", COUNTER])
+    time.sleep(1)
+    transport = " ".join(shlex.quote(a) for a in (sys.executable, "-c", DAMAGING_TRANSPORT, mode)) + " " + \
+        receiver(nodes.b)
+    proc = pyshim("migrate", cid, "--from", nodes.a.endpoint, "--to", nodes.b.endpoint, "--direct", transport,
+                  "--work-dir", str(work_dir), check=False)
+    assert proc.returncode == 1 and says in proc.stderr and "rolled back" in proc.stderr, proc.stderr
+    running = [c for c in containers(nodes.a) if c.state == cri.CONTAINER_RUNNING]
+    assert len(running) == 1
+    assert not containers(nodes.b) and not pods(nodes.b)
+    assert images_of_the_move(nodes.b, cid) == []
+    # A killed receiver cannot clean up after itself: the next opener of the store (here the next
+    # receiver's preflight) removes what it left, while the daemon keeps running.
+    subprocess.run(["sh", "-c", f"{receiver(nodes.b)} --check"], check=True, capture_output=True)
+    assert store_leftovers(nodes.b) == []
+    assert not list((nodes.b.settings.root / "images" / "unsynced").glob("*")) \
+        if (nodes.b.settings.root / "images" / "unsynced").is_dir() else True
+    assert not list(work_dir.iterdir())
 
 
 def test_receive_refuses_a_stream_that_does_not_match_its_digest_and_keeps_nothing(nodes, tmp_path):

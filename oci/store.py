@@ -10,6 +10,11 @@ On disk, under `root`:
     images.json               which images exist and their tags; everything else is derived
                               from the blobs, so this file stays small and is rewritten atomically
     tmp/                      partial blobs and unpacks, renamed into place only when complete
+    tmp/private-<pid>-<x>/    the same, of one process that asked for its own (private_tmp): removed
+                              by any opener of the store once that process is gone, even killed
+    unsynced/<alg>-<hex>      a blob not yet complete nor synced (a checkpoint received for a move:
+                              its CRIU images' bytes are copied in from the unpacked entry, and
+                              synced, after the restore); checked at start-up
 
     images.lock               flock held (exclusively) around every change to images.json
     users.lock                flock every open store holds shared for its lifetime
@@ -75,6 +80,9 @@ MAX_CONFIG_SIZE = 16 << 20
 _STATE_FILE = "images.json"
 _LOCK_FILE = "images.lock"
 _USERS_FILE = "users.lock"
+_UNSYNCED_DIR = "unsynced"
+_PRIVATE_TMP_PREFIX = "private-"
+_PRIVATE_TMP_LOCK = ".owner.lock"
 # Lookups that race with another process's remove (which deletes blobs right after rewriting
 # images.json) re-read the newer images.json instead of reporting the half-removed image.
 _REFRESH_ATTEMPTS = 5
@@ -324,7 +332,11 @@ def _fsync_dir(path: Path) -> None:
 # ---------------------------------------------------------------- the store
 
 class ImageStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, private_tmp: bool = False):
+        """`private_tmp`: this process's partial files go to a directory of its own, which any later
+        opener removes once this process is gone -- for a short-lived writer beside a long-running
+        daemon (`checkpoint-image receive`), whose leftovers after a kill would otherwise stay until
+        the store's next sole user."""
         self.root = Path(root)
         self._blobs = self.root / "blobs"
         self._layers = self.root / "layers"
@@ -345,17 +357,25 @@ class ImageStore:
         self._flock_depth = 0
         self._lock_fd = _open_lock_file(self.root / _LOCK_FILE)
         self._users_fd = _open_lock_file(self.root / _USERS_FILE)
+        self._private_tmp_fd: int | None = None
         try:
-            self._claim_tmp()
+            sole_user = self._claim_tmp()
+            self._remove_abandoned_private_tmps()
+            if private_tmp:
+                self._tmp = self._make_private_tmp()
             with self._lock:
                 self._refresh(strict=True)
+            if sole_user:
+                self._recover_unsynced()
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         """Release the lock files and the held images.json (the store is unusable afterwards)."""
-        for name in ("_state_fd", "_lock_fd", "_users_fd"):
+        if getattr(self, "_private_tmp_fd", None) is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        for name in ("_state_fd", "_lock_fd", "_users_fd", "_private_tmp_fd"):
             fd = getattr(self, name, None)
             if fd is not None:
                 setattr(self, name, None)
@@ -367,9 +387,10 @@ class ImageStore:
         except Exception:  # noqa: BLE001 - interpreter shutdown; the fds go with the process
             pass
 
-    def _claim_tmp(self) -> None:
+    def _claim_tmp(self) -> bool:
         """Clear leftovers of a crash mid-download or mid-unpack (never renamed in, so never
-        referenced) when no other process uses this root, then stay registered as a user."""
+        referenced) when no other process uses this root, then stay registered as a user.
+        Returns whether this process was the sole user."""
         try:
             fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             sole_user = True
@@ -381,6 +402,36 @@ class ImageStore:
             shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(exist_ok=True)
         fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+        return sole_user
+
+    def _make_private_tmp(self) -> Path:
+        """tmp/private-<pid>-<x>/, its lock file flocked for this store's lifetime. Made under another
+        name and renamed once locked, so that no opener ever sees it unlocked while its owner lives."""
+        staging = Path(tempfile.mkdtemp(dir=self._tmp, prefix=".staging-"))
+        fd = os.open(staging / _PRIVATE_TMP_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._private_tmp_fd = fd
+        private = self._tmp / f"{_PRIVATE_TMP_PREFIX}{os.getpid()}-{staging.name.removeprefix('.staging-')}"
+        os.rename(staging, private)
+        return private
+
+    def _remove_abandoned_private_tmps(self) -> None:
+        """Private tmp directories whose owner is gone (its flock was released with its last fd)."""
+        for private in self._tmp.glob(f"{_PRIVATE_TMP_PREFIX}*"):
+            try:
+                fd = os.open(private / _PRIVATE_TMP_LOCK, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue  # being removed by another opener
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # its owner lives
+            try:
+                shutil.rmtree(private, ignore_errors=True)
+                log.info("image store %s: removed %s, left by a process that is gone", self.root, private.name)
+            finally:
+                os.close(fd)
 
     # ------------------------------------------------------------ blobs
 
@@ -442,6 +493,101 @@ class ImageStore:
 
     def write_blob_bytes(self, data: bytes, expected_digest: str | None = None) -> str:
         return self.write_blob(io.BytesIO(data), expected_digest, len(data))
+
+    def new_blob_file(self) -> tuple[int, Path]:
+        """A private temporary file under tmp/ (fd, path) for a blob its caller writes itself."""
+        fd, name = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
+        return fd, Path(name)
+
+    def adopt_blob_file(self, tmp: Path, digest: str) -> None:
+        """Rename the new_blob_file() `tmp` into place as the blob `digest` (an existing blob of that
+        digest is kept, and `tmp` removed). Only for a caller that hashed exactly the content it
+        stands for, and that marked it unsynced (mark_unsynced) first if the file is not complete
+        yet: it must then complete it and sync_blob() it."""
+        final = self.blob_path(digest)
+        try:
+            if final.is_file():
+                return
+            final.parent.mkdir(exist_ok=True)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ blobs synced later
+
+    def mark_unsynced(self, digest: str) -> None:
+        """Record, durably, that the blob `digest` (written by its caller, not complete or not synced)
+        and its unpacked checkpoint entry may not be on disk yet. Call it before the blob is visible
+        under its digest: after a crash, the next sole opener of the store checks it (_recover_unsynced)."""
+        marker = self._unsynced_marker(digest)
+        marker.parent.mkdir(exist_ok=True)
+        marker.touch()
+        _fsync_dir(marker.parent)
+
+    def sync_blob(self, digest: str) -> None:
+        """fsync the blob `digest` and its unpacked checkpoint entry, then forget its marker."""
+        paths = [self.blob_path(digest)]
+        entry = self.unpacked_checkpoint_path(digest)
+        for dirpath, _, filenames in os.walk(entry):
+            paths += [Path(dirpath, name) for name in filenames] + [Path(dirpath)]
+        paths += [self.blob_path(digest).parent, entry.parent]
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # removed meanwhile (RemoveImage): nothing to make durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._unsynced_marker(digest).unlink(missing_ok=True)
+
+    def _unsynced_marker(self, digest: str) -> Path:
+        algorithm, hexpart = split_digest(digest)
+        return self.root / _UNSYNCED_DIR / f"{algorithm}-{hexpart}"
+
+    def _recover_unsynced(self) -> None:
+        """At the start of the root's sole user: blobs marked unsynced whose writer did not finish
+        (a host crash, a killed receiver). A blob that still matches its digest is synced; one that
+        does not is removed with the images recording it. Their unpacked checkpoint entries are
+        dropped either way (their files may not have reached the disk; a restore unpacks the blob
+        again)."""
+        markers = self.root / _UNSYNCED_DIR
+        if not markers.is_dir():
+            return
+        for marker in sorted(markers.iterdir()):
+            algorithm, _, hexpart = marker.name.partition("-")
+            digest = f"{algorithm}:{hexpart}"
+            try:
+                split_digest(digest)
+            except ImageError:
+                marker.unlink(missing_ok=True)
+                continue
+            self._remove_unpacked_checkpoint(digest)
+            if self.blob_matches(digest):
+                self.sync_blob(digest)
+                log.warning("image store %s: blob %s was not synced before a crash; it is intact and "
+                            "synced now", self.root, digest)
+                continue
+            with self._exclusive():
+                for record in [r for r in self._records.values() if digest in r.blob_digests()]:
+                    self.remove(record.id)
+                self.blob_path(digest).unlink(missing_ok=True)
+            log.warning("image store %s: blob %s was not synced before a crash and is damaged; it was "
+                        "removed with the images recording it", self.root, digest)
+            marker.unlink(missing_ok=True)
+
+    def blob_matches(self, digest: str) -> bool:
+        """Whether the stored blob's content hashes to `digest` (reads it whole)."""
+        algorithm, hasher = new_hasher(digest)
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                while chunk := f.read(CHUNK_SIZE):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return False
+        return f"{algorithm}:{hasher.hexdigest()}" == digest
 
     # ------------------------------------------------------------ images
 
@@ -761,6 +907,7 @@ class ImageStore:
         for digest in removed.blob_digests() - still_used_blobs:
             self.blob_path(digest).unlink(missing_ok=True)
             self._remove_unpacked_checkpoint(digest)
+            self._unsynced_marker(digest).unlink(missing_ok=True)
         for layer in removed.layers:
             if layer.diff_id not in still_used_diffs:
                 with self._unpack_locks.setdefault(layer.diff_id, threading.Lock()):
@@ -775,6 +922,7 @@ class ImageStore:
             for digest in set(digests) - used:
                 self.blob_path(digest).unlink(missing_ok=True)
                 self._remove_unpacked_checkpoint(digest)
+                self._unsynced_marker(digest).unlink(missing_ok=True)
 
     def _check_layers_present(self, manifest_digest: str, manifest: Manifest) -> None:
         missing = [layer.digest for layer in manifest.layers if not self.has_blob(layer.digest)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -74,13 +75,13 @@ class _CommandFailed(Exception):
     """A one-line message for stderr; the command exits 1."""
 
 
-def _local_image_store(args):
+def _local_image_store(args, private_tmp: bool = False):
     """The daemon's image store (its root from --config/--root), opened beside a running daemon."""
     from oci.store import ImageStore
     from pyshim.config import load_config
 
     config = load_config(args.config, {"root": args.root})
-    return config, ImageStore(config.root_path / "images")
+    return config, ImageStore(config.root_path / "images", private_tmp=private_tmp)
 
 
 def _failure_message(exc: BaseException) -> str:
@@ -123,17 +124,27 @@ def cmd_checkpoint_image_build(args) -> int:
 @_one_line_errors
 def cmd_checkpoint_image_receive(args) -> int:
     """A checkpoint archive on stdin (`pyshim migrate --direct` pipes it here) into the local store."""
+    # --stdin-frames: a private tmp, whose files the next opener of the store removes if this receiver is
+    # killed; the one-shot form journals its partial files for the daemon's recovery instead.
+    config, store = _local_image_store(args, private_tmp=args.stdin_frames)
+    try:
+        return _receive(args, config, store)
+    finally:
+        store.close()
+
+
+def _receive(args, config, store) -> int:
     from criu_glue.archive import ArchiveDigest
-    from criu_glue.limits import Limits
     from pyshim.internal.image_receives import receive
     from pyshim.internal.intents import IntentJournal
 
-    config, store = _local_image_store(args)
     if args.check:  # migrate's preflight: this node's store can be opened and written
         store.scratch_dir("receive-check-").rmdir()
         print("ready")
         return 0
     stdin = sys.stdin.buffer
+    if args.stdin_frames:
+        return _receive_streamed(store, stdin)
     if args.stdin_header:  # started early by `migrate --direct`: the figures come first, as one JSON line
         try:
             header = json.loads(stdin.readline(4096) or b"null")
@@ -144,17 +155,50 @@ def cmd_checkpoint_image_receive(args) -> int:
         args.tag, args.digest, args.diff_id, args.size = (header.get("tag"), header.get("digest"),
                                                           header.get("diffId"), header.get("size"))
     if not (isinstance(args.tag, str) and args.tag and args.digest and isinstance(args.size, int)):
-        raise _CommandFailed("receive needs --tag, --digest and --size (or --stdin-header, or --check)")
+        raise _CommandFailed("receive needs --tag, --digest and --size (or --stdin-frames, --stdin-header, "
+                             "or --check)")
     written = ArchiveDigest.from_json({"digest": args.digest, "diffId": args.diff_id or args.digest, "size": args.size})
     if written is None:
         raise _CommandFailed(f"--digest/--diff-id {args.digest!r}/{args.diff_id!r} are not sha256 digests, "
                              "or --size is negative")
-    stat = os.statvfs(store.root)
-    limits = Limits(max_total_bytes=min(Limits().max_total_bytes, stat.f_bavail * stat.f_frsize))
     # Journaled where the daemon's recovery reads: a receiver killed mid-stream leaves nothing it keeps.
-    record = receive(store, IntentJournal(config.root_path / "state" / "intents"), stdin, args.tag, written, limits)
+    record = receive(store, IntentJournal(config.root_path / "state" / "intents"), stdin, args.tag, written,
+                     _receive_limits(store))
     print(f"{record.id} {' '.join(record.repo_tags)}")
     return 0
+
+
+def _receive_streamed(store, stdin) -> int:
+    """`receive --stdin-frames` (migrate --direct): the archive framed while the source writes it. The
+    line `ready` says the store is open; `stored ID TAG PHASES` that the image is usable (the move's
+    restore may start); the blob is completed and synced once stdin ends, and the exit status says
+    whether that worked."""
+    from criu_glue.checkpoint_receive import complete_received_blob, receive_streamed_checkpoint_image
+
+    # Stopped (the move cancelled, ssh hung up): unwind, so that nothing partial is left in the store.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
+    print("ready", flush=True)  # the store is open (a private tmp made in it): migrate may freeze the container
+    received = receive_streamed_checkpoint_image(store, stdin, _receive_limits(store))
+    # One line: `stored ID TAG {phases in ms}` (the sender reports the phases with the move's).
+    print(f"stored {received.record.id} {received.record.repo_tags[0]} {json.dumps(received.phases_ms)}", flush=True)
+    # The sender ends the stream once the container runs (or it gave up): the blob is completed and
+    # synced only then, so that this work does not compete with the restore for the node's CPUs.
+    while stdin.read(1 << 16):
+        pass
+    complete_received_blob(store, received)
+    return 0
+
+
+def _exit_on_signal(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def _receive_limits(store):
+    from criu_glue.limits import Limits
+
+    stat = os.statvfs(store.root)
+    return Limits(max_total_bytes=min(Limits().max_total_bytes, stat.f_bavail * stat.f_frsize))
 
 
 @_one_line_errors
@@ -550,7 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
         "receive", help="store a checkpoint archive read from stdin as a checkpoint image (migrate --direct)",
         description="Read a plain-tar checkpoint archive from stdin, check it against --digest and --size, and "
                     "add it to the local store as the checkpoint image --tag, its CRIU images unpacked in the same "
-                    "pass. `pyshim migrate --direct` runs this on the target node. Nothing is kept on any error.")
+                    "pass. With --stdin-frames (what `pyshim migrate --direct` runs on the target node) the archive "
+                    "comes framed while the source writes it, its tag first and its digest and size last; it answers "
+                    "`ready` once the store is open and `stored ID TAG PHASES` once the image is usable, and its layer blob is completed and synced "
+                    "once stdin ends. Nothing is kept on any error.")
     receive.add_argument("--tag", "-t", metavar="NAME[:TAG]", help="name of the image")
     receive.add_argument("--digest", metavar="sha256:HEX", help="the archive's digest, as its writer computed it")
     receive.add_argument("--size", type=int, help="the archive's size in bytes")
@@ -559,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--check", action="store_true", help="only check that the store can be written")
     receive.add_argument("--stdin-header", action="store_true",
                          help="read tag, digest, diffId and size as one JSON line on stdin before the archive")
+    receive.add_argument("--stdin-frames", action="store_true",
+                         help="read the archive framed as it is written, its digest and size last "
+                              "(criu_glue/archive_frames.py; what `migrate --direct` sends)")
     receive.add_argument("--root", help="the daemon's root (default from --config, else /var/lib/pyshim)")
     receive.add_argument("--config", help="the daemon's TOML configuration file")
     receive.set_defaults(func=cmd_checkpoint_image_receive)

@@ -64,6 +64,9 @@ class CheckpointSettings:
     # Post-copy restores by default (annotation io.pyshim.restore.lazy overrides it per container):
     # the process runs before its memory arrives, served by CRIU's lazy-pages daemon.
     lazy_restore: bool = False
+    # CRIU's kernel-feature cache /run/criu.kdat, written at every daemon start where CRIU would not
+    # keep it itself: "auto" = only when /run is not a tmpfs; "always"; "never" (criu_glue/kdat_cache.py).
+    criu_kdat_cache: str = "auto"
 
 
 @dataclass

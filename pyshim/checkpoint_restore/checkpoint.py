@@ -37,7 +37,7 @@ from criu_glue.rootfs_diff import write_rootfs_diff
 from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from pyshim.checkpoint_restore import tcp_lock
+from pyshim.checkpoint_restore import post_dump_hook, tcp_lock
 from pyshim.checkpoint_restore.records import CheckpointFacts
 from pyshim.internal import cgroups, crashpoints, mounts
 from pyshim.internal.intents import Intent, IntentJournal, Operation
@@ -101,6 +101,9 @@ class Checkpointer:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.criu = criu_availability(settings.min_criu_version)
+        # Checkpoints of containers that name their own CRIU configuration take the diff inside
+        # CRIU's freeze, without pausing them first (post_dump_hook.py).
+        self._post_dump = post_dump_hook.PostDumpHook(self._work_root.parent)
 
     def _lock_for(self, container_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -140,6 +143,9 @@ class Checkpointer:
         tcp = self._wants_tcp_established(record)
         # Read before freezing: the frozen window is for CRIU and the diff only.
         lower_dirs = mounts.overlay_lower_dirs(record.rootfs)
+        # Frozen by CRIU itself (no runc pause first) where the container's CRIU configuration file
+        # is ours; a stopping checkpoint keeps the pause-first path (see post_dump_hook.py).
+        criu_config = None if stop else self._post_dump.config_for(record.bundle)
         # Both names are chosen, and written down, before either exists: recovery finds them by the intent.
         token = secrets.token_hex(6)
         work = self._work_root / f"{record.id[:12]}-{token}"
@@ -147,23 +153,31 @@ class Checkpointer:
         intent = self._intents.begin(Operation.CHECKPOINT_CONTAINER, record.id, step="prepare",
                                      work_dir=str(work), archive_tmp=str(archive_tmp), location=str(location),
                                      cgroups_path=record.cgroups_path, netns_path=netns_path,
-                                     mode="stop" if stop else "leave-running")
+                                     mode="stop" if stop else "leave-running",
+                                     criu_config=str(criu_config or ""))
         stopped = False
+        frozen_by = "runc pause" if criu_config is None else "criu"
         thaw_failed = False
         try:
             work.mkdir(mode=0o700)
             images = work / fmt.CHECKPOINT_DIR
             images.mkdir()
             phases.mark("prepare")
-            self._intents.advance(intent, "freeze")
-            self._runc.pause(record.id)
+            # Recovery does for "dump" what it does for "freeze" (thaw if frozen, delete) and more.
+            self._intents.advance(intent, "freeze" if criu_config is None else "dump")
+            if criu_config is None:
+                self._runc.pause(record.id)
+                phases.mark("pause")
             frozen_at = time.monotonic()
-            phases.mark("pause")
             try:
                 # No journal write here: recovery does for "dump" exactly what it does for "freeze" (thaw,
                 # delete), and an fsync would lengthen the frozen window for nothing. The crash point stays.
                 crashpoints.reached(f"{Operation.CHECKPOINT_CONTAINER.value}:dump")
-                deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
+                if criu_config is None:
+                    deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
+                else:
+                    frozen_by, frozen_for, deleted = self._dump_frozen_by_criu(
+                        record, work, members, lower_dirs, tcp, deadline, phases, criu_config)
                 if stop:
                     # Stopping for a move: the process must not run on after its image was taken, or
                     # its restored copy would repeat what it did meanwhile. It stays frozen until the
@@ -181,11 +195,11 @@ class Checkpointer:
             finally:
                 if not stopped:
                     try:
-                        self._thaw(record)
+                        self._thaw(record) if criu_config is None else self._thaw_if_left_frozen(record)
                     except RuncError:
                         thaw_failed = True
                         raise
-            frozen = time.monotonic() - frozen_at
+            frozen = time.monotonic() - frozen_at if frozen_by == "runc pause" else frozen_for
             if not stop:
                 phases.mark("resume")
                 self._intents.advance(intent, "archive")
@@ -202,7 +216,7 @@ class Checkpointer:
             "container": record.id, "location": str(location), "frozen_ms": round(frozen * 1000, 1),
             "total_ms": round(result.total_seconds * 1000, 1), "archive_bytes": result.archive_bytes,
             "tcp_established": tcp, "stopped": stopped, "lower_layers": len(lower_dirs),
-            "phases_ms": result.phases_ms})
+            "frozen_by": frozen_by, "phases_ms": result.phases_ms})
         return result
 
     # ---- recovery after a crash ----------------------------------------------------------------
@@ -230,6 +244,9 @@ class Checkpointer:
         container_id, facts = intent.target, intent.facts
         stop = None
         location, archive_tmp = Path(facts.get("location", "")), Path(facts.get("archive_tmp", ""))
+        if facts.get("criu_config") and post_dump_hook.remove_from_config(Path(facts["criu_config"])):
+            log.warning("recovery: CRIU configuration file of an interrupted checkpoint put back",
+                        extra={"container": container_id, "path": facts["criu_config"]})
         # Nothing is frozen before the "freeze" step was announced; from then on it may be.
         if intent.step != "prepare":
             thawed = self._thaw_after_crash(container_id, facts.get("cgroups_path", ""))
@@ -304,6 +321,50 @@ class Checkpointer:
                                     lower_dirs=lower_dirs)
         phases.mark("diff")
         return deleted
+
+    def _dump_frozen_by_criu(self, record, work: Path, members: "ArchiveMembers", lower_dirs: list, tcp: bool,
+                             deadline: float, phases: PhaseTimer, criu_config: Path) -> tuple[str, float, list[str]]:
+        """CRIU's images and the writable-layer diff, taken at CRIU's post-dump action while CRIU holds
+        the container frozen; nothing paused it before. Returns who froze it, for how long, and the
+        deleted paths. A CRIU that never ran the hook switches this daemon to the pause-first path."""
+        req = CheckpointRequest(work / fmt.CHECKPOINT_DIR, work, leave_running=True, file_locks=True,
+                                tcp_established=tcp)
+
+        def diff() -> list[str]:
+            # Past the deadline the caller has given up: let CRIU thaw now rather than diff for nobody.
+            _check_deadline(deadline, f"checkpoint of {record.id} ran out of time after CRIU's dump")
+            return write_rootfs_diff(record.upper, work / fmt.ROOTFS_DIFF_TAR, members.diff_exclusions,
+                                     lower_dirs=lower_dirs)
+        try:
+            hooked, deleted = self._post_dump.dump(self._runc, record.id, req, criu_config, deadline, diff)
+        except post_dump_hook.HookNotRun as e:
+            log.error("CRIU ran no post-dump hook; this daemon pauses containers before checkpoints from now on",
+                      extra={"container": record.id, "error": e.message})
+            self._post_dump.usable = False
+            remove_tree(req.image_path, ignore_errors=True)
+            req.image_path.mkdir()
+            self._runc.pause(record.id)
+            paused_at = time.monotonic()
+            try:
+                deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
+            finally:
+                self._thaw(record)
+            return "runc pause (CRIU ran no post-dump hook)", time.monotonic() - paused_at, deleted
+        except RuncTimeout as e:
+            raise DeadlineExceeded(f"checkpoint of {record.id}: {e.message}") from None
+        except RuncError as e:
+            raise FailedPrecondition(f"checkpoint of {record.id} failed: {e.message}\n"
+                                     f"CRIU log ({fmt.DUMP_LOG}):\n{log_excerpt(work / fmt.DUMP_LOG)}") from None
+        phases.mark("dump")  # runc checkpoint, start to end: the diff ran inside it
+        phases.add("post_dump_wait", hooked.hook_wait_ms)
+        phases.add("diff", hooked.diff_ms)
+        return "criu", hooked.frozen_seconds, deleted
+
+    def _thaw_if_left_frozen(self, record: ContainerRecord) -> None:
+        """CRIU thaws what it froze, also when it fails or our hook says no; only a CRIU killed (at the
+        deadline) while freezing the cgroup leaves it frozen. One file read in the usual case."""
+        if cgroups.freezer_state(record.cgroups_path) in ("FROZEN", "FREEZING"):
+            self._thaw(record)
 
     def _package(self, record, work: Path, members: "ArchiveMembers", deleted: list[str], location: Path,
                  archive_tmp: Path, deadline: float, phases: PhaseTimer, durable: bool = True) -> ArchiveDigest:
@@ -439,6 +500,12 @@ DEADLINE_MARGIN_SECONDS = 0.05
 def archive_temp_path(location: Path, token: str) -> Path:
     """The hidden file an archive is written to before it is renamed to `location`."""
     return location.parent / f".{location.name}.pyshim-{token}.tmp"
+
+
+def archive_temp_glob(location: Path) -> str:
+    """The names archive_temp_path gives, as a glob pattern in `location`'s directory: `pyshim migrate
+    --direct` streams the archive from that file while it is written."""
+    return f".{location.name}.pyshim-*.tmp"
 
 
 def _remove_path(path: Path) -> None:

@@ -38,6 +38,8 @@ from criu_glue.rootfs_diff import apply_rootfs_diff
 from oci.runtime_spec import SpecInputError, check_seccomp_profile, validate_container_config
 from oci.tree_removal import remove_tree
 from pyshim.checkpoint_restore import tcp_lock
+# runc hands CRIU the options of this file (runc 1.1 has no --tcp-close flag).
+from pyshim.checkpoint_restore.post_dump_hook import CRIU_CONFIG_ANNOTATION, criu_config_path
 from pyshim.checkpoint_restore import detection
 from pyshim.checkpoint_restore.detection import RestoreSource
 from pyshim.checkpoint_restore.lazy_restore import PAGES_LOST_REASON, LazyRestores, LazyState, lazy_choice
@@ -62,8 +64,6 @@ TCP_ANNOTATION = "io.pyshim.restore.tcp"
 POD_IPS_KEY = "podIPs"
 # CRIU writes one of these per established TCP connection it dumped.
 _TCP_STREAM_PREFIX = f"{fmt.CHECKPOINT_DIR}/tcp-stream-"
-# runc hands CRIU the options of this file (runc 1.1 has no --tcp-close flag).
-CRIU_CONFIG_ANNOTATION = "org.criu.config"
 RESTORE_LOG = "restore.log"
 # Files and directories engines bind into every container. CRIU wants each bind mount it dumped to
 # exist at restore; where the new container has none (e.g. Podman's /run/.containerenv), an empty
@@ -544,7 +544,7 @@ class RestoreEngine:
             if mode == TcpMode.ESTABLISHED and sandbox.record.netns_name:
                 # The connections come back here: lift the lock a stopping checkpoint left on them.
                 tcp_lock.unlock_all(str(netns.netns_path(sandbox.record.netns_name)))
-            criu_config = self._restorer.write_criu_config(mode, record.bundle / "criu.conf")
+            criu_config = self._restorer.write_criu_config(mode, criu_config_path(record.bundle))
             if criu_config:
                 spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
             (record.bundle / "config.json").write_text(json.dumps(spec))

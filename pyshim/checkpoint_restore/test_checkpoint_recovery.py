@@ -89,3 +89,20 @@ def test_a_checkpoint_killed_before_freezing_thaws_nothing(parts):
     checkpointer, runc = make("paused")  # paused by someone else: not ours to thaw
     checkpointer.recover(journal.pending())
     assert runc.resumed == 0 and not work.exists() and not tmp.exists()
+
+
+def test_a_checkpoint_killed_in_criu_s_post_dump_hook_leaves_no_action_script_in_the_config(parts):
+    make, journal, tmp_path = parts
+    config = tmp_path / "bundle" / "criu.conf"
+    config.parent.mkdir()
+    config.write_text("tcp-close\naction-script /somewhere/criu-post-dump-hook\n")
+    work = tmp_path / "root" / "checkpoint-work" / "c1-def"
+    (work / "checkpoint").mkdir(parents=True)
+    intent = journal.begin(Operation.CHECKPOINT_CONTAINER, "c1", step="prepare", work_dir=str(work),
+                           archive_tmp="", location=str(tmp_path / "out.tar"), cgroups_path="/no/such/cgroup",
+                           mode="leave-running", criu_config=str(config))
+    journal.advance(intent, "dump")
+    checkpointer, runc = make("running")  # CRIU thawed it when the hook read EOF
+    checkpointer.recover(journal.pending())
+    assert config.read_text() == "tcp-close\n" and runc.resumed == 0
+    assert not work.exists() and journal.pending() == []

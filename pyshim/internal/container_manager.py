@@ -30,6 +30,7 @@ from oci.tree_removal import remove_tree
 from pyshim.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from pyshim.internal import cgroups, crashpoints, mounts, procs, request_paths
 from pyshim.checkpoint_restore.checkpoint import CheckpointResult
+from pyshim.checkpoint_restore import post_dump_hook
 from pyshim.checkpoint_restore.records import CheckpointFacts
 from pyshim.internal.conmon import Conmon, MonitorPaths
 from pyshim.internal.host_caps import can_lower_oom_score_adj, recursive_read_only_mounts
@@ -404,7 +405,10 @@ class ContainerManager:
             namespaces=sandbox.namespaces, hostname=sandbox.record.hostname,
             sandbox_files=sandbox.files, cgroups_path=record.cgroups_path,
             annotations={"io.kubernetes.cri.image-name": record.image_name,
-                         "io.kubernetes.cri.sandbox-id": sandbox.record.id},
+                         "io.kubernetes.cri.sandbox-id": sandbox.record.id,
+                         # runc gives CRIU this container's own configuration file: checkpoints use
+                         # it to take the diff inside CRIU's freeze (post_dump_hook.py).
+                         **post_dump_hook.spec_annotation(record.bundle)},
             sysctls=sysctls,
             recursive_read_only_supported=recursive_read_only_mounts(self._runc.mount_options),
         )

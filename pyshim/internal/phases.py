@@ -16,5 +16,9 @@ class PhaseTimer:
         self._phases[phase] = round((now - self._last) * 1000, 2)
         self._last = now
 
+    def add(self, phase: str, ms: float) -> None:
+        """A phase measured elsewhere (e.g. inside another process's run), beside the marked ones."""
+        self._phases[phase] = round(ms, 2)
+
     def report(self) -> dict[str, float]:
         return dict(self._phases)

@@ -230,7 +230,28 @@ class Runc:
         """`runc checkpoint`: CRIU dumps the container into req.image_path, its log into req.work_path."""
         proc = self._run_killable(_checkpoint_args(req) + [container_id], timeout)
         if proc.returncode != 0:
-            raise RuncError(f"runc checkpoint failed: {_runc_message(proc.stderr)}")
+            self.raise_checkpoint_failure(proc)
+
+    def start_checkpoint(self, container_id: str, req: CheckpointRequest) -> subprocess.Popen:
+        """`runc checkpoint` started, for a caller that talks to CRIU's action script meanwhile;
+        finish_checkpoint waits for it (own process group, as _run_killable)."""
+        return subprocess.Popen(self._base() + _checkpoint_args(req) + [container_id], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    @staticmethod
+    def finish_checkpoint(proc: subprocess.Popen, timeout: float | None) -> subprocess.CompletedProcess:
+        """Wait for a started `runc checkpoint`; at the timeout it and its CRIU are killed (RuncTimeout)."""
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            raise RuncTimeout(f"runc checkpoint did not finish within {timeout:.1f}s and was stopped") from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    @staticmethod
+    def raise_checkpoint_failure(proc: subprocess.CompletedProcess) -> None:
+        raise RuncError(f"runc checkpoint failed: {_runc_message(proc.stderr)}")
 
     def exec_start(self, container_id: str, process: dict, stdin: bool) -> ExecProcess:
         """Start `runc exec` for a streaming session; the caller owns the returned process's fds."""

@@ -40,7 +40,8 @@ def cmd_migrate(args) -> int:
     options = MigrateOptions(container_id=args.container, source=args.source, target=args.target,
                              repository=args.repository or DIRECT_IMAGE_REPOSITORY, work_dir=Path(args.work_dir), insecure=args.insecure,
                              credentials=creds, keep_pod=args.keep_pod, verify_seconds=args.verify_seconds,
-                             timeout=args.timeout, direct=args.direct or "")
+                             timeout=args.timeout, direct=args.direct or "",
+                             archive_dir=Path(args.archive_dir) if args.archive_dir else None)
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     with Client(args.source, timeout=args.timeout) as source, Client(args.target, timeout=args.timeout) as target:
         try:
@@ -161,6 +162,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--insecure", action="store_true", help="plain HTTP (or unverified HTTPS) to that registry")
     m.add_argument("--creds", metavar="USER:PASSWORD", help="registry credentials for the push")
     m.add_argument("--work-dir", default=DEFAULT_WORK_DIR, help="archives and the journal of unfinished moves")
+    m.add_argument("--archive-dir", metavar="DIR",
+                   help="where the source daemon writes the move's archive instead of --work-dir, e.g. a tmpfs: "
+                        "the archive is needed only until the move ends (a rollback restores from it), and "
+                        "in memory it costs no disk writes inside the downtime")
     m.add_argument("--keep-pod", action="store_true", help="keep the source pod even when it ends up empty")
     m.add_argument("--verify-seconds", type=float, default=1.0, help="how long it must run on the target")
     m.add_argument("--rollback", action="store_true", help="undo an unfinished move instead of finishing it")

@@ -136,7 +136,9 @@ class LazyMigration(Migration):
                 self.page_server = PageServer.parse(journal.page_server)
         self._require_lazy_source()
         workload = self._preflight()
-        archive = self.options.work_dir / f"{workload.container_id}.tar"
+        archive_dir = self.options.archive_dir or self.options.work_dir
+        archive_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        archive = archive_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive),
                         page_server=str(self.page_server))
         if self.options.direct:

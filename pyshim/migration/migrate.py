@@ -9,6 +9,7 @@ a rerun after a kill finish the move or roll it back. The workload is never dead
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class MigrateOptions:
     verify_seconds: float = 1.0  # how long it must stay running on B before A forgets it
     timeout: float = 600.0
     direct: str = ""  # a command streaming the archive to the target's `checkpoint-image receive` (direct.py)
+    archive_dir: Path | None = None  # where the source daemon writes the archive (default: work_dir)
     stall_seconds: float = 60.0  # --lazy: no page arriving for this long undoes the move (lazy_move.py)
 
 
@@ -60,6 +62,9 @@ class MigrationReport:
     transfer_mib_per_s: float = 0.0
     tcp: str = ""  # B's restoreTcp: established, close or none
     resumed_from: str = ""
+    receive_phases_ms: dict = field(default_factory=dict)  # --direct: inside B's `checkpoint-image receive`
+    streamed_after_checkpoint_bytes: int = 0  # --direct: what was left to send when the checkpoint returned
+    stream_ms: float = 0.0  # --direct: from the archive's first byte sent to the target's image stored
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -116,6 +121,7 @@ class Migration:
                 self._start_on_target(journal)
         except (MoveError, ImageError, grpc.RpcError, OSError) as e:
             self._fail(journal, e)
+        self._await_received_image_synced()
         self._finish_on_source(journal)
         self.report.transfer_mib_per_s = transfer_rate(self.report)
 
@@ -125,10 +131,12 @@ class Migration:
             return
         workload = self._preflight()
         # One name per container: a rerun racing a still-running checkpoint of a killed run names the same file.
-        archive = self.options.work_dir / f"{workload.container_id}.tar"
+        archive_dir = self.options.archive_dir or self.options.work_dir
+        archive_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        archive = archive_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive))
-        if self.options.direct:  # its start-up is paid while the container still runs
-            self._receiver = direct.Receiver(self.options.direct, self.options.timeout)
+        if self._receiver is not None:  # --direct: ready since the preflight; it follows the archive as written
+            self._receiver.follow(archive)
         started = time.monotonic()
         figures = checkpoint_and_stop(self.source, workload.container_id, str(archive), self.options.timeout,
                                       throwaway_archive=True)
@@ -165,7 +173,10 @@ class Migration:
         _require_checkpoint_restore(self.target, "restoreEnabled", "restore")
         self._require_base_image(workload)
         if self.options.direct:
-            direct.check_receiver(self.options.direct, self.options.timeout)
+            # The receiver of the move itself, started and ready (its store open and writable) before
+            # anything stops: its start-up is not part of the downtime.
+            self._receiver = direct.Receiver(self.options.direct, self.options.timeout, self._image_tag(workload))
+            self._receiver.wait_ready()
         else:
             self._registry().check_push_access(self._image_tag(workload), self.options.credentials)
         self._mark("preflight")
@@ -199,10 +210,8 @@ class Migration:
         figures = self._checkpoint_figures or container_info(self.source, workload.container_id)[1].get("lastCheckpoint", {})
         written = ArchiveDigest.from_json(figures.get("archive"))
         if self.options.direct:
-            receiver, self._receiver = self._receiver, None
-            receiver = receiver or direct.Receiver(self.options.direct, self.options.timeout)  # after a resume
-            receiver.send(Path(journal.archive), written, tag)
-            self._mark("transfer")
+            self._transfer_direct(journal, workload, tag, written)
+            self._mark("transfer")  # what was left to send after the checkpoint returned, and storing it
             journal.advance(Phase.PUSHED, image_ref=tag)  # in the target's store already: nothing to pull
         else:
             digest = push_checkpoint_archive(self._registry(), Path(journal.archive), written, tag,
@@ -210,17 +219,50 @@ class Migration:
             journal.advance(Phase.PUSHED, image_ref=f"{Reference.parse(tag).name}@{digest}")
         self.report.image = journal.image_ref
 
+    def _transfer_direct(self, journal: Journal, workload: Workload, tag: str, written) -> None:
+        """The rest of the archive to the target and stored there; the target's pod is made meanwhile
+        (it needs no image), and recorded in the journal so that a rollback removes it."""
+        if journal.target_pod:  # made by a killed run during its transfer
+            remove_quietly(self.target, "", journal.target_pod)
+            journal.advance(journal.phase, target_pod="")
+        if self._receiver is None:  # after a resume: the archive is complete, sent whole
+            self._receiver = direct.Receiver(self.options.direct, self.options.timeout, tag)
+        pod: dict = {}
+
+        def make_pod() -> None:
+            try:
+                pod["id"] = self.target.run_pod(workload.pod_config)
+            except grpc.RpcError as e:
+                pod["error"] = e
+
+        maker = threading.Thread(target=make_pod, name="target-pod", daemon=True)
+        maker.start()
+        try:
+            self._receiver.finish(Path(journal.archive), written)
+            self.report.receive_phases_ms = self._receiver.phases_ms
+            self.report.streamed_after_checkpoint_bytes = self._receiver.tail_bytes
+            self.report.stream_ms = round(self._receiver.stream_seconds * 1000, 1)
+        finally:
+            maker.join()
+            if pod.get("id"):
+                journal.advance(journal.phase, target_pod=pod["id"])
+        if "error" in pod:
+            raise MoveError(f"restore on {self.options.target}: {describe(pod['error'])}")
+
     def _start_on_target(self, journal: Journal) -> None:
         workload = Workload.from_json(journal.workload)
+        # --direct made the pod during the transfer.
+        pod_id = journal.target_pod if journal.phase == Phase.PUSHED else ""
         if journal.phase == Phase.RESTORING:  # a rerun: what a killed run made on B is redone
             remove_quietly(self.target, journal.target_container, journal.target_pod)
-        journal.advance(Phase.RESTORING, target_pod="", target_container="")
+        journal.advance(Phase.RESTORING, target_pod=pod_id, target_container="")
         try:
             if not self.options.direct:
                 self.target.pull(journal.image_ref)
                 self._mark("pull")
-            pod_id = self.target.run_pod(workload.pod_config)
-            journal.advance(Phase.RESTORING, target_pod=pod_id)
+            if not pod_id:
+                pod_id = self.target.run_pod(workload.pod_config)
+                journal.advance(Phase.RESTORING, target_pod=pod_id)
             self._mark("create_pod")
             container_id = self.target.create(pod_id, container_config_from(workload.container_config,
                                                                               journal.image_ref),
@@ -278,6 +320,17 @@ class Migration:
         self.report.image = self.report.image or journal.image_ref
         Path(journal.archive).unlink(missing_ok=True)
         journal.discard()
+
+    def _await_received_image_synced(self) -> None:
+        """--direct: the target syncs the received image while the container is restored; the move
+        ends when that is done. A failure there does not undo a move whose container runs."""
+        receiver, self._receiver = self._receiver, None
+        if receiver is None:
+            return
+        try:
+            receiver.wait_durable()
+        except MoveError as e:
+            self.say(f"warning: moved, but {e}: the checkpoint image there may not survive a host crash")
 
     def _other_containers(self, pod_id: str, container_id: str) -> list[str]:
         return [c.id for c in containers_in_pod(self.source, pod_id) if c.id != container_id]
@@ -348,6 +401,7 @@ def _require_checkpoint_restore(client: Client, flag: str, what: str) -> None:
 
 
 def transfer_rate(report: MigrationReport) -> float:
-    """MiB/s of the archive through push and pull together, or the direct transfer."""
-    seconds = sum(report.phases_ms.get(p, 0) for p in ("push", "pull", "transfer")) / 1000
+    """MiB/s of the archive through push and pull together, or the direct stream (first byte to stored:
+    it overlaps the archive's writing, so the "transfer" phase alone is only its tail)."""
+    seconds = (report.stream_ms or sum(report.phases_ms.get(p, 0) for p in ("push", "pull", "transfer"))) / 1000
     return round(report.archive_bytes / (1 << 20) / seconds, 1) if seconds and report.archive_bytes else 0.0

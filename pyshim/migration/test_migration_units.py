@@ -109,3 +109,8 @@ def test_target_that_cannot_restore_is_refused_with_its_reason():
 def test_transfer_rate_counts_push_and_pull():
     report = migrate.MigrationReport("c1", phases_ms={"push": 500, "pull": 500}, archive_bytes=100 << 20)
     assert migrate.transfer_rate(report) == 100.0
+
+
+def test_a_direct_transfer_is_timed_from_its_first_byte_not_by_its_tail():
+    report = migrate.MigrationReport("c1", phases_ms={"transfer": 50}, archive_bytes=100 << 20, stream_ms=400)
+    assert migrate.transfer_rate(report) == 250.0
