@@ -141,8 +141,8 @@ class LazyMigration(Migration):
         archive = archive_dir / f"{workload.container_id}.tar"
         journal.advance(Phase.CHECKPOINTING, workload=workload.to_json(), archive=str(archive),
                         page_server=str(self.page_server))
-        if self.options.direct:
-            self._receiver = direct.Receiver(self.options.direct, self.options.timeout)
+        if self._receiver is not None:  # --direct: started and ready in the preflight; follows the archive
+            self._receiver.follow(archive)
         started = time.monotonic()
         metadata = ((CHECKPOINT_MODE_KEY, "lazy"), (PAGE_SERVER_KEY, str(self.page_server)),
                     (CHECKPOINT_ARCHIVE_KEY, "throwaway"))
