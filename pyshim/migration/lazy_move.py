@@ -34,7 +34,6 @@ from criu_glue.lazy_pages import PageServer
 from pyshim.annotations import (CHECKPOINT_ARCHIVE_KEY, CHECKPOINT_MODE_KEY, PAGE_SERVER_KEY,
                                 RESTORE_LAZY_PAGE_SERVER_ANNOTATION)
 from pyshim.client import Client
-from pyshim.migration import direct
 from pyshim.migration.journal import Journal, JournalLock, Phase, journal_path, load_journal
 from pyshim.migration.migrate import Migration, MigrationReport
 from pyshim.migration.workload import MoveError, Workload, container_info, describe, remove_quietly
