@@ -54,7 +54,7 @@ bench-streaming: install
 	$(PY) -m bench.streaming $(ARGS)
 
 # pyshim migrate downtime A -> B through a registry vs bare runc checkpoint + restore + a raw TCP copy
-# (ARGS="--sizes 16,256 --runs 3").
+# (ARGS="--sizes 16,256 --runs 3"); ARGS=--lazy: `migrate --lazy` vs eager (bench/migrate_lazy.py).
 bench-migrate: install
 	$(PY) -m bench.migrate $(ARGS)
 

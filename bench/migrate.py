@@ -350,12 +350,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-direct", dest="direct", action="store_false",
                         help="skip the `pyshim migrate --direct` runs")
+    parser.add_argument("--lazy", action="store_true", help="`migrate --lazy` vs eager instead (bench/migrate_lazy.py; "
+                                                            "sizes default to 256,1024)")
     parser.add_argument("--archive-dir", help="archives of the moves in a new directory under this one (e.g. /dev/shm, "
                                               "a tmpfs): pyshim migrate --archive-dir")
     parser.add_argument("--only-direct", action="store_true",
                         help="only the `pyshim migrate --direct` runs and the bare baseline (no registry runs)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.lazy:
+        from bench import migrate_lazy
+        migrate_lazy.main(sizes if "--sizes" in sys.argv else [256, 1024], args.runs)
+        return
     rows = [SizeRow(n) for n in sizes]
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pyshim-migbench-", dir="/tmp"))

@@ -27,6 +27,7 @@ from pyshim.internal.container_manager import ContainerManager
 from pyshim.internal.events import EventBus
 from pyshim.internal.image_pulls import ImagePuller
 from pyshim.internal.intents import IntentJournal
+from pyshim.checkpoint_restore.lazy_checkpoint import LazyCheckpoints
 from pyshim.checkpoint_restore.pod_checkpoint import PodCheckpointer
 from pyshim.internal.recovery import recover
 from pyshim.internal.runc import Runc
@@ -118,11 +119,12 @@ def build_runtime(config: Config) -> Runtime:
     restores = RestoreEngine(containers, restorer, runc, conmon, images, puller, journal,
                              lazy_default=config.checkpoint.lazy_restore)
     pod_checkpointer = PodCheckpointer(checkpointer, runc, journal, root / "checkpoint-work")
+    lazy_checkpoints = LazyCheckpoints(checkpointer, runc, journal, root / "lazy-checkpoint-work")
     runtime = Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
                       registry=puller, events=events, checkpointer=checkpointer, restorer=restorer,
                       restores=restores,
                       runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
-                      log=log, pod_checkpointer=pod_checkpointer)
+                      log=log, pod_checkpointer=pod_checkpointer, lazy_checkpoints=lazy_checkpoints)
     # Before the socket is served: no call may see a half-done operation of the previous daemon.
     recover(runtime, journal)
     return runtime

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 from criu_glue import lazy_pages
 from criu_glue.criu import log_excerpt
 from oci.tree_removal import remove_tree
-from pyshim.annotations import RESTORE_LAZY_ANNOTATION
+from pyshim.annotations import RESTORE_LAZY_ANNOTATION, RESTORE_LAZY_PAGE_SERVER_ANNOTATION
 from pyshim.errors import InvalidArgument
 from pyshim.internal import procs
 from pyshim.internal.atomic import write_atomic
@@ -61,8 +61,8 @@ class LazyState(str, enum.Enum):
 class LazyChoice:
     """How a restore gets its memory, from the new request's annotations and the config's default."""
     lazy: bool
-    # Where the pages come from; None: the checkpoint's own page images (the only source a request can
-    # choose yet: a remote page server is for `pyshim migrate --lazy`, not built, see the README).
+    # Where the pages come from; None: the checkpoint's own page images. A page server on the source node
+    # (annotation io.pyshim.restore.lazy-page-server, set by `pyshim migrate --lazy`) for a lazy move.
     page_server: lazy_pages.PageServer | None = None
 
 
@@ -71,7 +71,19 @@ def lazy_choice(annotations, default: bool) -> LazyChoice:
     raw = annotations.get(RESTORE_LAZY_ANNOTATION, "")
     if raw not in ("", "true", "false"):
         raise InvalidArgument(f"annotation {RESTORE_LAZY_ANNOTATION}={raw!r}: use \"true\" or \"false\"")
-    return LazyChoice(default if raw == "" else raw == "true")
+    server = annotations.get(RESTORE_LAZY_PAGE_SERVER_ANNOTATION, "")
+    if not server:
+        return LazyChoice(default if raw == "" else raw == "true")
+    if raw == "false":
+        raise InvalidArgument(f"annotation {RESTORE_LAZY_PAGE_SERVER_ANNOTATION} asks for a lazy restore, "
+                              f"{RESTORE_LAZY_ANNOTATION}=false for an eager one: drop one of them")
+    try:
+        # A numeric address and a port only: the node's CRIU connects there and maps what it gets into
+        # the restored process's own memory, nowhere else (no more than the request could run itself).
+        return LazyChoice(True, lazy_pages.PageServer.parse(server))
+    except ValueError as e:
+        raise InvalidArgument(f"annotation {RESTORE_LAZY_PAGE_SERVER_ANNOTATION}={server!r}: {e} "
+                              "(a numeric address: CRIU resolves no names)") from None
 
 
 @dataclass

@@ -42,3 +42,16 @@ def test_no_record_and_damaged_record(tmp_path: Path):
     (tmp_path / "lazy-pages.json").write_text("{not json")
     damaged = LazyTransfer.load(tmp_path)
     assert damaged is not None and damaged.state == LazyState.TRANSFERRING  # recovery judges it by its log
+
+
+def test_page_server_annotation_makes_the_restore_lazy_from_the_source():
+    from criu_glue.lazy_pages import PageServer
+    from pyshim.annotations import RESTORE_LAZY_PAGE_SERVER_ANNOTATION as SERVER
+
+    assert lazy_choice({SERVER: "10.97.1.2:27027"}, False) == LazyChoice(True, PageServer("10.97.1.2", 27027))
+    assert lazy_choice({SERVER: "[fd00::2]:80", LAZY: "true"}, False).page_server == PageServer("fd00::2", 80)
+    for bad in ("node-a:27027", "10.97.1.2", "10.97.1.2:0", "10.97.1.2:99999", "1.2.3.4:22; rm -rf /"):
+        with pytest.raises(InvalidArgument, match=SERVER):
+            lazy_choice({SERVER: bad}, False)
+    with pytest.raises(InvalidArgument, match="drop one"):
+        lazy_choice({SERVER: "10.97.1.2:27027", LAZY: "false"}, False)

@@ -21,6 +21,7 @@ import time
 
 from pyshim.internal import image_receives
 from pyshim.internal.intents import IntentJournal
+from pyshim.internal.state import ContainerState
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ def recover(parts, journal: IntentJournal) -> float:
     parts.containers.recover(pending)
     for stopped in stopped_by_checkpoints:  # their exits are recorded now: say why they ended
         parts.containers.note_stopped_by_checkpoint(stopped.container_id, stopped.checkpoint)
+    # Lazy checkpoints (migrate --lazy) whose CRIU serves or served pages, once the records say what runs.
+    if parts.lazy_checkpoints is not None:
+        parts.lazy_checkpoints.recover(pending, {c.id for c in parts.containers.all()
+                                                 if c.state == ContainerState.RUNNING})
     # Lazy restores' page sources, once the records say which containers still run.
     parts.restores.recover_lazy_pages()
     # Pod cgroups that only became empty once orphaned containers were removed above.

@@ -54,6 +54,10 @@ class CheckpointRequest:
     leave_running: bool = True
     file_locks: bool = True
     tcp_established: bool = False
+    # A lazy dump (pyshim migrate --lazy): memory stays behind CRIU's page server at this port, and
+    # CRIU writes one byte to status_fd once everything else is dumped and the server listens.
+    lazy_page_server: str = ""
+    status_fd: int = -1
 
 
 class RuncTimeout(RuncError):
@@ -68,6 +72,8 @@ def _checkpoint_args(req: CheckpointRequest) -> list[str]:
         args.append("--file-locks")
     if req.tcp_established:
         args.append("--tcp-established")
+    if req.lazy_page_server:
+        args += ["--lazy-pages", "--page-server", req.lazy_page_server, "--status-fd", str(req.status_fd)]
     return args
 
 
@@ -215,6 +221,10 @@ class Runc:
             proc.communicate()
             raise RuncTimeout(f"runc {args[0]} did not finish within {timeout:.1f}s and was stopped") from None
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def checkpoint_command(self, container_id: str, req: CheckpointRequest) -> list[str]:
+        """The `runc checkpoint` command line, for a caller that runs it itself (a lazy dump outlives the call)."""
+        return self._base() + _checkpoint_args(req) + [container_id]
 
     def checkpoint(self, container_id: str, req: CheckpointRequest, timeout: float | None) -> None:
         """`runc checkpoint`: CRIU dumps the container into req.image_path, its log into req.work_path."""

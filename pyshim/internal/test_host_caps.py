@@ -9,3 +9,13 @@ def test_kernel_release_comparison():
 
 def test_recursive_read_only_needs_runcs_rro_option():
     assert not recursive_read_only_mounts(frozenset({"ro", "rbind"}))
+
+
+def test_lazy_page_server_needs_big_pipes_or_cap_sys_resource():
+    from pyshim.internal.host_caps import CAP_SYS_RESOURCE, lazy_page_server_problem
+
+    problem = lazy_page_server_problem(capabilities=0, pipe_max=1048576)
+    assert "fs.pipe-max-size is 1048576" in problem and "sysctl -w fs.pipe-max-size=4194304" in problem
+    assert lazy_page_server_problem(capabilities=0, pipe_max=4194304) == ""
+    assert lazy_page_server_problem(capabilities=1 << CAP_SYS_RESOURCE, pipe_max=1048576) == ""
+

@@ -9,7 +9,7 @@ from pathlib import Path
 from oci.errors import ImageError
 from oci.registry import Credentials
 from pyshim.client import Client
-from pyshim.migration import host_restart, pod_move
+from pyshim.migration import host_restart, lazy_move, pod_move
 from pyshim.migration.migrate import DEFAULT_WORK_DIR, Migration, MigrateOptions, MigrationReport
 
 DIRECT_IMAGE_REPOSITORY = "localhost/pyshim-migrate"  # the received image's name on the target
@@ -17,6 +17,14 @@ from pyshim.migration.workload import MoveError
 
 
 def cmd_migrate(args) -> int:
+    if args.status:
+        return _print_status(args)
+    if not args.source or not args.target:
+        print("pyshim migrate: give --from ENDPOINT and --to ENDPOINT", file=sys.stderr)
+        return 2
+    if args.lazy and (args.pod or not args.container):
+        print("pyshim migrate: --lazy moves one container (a lazy pod move is not built)", file=sys.stderr)
+        return 2
     if args.pod or not args.container:
         return pod_move.cmd_migrate_pod(args)
     creds = None
@@ -36,8 +44,9 @@ def cmd_migrate(args) -> int:
                              archive_dir=Path(args.archive_dir) if args.archive_dir else None)
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     with Client(args.source, timeout=args.timeout) as source, Client(args.target, timeout=args.timeout) as target:
-        migration = Migration(options, source, target, say=say)
         try:
+            migration = lazy_move.LazyMigration(options, source, target, _page_server(args), say=say) \
+                if args.lazy else Migration(options, source, target, say=say)
             report = migration.rollback_only() if args.rollback else migration.run()
         except (MoveError, ImageError, OSError) as e:
             print(f"pyshim migrate: {e}", file=sys.stderr)
@@ -48,6 +57,37 @@ def cmd_migrate(args) -> int:
         print(f"rolled back the move of {args.container}")
     else:
         _print_report(report)
+        if args.lazy and getattr(report, "lazy_pages", None):
+            lazy = report.lazy_pages
+            print(f"  pages     {lazy.get('lazyPagesCopiedBytes', 0) / (1 << 20):.1f} of "
+                  f"{lazy.get('lazyPagesTotalBytes', 0) / (1 << 20):.1f} MiB pulled, all in place "
+                  f"{lazy.get('lazyPagesMs')} ms after the target ran")
+    return 0
+
+
+def _page_server(args):
+    return lazy_move.page_server_address(args.page_server) if args.page_server else None
+
+
+def _print_status(args) -> int:
+    """`pyshim migrate --status ID`: where a move in flight stands (the journal, the target's pages)."""
+    try:
+        status = lazy_move.status_of(Path(args.work_dir), args.status, timeout=args.timeout)
+    except MoveError as e:
+        print(f"pyshim migrate: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(f"move of {status['container']} ({'lazy' if status['lazy'] else 'eager'}) from {status['from']} "
+          f"to {status['to']}: {status['phase']}")
+    if "lazyPages" in status:
+        total, copied = status.get("lazyPagesTotalBytes") or 0, status.get("lazyPagesCopiedBytes") or 0
+        print(f"  target {status.get('target_container', '')[:12]} {status.get('target_state', '')}: pages "
+              f"{status['lazyPages']}, {copied / (1 << 20):.1f} of {total / (1 << 20):.1f} MiB"
+              + (f" ({100 * copied / total:.0f}%)" if total else ""))
+    elif "target_error" in status:
+        print(f"  target: {status['target_error']}")
     return 0
 
 
@@ -102,8 +142,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--transfer-dir", metavar="DIR", help="with --pod: a directory the target node reads at the same "
                                                          "path, the pod checkpoint is copied there (default: the "
                                                          "work dir, which both nodes must then see)")
-    m.add_argument("--from", dest="source", required=True, metavar="ENDPOINT", help="CRI endpoint of the source node")
-    m.add_argument("--to", dest="target", required=True, metavar="ENDPOINT", help="CRI endpoint of the target node")
+    m.add_argument("--from", dest="source", metavar="ENDPOINT", help="CRI endpoint of the source node")
+    m.add_argument("--to", dest="target", metavar="ENDPOINT", help="CRI endpoint of the target node")
+    m.add_argument("--lazy", action="store_true",
+                   help="post-copy: the target runs the container before its memory arrives; pages are pulled "
+                        "from the source's CRIU page server (needs --page-server; see the README)")
+    m.add_argument("--page-server", metavar="ADDR[:PORT]",
+                   help="with --lazy: the source node's numeric address the target reaches (a random port "
+                        f"in {lazy_move.PAGE_SERVER_PORTS[0]}-{lazy_move.PAGE_SERVER_PORTS[1]} if none)")
+    m.add_argument("--status", metavar="CONTAINER", help="show where a move in flight stands (its journal in "
+                                                         "--work-dir, the target's pages) and exit")
     m.add_argument("--direct", metavar="COMMAND",
                    help="stream the archive to the target instead of through a registry: a shell command that "
                         "runs `pyshim checkpoint-image receive` on the target node, e.g. "

@@ -45,6 +45,7 @@ class MigrateOptions:
     timeout: float = 600.0
     direct: str = ""  # a command streaming the archive to the target's `checkpoint-image receive` (direct.py)
     archive_dir: Path | None = None  # where the source daemon writes the archive (default: work_dir)
+    stall_seconds: float = 60.0  # --lazy: no page arriving for this long undoes the move (lazy_move.py)
 
 
 @dataclass

@@ -15,12 +15,14 @@ from __future__ import annotations
 import time
 
 from cri_api import api_pb2 as cri
-from pyshim.annotations import CHECKPOINT_ARCHIVE_KEY, CHECKPOINT_ARCHIVE_KINDS, CHECKPOINT_MODE_KEY, CHECKPOINT_MODES
+from pyshim.annotations import (CHECKPOINT_ARCHIVE_KEY, CHECKPOINT_ARCHIVE_KINDS, CHECKPOINT_MODE_KEY, CHECKPOINT_MODES,
+                                LAZY_CHECKPOINT_MODES)
 from pyshim.errors import InvalidArgument
 from pyshim.internal import netns
 from pyshim.checkpoint_restore.archive_members import archive_members as build_archive_members
 from pyshim.checkpoint_restore.checkpoint import ArchiveMembers, validate_location
 from pyshim.server import convert
+from pyshim.server.container_lazy_checkpoint import lazy_checkpoint
 from pyshim.server.runtime import Runtime
 
 # With neither a request timeout nor a gRPC deadline, a checkpoint still must not hang forever.
@@ -36,10 +38,17 @@ def _deadline(request_timeout: int, time_remaining: float | None) -> float:
     return time.monotonic() + min(limits)
 
 
-def _stop_requested(metadata: dict[str, str]) -> bool:
+def _checkpoint_mode(metadata: dict[str, str]) -> str:
     mode = metadata.get(CHECKPOINT_MODE_KEY, "leave-running")
     if mode not in CHECKPOINT_MODES:
         raise InvalidArgument(f"gRPC metadata {CHECKPOINT_MODE_KEY}={mode!r}: want one of {CHECKPOINT_MODES}")
+    return mode
+
+
+def _stop_requested(metadata: dict[str, str]) -> bool:
+    mode = _checkpoint_mode(metadata)
+    if mode in LAZY_CHECKPOINT_MODES:
+        raise InvalidArgument(f"gRPC metadata {CHECKPOINT_MODE_KEY}={mode!r} is for CheckpointContainer only")
     return mode == "stop"
 
 
@@ -59,10 +68,14 @@ def archive_members(rt: Runtime, record, sandbox) -> ArchiveMembers:
 def checkpoint_container(rt: Runtime, request, time_remaining: float | None,
                          metadata: dict[str, str]) -> "cri.CheckpointContainerResponse":
     rt.checkpointer.check_enabled()
-    stop = _stop_requested(metadata)
+    mode = _checkpoint_mode(metadata)
     durable = _durable_requested(metadata)
+    if mode in LAZY_CHECKPOINT_MODES:  # `pyshim migrate --lazy`: container_lazy_checkpoint.py
+        return lazy_checkpoint(rt, request, mode, _deadline(request.timeout, time_remaining), durable, metadata)
+    stop = mode == "stop"
     record = rt.containers.get(request.container_id)
     rt.restores.refuse_while_pages_arrive(record)
+    rt.lazy_checkpoints.refuse_while_dumped(record.id)
     location = validate_location(request.location)
     deadline = _deadline(request.timeout, time_remaining)
     sandbox = rt.sandboxes.find(record.sandbox_id)

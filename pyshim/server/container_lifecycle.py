@@ -65,11 +65,20 @@ def stop_container(rt: Runtime, request) -> "cri.StopContainerResponse":
     """SIGTERM (or the image's StopSignal), SIGKILL after `timeout` seconds. Stopping a stopped, removed or
     unknown container succeeds: the CRI makes stop idempotent (containerd and CRI-O answer OK too), since
     kubelet retries it after timeouts and restarts without knowing what already happened."""
+    _end_lazy_checkpoint(rt, request.container_id)
     rt.containers.stop(request.container_id, max(0, request.timeout))
     return cri.StopContainerResponse()
 
 
 def remove_container(rt: Runtime, request) -> "cri.RemoveContainerResponse":
     """Remove a container, killing it if it runs. Removing a removed container succeeds."""
+    _end_lazy_checkpoint(rt, request.container_id)
     rt.containers.remove(request.container_id)
     return cri.RemoveContainerResponse()
+
+
+def _end_lazy_checkpoint(rt: Runtime, container_id: str) -> None:
+    """A container frozen by a lazy checkpoint (migrate --lazy) cannot take a signal: end that first."""
+    record = rt.containers.find(container_id) if rt.lazy_checkpoints else None
+    if record is not None:
+        rt.lazy_checkpoints.discard(record)

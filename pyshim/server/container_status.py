@@ -26,6 +26,7 @@ def container_status(rt: Runtime, request) -> "cri.ContainerStatusResponse":
             "config": json_format.MessageToDict(config),
             **_restore_info(record),
             **rt.restores.lazy_status(record),  # post-copy restores: whether every page has arrived
+            **(rt.lazy_checkpoints.status(record.id) if rt.lazy_checkpoints else {}),  # migrate --lazy source
         })
     status = convert.container_status(record, config)
     user = _process_user(rt, record)

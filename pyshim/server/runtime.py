@@ -30,3 +30,4 @@ class Runtime:
     log: object  # logging.Logger of the daemon
     streaming: object = None  # pyshim.streaming.server.StreamingServer, once serving
     pod_checkpointer: object = None  # pyshim.checkpoint_restore.pod_checkpoint.PodCheckpointer
+    lazy_checkpoints: object = None  # pyshim.checkpoint_restore.lazy_checkpoint.LazyCheckpoints (migrate --lazy)

@@ -6,6 +6,7 @@ import json
 from cri_api import api_pb2 as cri
 from oci.seccomp import profile as seccomp
 from pyshim import __version__
+from pyshim.internal import host_caps
 from pyshim.internal.host_caps import recursive_read_only_mounts
 from pyshim.server.runtime import RUNTIME_API_VERSION, RUNTIME_NAME, Runtime
 
@@ -34,6 +35,8 @@ def status(rt: Runtime, request) -> "cri.StatusResponse":
         "checkpointEnabled": rt.config.checkpoint.enable_checkpoint,
         "restoreEnabled": rt.config.checkpoint.enable_restore,
         "criuVersion": criu.version, "criuUsable": criu.usable, "reason": criu.reason,
+        # Why this node cannot be the source of `pyshim migrate --lazy` ("" = it can).
+        "lazySourceProblem": host_caps.lazy_page_server_problem(),
     })
     # What seccomp a container gets: kubelet's SeccompDefault relies on RuntimeDefault being enforced.
     info["seccomp"] = json.dumps(seccomp.enforcement_summary())

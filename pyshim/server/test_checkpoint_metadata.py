@@ -28,3 +28,12 @@ def test_the_archive_digest_is_kept_in_the_record_and_shown_in_last_checkpoint()
     assert again == facts
     assert ArchiveDigest.from_json(again.figures()["archive"]) == written
     assert "archive" not in CheckpointFacts(location="/tmp/y.tar", time_ns=1).figures()  # none known: none shown
+
+
+def test_lazy_modes_are_for_checkpoint_container_only():
+    from pyshim.server.container_checkpoint import _checkpoint_mode
+
+    assert _checkpoint_mode({CHECKPOINT_MODE_KEY: "lazy"}) == "lazy"
+    assert _checkpoint_mode({}) == "leave-running"
+    with pytest.raises(InvalidArgument, match="CheckpointContainer only"):
+        _stop_requested({CHECKPOINT_MODE_KEY: "lazy-finish"})  # CheckpointPod's reading of the mode
