@@ -89,7 +89,7 @@ class LazyMigration(Migration):
         work_dir = self.options.work_dir
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with JournalLock(work_dir, self.options.container_id):
-            journal = open_lazy_journal(work_dir, self.options.source, self.options.target, self.options.container_id)
+            journal = self._open_journal()
             if journal.phase != Phase.STARTED:
                 self.report.resumed_from = journal.phase.value
                 self.say(f"resuming the lazy move recorded in {journal.path} (it stopped at: {journal.phase.value})")
@@ -100,14 +100,11 @@ class LazyMigration(Migration):
             self._move(journal)
         return self.report
 
-    def rollback_only(self):
-        work_dir = self.options.work_dir
-        with JournalLock(work_dir, self.options.container_id):
-            journal = open_lazy_journal(work_dir, self.options.source, self.options.target, self.options.container_id)
-            if journal.phase == Phase.STARTED and not journal.workload:
-                raise MoveError(f"no unfinished lazy move of {self.options.container_id} is recorded in {work_dir}")
-            self._roll_back(journal)
-        return self.report
+    MOVE_KIND = "lazy move"
+
+    def _open_journal(self) -> LazyJournal:
+        return open_lazy_journal(self.options.work_dir, self.options.source, self.options.target,
+                                 self.options.container_id)
 
     def _move(self, journal: LazyJournal) -> None:
         try:

@@ -88,20 +88,27 @@ class Migration:
         work_dir = self.options.work_dir
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with JournalLock(work_dir, self.options.container_id):
-            journal = open_journal(work_dir, self.options.source, self.options.target, self.options.container_id)
+            journal = self._open_journal()
             if journal.phase != Phase.STARTED:
                 self.report.resumed_from = journal.phase.value
                 self.say(f"resuming the move recorded in {journal.path} (it stopped at: {journal.phase.value})")
             self._move(journal)
         return self.report
 
+    # What this kind of move is called in messages, and how its journal is opened (a lazy move keeps its own).
+    MOVE_KIND = "move"
+
+    def _open_journal(self) -> Journal:
+        return open_journal(self.options.work_dir, self.options.source, self.options.target, self.options.container_id)
+
     def rollback_only(self) -> MigrationReport:
         """`--rollback`: undo an unfinished move recorded in the journal."""
         work_dir = self.options.work_dir
         with JournalLock(work_dir, self.options.container_id):
-            journal = open_journal(work_dir, self.options.source, self.options.target, self.options.container_id)
+            journal = self._open_journal()
             if journal.phase == Phase.STARTED and not journal.workload:
-                raise MoveError(f"no unfinished move of {self.options.container_id} is recorded in {work_dir}")
+                raise MoveError(f"no unfinished {self.MOVE_KIND} of {self.options.container_id} is recorded in "
+                                f"{work_dir}")
             self._roll_back(journal)
         return self.report
 
