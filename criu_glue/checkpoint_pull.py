@@ -38,6 +38,7 @@ from typing import BinaryIO, Callable
 
 from oci.errors import ImageError
 from oci.layout import MEDIA_TYPE_LAYER_TAR
+from oci.registry import TeeReader
 from oci.store import Descriptor, ImageRecord, ImageStore, normalize_tag
 from oci.tree_removal import remove_tree
 
@@ -85,7 +86,7 @@ class CheckpointUnpackTap:
 
     def reading(self, stream: BinaryIO) -> BinaryIO:
         """`stream`, with every chunk read from it seen by this tap."""
-        return _Tee(stream, self)
+        return TeeReader(stream, self)
 
     def write(self, chunk: bytes) -> None:
         self._fed += len(chunk)
@@ -192,17 +193,6 @@ def receive_checkpoint_image(store: ImageStore, stream: BinaryIO, tag: str, writ
     except BaseException:
         store.discard_unreferenced_blobs({written.digest})
         raise
-
-
-class _Tee:
-    def __init__(self, raw: BinaryIO, tap: CheckpointUnpackTap):
-        self._raw, self._tap = raw, tap
-
-    def read(self, *size: int) -> bytes:
-        chunk = self._raw.read(*size)
-        if chunk:
-            self._tap.write(chunk)
-        return chunk
 
 
 class _ChunkPipe:

@@ -20,7 +20,7 @@ from criu_glue.limits import Limits
 from criu_glue.test_archive import IMAGES, base_entries, prepare_members, tar_of
 from oci.errors import DigestMismatch
 from oci.layout import MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR
-from oci.registry import _Tee
+from oci.registry import TeeReader
 from oci.store import Descriptor, ImageStore
 
 CHECKPOINT = {ANNOTATION_CRIO_NAME: "app"}
@@ -49,7 +49,7 @@ def download(store: ImageStore, data: bytes, descriptor: Descriptor, limits: Lim
     tap = unpack_while_pulling(store, limits)(CHECKPOINT, [descriptor], descriptor)
     assert tap is not None
     try:
-        store.write_blob(_Tee(stream or io.BytesIO(data), tap), descriptor.digest, descriptor.size)
+        store.write_blob(TeeReader(stream or io.BytesIO(data), tap), descriptor.digest, descriptor.size)
     except BaseException:
         tap.abort()
         raise

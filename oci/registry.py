@@ -306,10 +306,10 @@ class BlobTap(Protocol):
 BlobTapFactory = Callable[[dict, list, Descriptor], "BlobTap | None"]
 
 
-class _Tee:
-    """A download stream whose every chunk a BlobTap sees too, in order, once read."""
+class TeeReader:
+    """A download stream whose every chunk a tap (anything with `write`) sees too, in order, once read."""
 
-    def __init__(self, raw: BinaryIO, tap: BlobTap):
+    def __init__(self, raw: BinaryIO, tap: "BlobTap"):
         self._raw, self._tap = raw, tap
 
     def read(self, *size: int) -> bytes:
@@ -397,7 +397,7 @@ class _Session:
             stream = _AfterFirstChunk(resp.resp, on_partial) if on_partial else resp.resp
             tap = taps(descriptor) if taps else None
             try:
-                store.write_blob(_Tee(stream, tap) if tap else stream, descriptor.digest, descriptor.size)
+                store.write_blob(TeeReader(stream, tap) if tap else stream, descriptor.digest, descriptor.size)
             except BaseException as exc:
                 if tap:
                     tap.abort()
