@@ -124,15 +124,21 @@ class Checkpointer:
         TCP connections locked in its pod's `netns_path` first; if anything fails it keeps running
         either way. `durable` False skips the archive's fsync (a move's throwaway archive)."""
         self.check_enabled()
+        with self.exclusive_running(record, deadline):
+            return self._checkpoint_locked(record, members, location, deadline, stop, netns_path, durable)
+
+    @contextlib.contextmanager
+    def exclusive_running(self, record: ContainerRecord, deadline: float):
+        """Hold the container's checkpoint lock (one checkpoint of a container at a time, of any kind: a
+        second waits for the first, within its own deadline), and refuse a container that is not running."""
         lock = self._lock_for(record.id)
-        # A second checkpoint of the same container waits for the first, within its own deadline.
         if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise DeadlineExceeded(f"container {record.id} is being checkpointed by another call; gave up waiting")
         try:
             if record.state != ContainerState.RUNNING:
                 raise FailedPrecondition(f"container {record.id} is {record.state.value}: only a running "
                                          "container can be checkpointed")
-            return self._checkpoint_locked(record, members, location, deadline, stop, netns_path, durable)
+            yield
         finally:
             lock.release()
 

@@ -44,12 +44,12 @@ from criu_glue.lazy_pages import PageServer
 from criu_glue.rootfs_diff import write_rootfs_diff
 from oci.tree_removal import remove_tree
 from pyshim.checkpoint_restore.checkpoint import (ArchiveMembers, Checkpointer, CheckpointResult, archive_temp_path)
-from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from pyshim.errors import FailedPrecondition, InvalidArgument
 from pyshim.internal import cgroups, host_caps, mounts, procs
 from pyshim.internal.intents import Intent, IntentJournal, Operation
 from pyshim.internal.phases import PhaseTimer
 from pyshim.internal.runc import CheckpointRequest, Runc, RuncError
-from pyshim.internal.state import ContainerRecord, ContainerState
+from pyshim.internal.state import ContainerRecord
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +125,9 @@ class LazyCheckpoints:
         On any error the container is thawed and runs on, and nothing is left."""
         self._checkpointer.check_enabled()
         self.check_host()
-        lock = self._checkpointer._lock_for(record.id)  # one checkpoint of a container at a time, any kind
-        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise DeadlineExceeded(f"container {record.id} is being checkpointed by another call; gave up waiting")
-        try:
-            if record.state != ContainerState.RUNNING:
-                raise FailedPrecondition(f"container {record.id} is {record.state.value}: only a running "
-                                         "container can be checkpointed")
+        with self._checkpointer.exclusive_running(record, deadline):
             self.refuse_while_dumped(record.id)
             return self._start_locked(record, members, location, deadline, page_server, durable)
-        finally:
-            lock.release()
 
     def _start_locked(self, record, members: ArchiveMembers, location: Path, deadline: float,
                       page_server: PageServer, durable: bool) -> CheckpointResult:

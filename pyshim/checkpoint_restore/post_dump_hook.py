@@ -41,7 +41,7 @@ from typing import Callable
 from criu_glue import archive_format as fmt
 from criu_glue.criu import read_dump_stats
 from pyshim.internal import crashpoints
-from pyshim.internal.runc import CheckpointRequest, Runc, RuncError, RuncTimeout
+from pyshim.internal.runc import CheckpointRequest, Runc, RuncError
 
 log = logging.getLogger(__name__)
 
