@@ -115,7 +115,8 @@ def test_lazy_restore_keeps_memory_intact_and_leaves_nothing(client, daemon, pul
         sum0 = next(t for t in texts_before if t.startswith("sum0 ")).split(" ", 1)[1]
         done = _wait_lazy_state(client, cid, {"complete"})
         assert done["lazyPagesTotalBytes"] >= 6_000_000, done  # the string came lazily
-        assert done["lazyPagesCopiedBytes"] >= done["lazyPagesTotalBytes"], done
+        # Not always every byte: a `sleep` child that ends before its pages came needs none of them.
+        assert done["lazyPagesCopiedBytes"] >= 6_000_000, done
         assert done["lazyPagesSource"] == "local images"
         # After every page arrived the process goes on with its memory as it was: the counter
         # continues (never restarts) and the checksum printed since the restore is the original one.

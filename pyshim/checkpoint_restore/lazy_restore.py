@@ -143,6 +143,24 @@ class _Watch:
     thread: threading.Thread | None = None
 
 
+def judge_outcome(code: int | None, progress: lazy_pages.LazyProgress,
+                  still_runs: Callable[[], bool]) -> LazyState:
+    """How a transfer ended, from the daemon's exit status (`code`, None when it is not ours to read)
+    and its log. FAILED here means "the daemon failed": the caller kills the process and decides
+    between FAILED and ENDED by whether it still ran.
+
+    CRIU's lazy-pages daemon exits 0 once every process that handed over a uffd either has all its
+    pages or has exited. A child that exits before its pages were copied (a shell's `sleep`) leaves
+    the copied bytes short of the total, yet every page the container can still touch is in place:
+    that is COMPLETE while the container runs, ENDED once the container itself has gone."""
+    ok = code == 0 if code is not None else progress.all_transferred
+    if not ok:
+        return LazyState.FAILED
+    if progress.copied_bytes >= progress.total_bytes or still_runs():
+        return LazyState.COMPLETE
+    return LazyState.ENDED
+
+
 # Called when a running container's memory can no longer arrive: kill it with this message; returns
 # True if it was running (and is now killed), False if it had already ended.
 PagesLostHandler = Callable[[str, str], bool]
@@ -156,9 +174,12 @@ class LazyRestores:
         self._watches: dict[str, _Watch] = {}
         self._lock = threading.Lock()
         self._on_pages_lost: PagesLostHandler = lambda container_id, message: False
+        self._still_runs: Callable[[str], bool] = lambda container_id: True
 
-    def on_pages_lost(self, handler: PagesLostHandler) -> None:
-        self._on_pages_lost = handler
+    def on_pages_lost(self, handler: PagesLostHandler, still_runs: Callable[[str], bool]) -> None:
+        """`handler` kills a container whose memory can no longer arrive; `still_runs` says whether a
+        container's process still runs (a transfer that ended short is complete while it does)."""
+        self._on_pages_lost, self._still_runs = handler, still_runs
 
     # ---- a restore ---------------------------------------------------------------------------
 
@@ -231,11 +252,8 @@ class LazyRestores:
         work_dir = Path(transfer.work_dir)
         transfer.total_bytes, transfer.copied_bytes = progress.total_bytes, progress.copied_bytes
         transfer.finished_at_ns = time.time_ns()
-        complete = code == 0 if code is not None else progress.all_transferred
-        if complete:
-            partial = progress.exited and transfer.copied_bytes < transfer.total_bytes
-            transfer.state = LazyState.ENDED if partial else LazyState.COMPLETE
-        else:
+        transfer.state = judge_outcome(code, progress, lambda: self._still_runs(transfer.container_id))
+        if transfer.state == LazyState.FAILED:
             how = f"exit status {code}" if code is not None and code >= 0 else \
                 f"signal {-code}" if code is not None else "while pyshim was down"
             reason = (f"the lazy-pages daemon ({'page server ' + transfer.page_server if transfer.page_server else 'local images'}) "

@@ -434,7 +434,7 @@ class RestoreEngine:
         self._intents = intents
         # Post-copy restores: their lazy-pages daemons (lazy_restore.py); lazy_default is the config's.
         self._lazy = LazyRestores(containers.container_dir("-").parent)
-        self._lazy.on_pages_lost(self._kill_for_lost_pages)
+        self._lazy.on_pages_lost(self._kill_for_lost_pages, self._still_runs)
         self._lazy_default = lazy_default
         containers.on_remove(lambda record: self._lazy.discard(record.id, record.bundle))
 
@@ -599,6 +599,14 @@ class RestoreEngine:
     def recover_lazy_pages(self) -> None:
         """At start-up, after the records were reconciled: adopt or judge each lazy restore's daemon."""
         self._lazy.recover((r.id, r.bundle, r.state == ContainerState.RUNNING) for r in self._containers.all())
+
+    def _still_runs(self, container_id: str) -> bool:
+        record = self._containers.find(container_id)
+        if record is None:
+            return False
+        with self._containers.lock_for(record.id):
+            self._containers.refresh(record)
+            return record.state == ContainerState.RUNNING
 
     def _kill_for_lost_pages(self, container_id: str, message: str) -> bool:
         """The lazy-pages daemon died before every page arrived: the process would read zeroes where

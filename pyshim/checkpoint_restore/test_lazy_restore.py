@@ -55,3 +55,36 @@ def test_page_server_annotation_makes_the_restore_lazy_from_the_source():
             lazy_choice({SERVER: bad}, False)
     with pytest.raises(InvalidArgument, match="drop one"):
         lazy_choice({SERVER: "10.97.1.2:27027", LAZY: "false"}, False)
+
+
+def _progress(total: int, copied: int, errors=()):
+    from criu_glue.lazy_pages import LazyProgress
+    return LazyProgress(total_bytes=total, copied_bytes=copied, processes={1, 7}, finished={1, 7},
+                        errors=list(errors))
+
+
+def test_outcome_every_page_copied_is_complete():
+    from pyshim.checkpoint_restore.lazy_restore import judge_outcome
+    assert judge_outcome(0, _progress(8192, 8192), lambda: False) == LazyState.COMPLETE
+
+
+def test_outcome_a_child_that_exited_before_its_pages_came_is_still_complete():
+    """CI saw this: a shell's `sleep` child ended before its last page was copied; CRIU exits 0 and
+    the container runs on with every page it can touch."""
+    from pyshim.checkpoint_restore.lazy_restore import judge_outcome
+    assert judge_outcome(0, _progress(8200192, 8196096), lambda: True) == LazyState.COMPLETE
+    assert judge_outcome(0, _progress(8200192, 8196096), lambda: False) == LazyState.ENDED
+
+
+def test_outcome_a_failed_daemon_is_failed_whatever_was_copied():
+    from pyshim.checkpoint_restore.lazy_restore import judge_outcome
+    asked = []
+    assert judge_outcome(1, _progress(8192, 8192), lambda: asked.append(1) or True) == LazyState.FAILED
+    assert judge_outcome(-9, _progress(8192, 4096), lambda: True) == LazyState.FAILED
+    assert not asked  # a failure never needs the container's state to be judged
+
+
+def test_outcome_of_an_adopted_daemon_comes_from_its_log():
+    from pyshim.checkpoint_restore.lazy_restore import judge_outcome
+    assert judge_outcome(None, _progress(8192, 8192), lambda: True) == LazyState.COMPLETE
+    assert judge_outcome(None, _progress(8192, 8192, ["Error (uffd.c:1): boom"]), lambda: True) == LazyState.FAILED
