@@ -12,16 +12,19 @@ import queue
 import threading
 
 BACKLOG = 64  # chunks handed over but not hashed yet (the writer waits beyond that)
+READ_CHUNK = 16 << 20  # a file being hashed is read back this much at a time, into one reused buffer
 
 
 class BackgroundHash:
-    """update() hands a chunk over (it must not change afterwards: bytes are copied if need be);
-    hexdigest() waits for the thread and ends it. close() ends it without a result."""
+    """update() hands a chunk over (it must not change afterwards: bytes are copied if need be), or
+    update_from_file() a range of a file; hexdigest() waits for the thread and ends it. close() ends it
+    without a result."""
 
     def __init__(self, backlog: int = BACKLOG):
         self._hash = hashlib.sha256()
         self._chunks: queue.Queue = queue.Queue(maxsize=backlog)
         self._digest: str | None = None
+        self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="background-sha256", daemon=True)
         self._thread.start()
 
@@ -30,22 +33,57 @@ class BackgroundHash:
             raise ValueError("update() after hexdigest()")
         self._chunks.put(chunk if isinstance(chunk, bytes) else bytes(chunk))
 
+    def update_from_file(self, fd: int, offset: int, length: int) -> None:
+        """The next `length` bytes are those of the file `fd` from `offset` (written there without passing
+        through Python); the thread reads them back, from the page cache, in their turn. The file's range
+        must not change afterwards; `fd` (a regular file, maybe open for writing only) may be closed at
+        once: the thread reads the same file through a read-only descriptor of its own."""
+        if self._digest is not None:
+            raise ValueError("update_from_file() after hexdigest()")
+        if length:
+            self._chunks.put((os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC), offset, length))
+
     def hexdigest(self) -> str:
+        """OSError if a file range could not be read back whole."""
         if self._digest is None:
             self._chunks.put(None)
             self._thread.join()
+            if self._error is not None:
+                raise self._error
             self._digest = self._hash.hexdigest()
         return self._digest
 
     def close(self) -> None:
-        self.hexdigest()
+        try:
+            self.hexdigest()
+        except OSError:
+            pass  # closing without a result
 
     def _run(self) -> None:
+        buffer = None
         while (chunk := self._chunks.get()) is not None:
-            self._hash.update(chunk)
+            if not isinstance(chunk, tuple):
+                self._hash.update(chunk)
+                continue
+            fd, offset, length = chunk
+            try:
+                if self._error is None:
+                    buffer = buffer or memoryview(bytearray(READ_CHUNK))
+                    self._hash_range(fd, offset, length, buffer)
+            except OSError as e:
+                self._error = e
+            finally:
+                os.close(fd)
 
+    def _hash_range(self, fd: int, offset: int, length: int, buffer: memoryview) -> None:
+        end = offset + length
+        while offset < end:
+            n = os.preadv(fd, [buffer[:min(len(buffer), end - offset)]], offset)
+            if n == 0:
+                raise OSError(f"the file range to hash ended at byte {offset} of {end}")
+            self._hash.update(buffer[:n])
+            offset += n
 
-READ_CHUNK = 16 << 20  # what GrowingFileHash reads and hashes at a time, into one reused buffer
 
 
 class GrowingFileHash:

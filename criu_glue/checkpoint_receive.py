@@ -187,6 +187,16 @@ class _Peeked:
             return chunk
         return self._frames.read(size)
 
+    def move_into(self, fd: int, count: int) -> int:
+        """FrameReader.move_into, once the bytes read ahead are out."""
+        if not self._pending:
+            return self._frames.move_into(fd, count)
+        view = memoryview(self.read(count))
+        n = len(view)
+        while view:
+            view = view[os.write(fd, view):]
+        return n
+
 
 def _write_at(fd: int, offset: int, view: memoryview) -> None:
     while view:

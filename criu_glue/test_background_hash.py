@@ -86,3 +86,30 @@ def test_close_ends_the_thread_without_a_digest(tmp_path):
         assert not h._thread.is_alive()
     finally:
         os.close(fd)
+
+
+def test_file_ranges_are_hashed_in_their_turn_between_chunks(tmp_path):
+    path = tmp_path / "image"
+    path.write_bytes(b"0123456789" * 1000)
+    fd = os.open(path, os.O_WRONLY)  # as a receiver's image file: written only; the thread reads it itself
+    try:
+        h = BackgroundHash()
+        h.update(b"head")
+        h.update_from_file(fd, 5, 10_000 - 5 - 3)
+        h.update(b"tail")
+    finally:
+        os.close(fd)
+    assert h.hexdigest() == hashlib.sha256(b"head" + path.read_bytes()[5:-3] + b"tail").hexdigest()
+
+
+def test_a_file_range_beyond_the_end_is_an_error(tmp_path):
+    path = tmp_path / "image"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        h = BackgroundHash()
+        h.update_from_file(fd, 50, 100)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError, match="ended at byte 100 of 150"):
+        h.hexdigest()
