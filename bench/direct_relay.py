@@ -11,7 +11,9 @@ and answers its stdout as it comes, then its exit status and stderr. Benchmark t
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -64,8 +66,7 @@ def send(ip: str, port: int, args: list[str]) -> int:
         if "--check" not in args:
             # stdin: the framed archive from migrate, kept open until the move tells the receiver to sync
             try:
-                while chunk := sys.stdin.buffer.read1(1 << 20):
-                    s.sendall(chunk)
+                _forward_stdin(s)
             except OSError:
                 pass  # the receiver side went away: its answer says why
         try:
@@ -75,6 +76,21 @@ def send(ip: str, port: int, args: list[str]) -> int:
         answers.join()
     sys.stderr.write(result.get("stderr", "the relay's connection ended without an exit status\n"))
     return int(result.get("rc", 1))
+
+
+def _forward_stdin(s: socket.socket) -> None:
+    """stdin to the socket with splice(2) when stdin is a pipe (as migrate starts us): the bytes stay in the
+    kernel, as in the raw TCP copy's sendfile; a user-space copy costs this 2-CPU VM 0.3-0.6 s per GiB."""
+    s.settimeout(None)  # blocking: splice into a socket with a timeout (non-blocking) fails with EAGAIN
+    try:
+        while os.splice(sys.stdin.fileno(), s.fileno(), 1 << 20):
+            pass
+        return
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: stdin is not a pipe (nothing was read from it)
+            raise
+    while chunk := sys.stdin.buffer.read1(1 << 20):
+        s.sendall(chunk)
 
 
 def _pass_answers(s: socket.socket, result: dict) -> None:

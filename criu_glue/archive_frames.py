@@ -26,6 +26,7 @@ from typing import BinaryIO
 from .archive import ArchiveDigest
 from .background_hash import BackgroundHash
 from .errors import ArchiveError
+from .splice_copy import Splicer
 
 FORMAT = "pyshim-archive-frames/1"
 MAX_FRAME = 8 << 20  # what a sender puts in one frame at most; a larger announced frame is refused
@@ -109,34 +110,74 @@ class FrameReader:
         self._max = max_bytes
         self._left = 0  # bytes left in the current frame
         self._hash = BackgroundHash() if hashing else None
+        # An unbuffered pipe or socket (the receiver's stdin): bytes may be moved into files in the kernel.
+        self._splicer = Splicer.for_stream(stream) if hashing else None
         self.size = 0
         self.trailer: ArchiveDigest | None = None
 
     def read(self, size: int = -1) -> bytes:
-        if self.trailer is not None:
+        if not self._in_frame():
             return b""
-        if self._left == 0:
-            self._left = self._next_frame_length()
-            if self._left == 0:
-                self.trailer = self._read_trailer()
-                return b""
         want = self._left if size is None or size < 0 else min(size, self._left)
         chunk = self._stream.read(want)
-        if not chunk:
-            raise FramingError(f"the stream was cut after {self.size} bytes of the archive, inside a frame")
-        self._left -= len(chunk)
-        self.size += len(chunk)
+        self._count(len(chunk) if chunk else 0)
         if self._hash is not None:
             self._hash.update(chunk)
         return chunk
 
+    def move_into(self, fd: int, count: int) -> int:
+        """Like read(count), but the bytes are appended to the file `fd` at its position (and hashed from
+        there), in the kernel when the stream allows it (splice_copy), else through read(). Returns how
+        many, 0 at the end (the trailer checked)."""
+        if self._splicer is None:
+            chunk = self.read(count)
+            _write_all(fd, chunk)
+            return len(chunk)
+        if not self._in_frame():
+            return 0
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+        n = self._splicer.move(fd, min(count, self._left))
+        self._count(n)
+        self._hash.update_from_file(fd, offset, n)
+        return n
+
     def close(self) -> None:
         """Stop the hashing thread of a stream abandoned before its end."""
         if self._hash is not None:
-            self._hash.hexdigest()
+            self._hash.close()
+        if self._splicer is not None:
+            self._splicer.close()
+
+    def _in_frame(self) -> bool:
+        """Whether archive bytes follow (the next frame started if need be); False once the trailer was
+        read and checked."""
+        if self.trailer is not None:
+            return False
+        if self._left == 0:
+            self._left = self._next_frame_length()
+            if self._left == 0:
+                self.trailer = self._read_trailer()
+                return False
+        return True
+
+    def _count(self, n: int) -> None:
+        if n == 0:
+            raise FramingError(f"the stream was cut after {self.size} bytes of the archive, inside a frame")
+        self._left -= n
+        self.size += n
+
+    def _read_exactly(self, n: int) -> bytes:
+        """n bytes, fewer only at the stream's end (an unbuffered stream returns what has come)."""
+        data = b""
+        while len(data) < n:
+            chunk = self._stream.read(n - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
 
     def _next_frame_length(self) -> int:
-        raw = self._stream.read(_LENGTH.size)
+        raw = self._read_exactly(_LENGTH.size)
         if len(raw) != _LENGTH.size:
             raise FramingError(f"the stream was cut after {self.size} bytes of the archive, before its "
                                "trailer: the sender gave up or the connection broke")
@@ -163,6 +204,12 @@ class FrameReader:
         if written.size != self.size or written.digest != actual:
             raise not_what_was_written(self.size, actual, written)
         return written
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def not_what_was_written(size: int, digest: str, written: ArchiveDigest) -> FramingError:

@@ -25,7 +25,8 @@ re-hashes every marked blob and removes a blob that does not match its digest wi
 Any failure before the image is recorded leaves nothing in the store.
 
 A compressed archive (a source daemon with checkpoint.compression set) cannot be split this way: it
-is stored whole and synced, like any blob, and unpacked at its first restore, as before.
+is stored whole, unpacked at its first restore, as before; it is synced after the restore too
+(complete_received_blob), marked unsynced until then like a split one.
 """
 from __future__ import annotations
 
@@ -136,17 +137,29 @@ def _receive_split(store: ImageStore, head: "_Peeked", frames: FrameReader, tag:
 
 def _receive_whole(store: ImageStore, head: "_Peeked", frames: FrameReader, tag: str, limits: Limits,
                    started: float) -> ReceivedCheckpoint:
-    # Synced as any blob (this rare case keeps the fsync inside the move's downtime).
-    digest = store.write_blob(head)
+    """A compressed archive: the blob is written whole, as it arrives, and not synced here (FrameReader
+    hashes and counts it, and checks the trailer); it is marked unsynced before it appears under its
+    digest, and complete_received_blob syncs it after the restore, as for a split one."""
+    fd, tmp = store.new_blob_file()
+    digest = ""
     try:
-        written = _trailer(frames)
-        if written.digest != digest:  # cannot differ: FrameReader checked the same bytes
-            raise FramingError(f"the received archive {digest} is not {written.digest}")
+        offset = 0
+        while chunk := head.read(COPY_CHUNK):
+            _write_at(fd, offset, memoryview(chunk))
+            offset += len(chunk)
+        written = _trailer(frames)  # read() returned b"" only after the trailer matched
         data_done = time.monotonic()
+        digest = written.digest
+        store.mark_unsynced(digest)
+        store.adopt_blob_file(tmp, digest)
         record = _record(store, written, tag, limits)
     except BaseException:
-        store.discard_unreferenced_blobs({digest})
+        if digest:
+            store.discard_unreferenced_blobs({digest})
         raise
+    finally:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
     return ReceivedCheckpoint(record, digest, _ms(started, data_done, data_done), ())
 
 
@@ -173,6 +186,16 @@ class _Peeked:
                 chunk, self._pending = self._pending[:size], self._pending[size:]
             return chunk
         return self._frames.read(size)
+
+    def move_into(self, fd: int, count: int) -> int:
+        """FrameReader.move_into, once the bytes read ahead are out."""
+        if not self._pending:
+            return self._frames.move_into(fd, count)
+        view = memoryview(self.read(count))
+        n = len(view)
+        while view:
+            view = view[os.write(fd, view):]
+        return n
 
 
 def _write_at(fd: int, offset: int, view: memoryview) -> None:

@@ -206,6 +206,20 @@ class ForwardReader:
         self._pos += len(view)
         return view
 
+    def move_into(self, fd: int, count: int) -> int:
+        """Up to `count` bytes of member data appended to the file `fd`; 0 at the end of the stream. What
+        this reader holds already is written from memory; beyond that, a stream that can move bytes into a
+        file itself (FrameReader.move_into: in the kernel) does so."""
+        if not self._view and hasattr(self._raw, "move_into"):
+            n = self._raw.move_into(fd, count)
+            self._pos += n
+            return n
+        view = self.read_view(min(COPY_CHUNK, count), member_data=True)
+        n = len(view)
+        while view:  # a regular file may take less than asked
+            view = view[os.write(fd, view):]
+        return n
+
     def drain(self) -> None:
         """Read the stream to its end (what follows the tar's end-of-archive block)."""
         while self.read_view(COPY_CHUNK):
@@ -228,12 +242,10 @@ def copy_member_data(reader: ForwardReader, fd: int, size: int, what: str) -> No
     """Write the next `size` bytes of `reader` to the file `fd`; a short stream is an error."""
     remaining = size
     while remaining:
-        view = reader.read_view(min(COPY_CHUNK, remaining), member_data=True)
-        if not view:
+        n = reader.move_into(fd, remaining)
+        if not n:
             raise CorruptTar(f"{what}: data ends {remaining} bytes early (truncated)")
-        remaining -= len(view)
-        while view:  # a regular file may take less than asked
-            view = view[os.write(fd, view):]
+        remaining -= n
 
 
 def members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

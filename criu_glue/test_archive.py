@@ -422,3 +422,18 @@ def test_a_throwaway_archive_is_not_fsynced_but_still_appears_whole(tmp_path, mo
                                  {"digest": "sha256:" + "a" * 64, "diffId": "sha256:" + "a" * 64, "size": -1}])
 def test_a_malformed_archive_digest_is_no_digest(doc):
     assert archive_mod.ArchiveDigest.from_json(doc) is None
+
+
+def test_a_plain_archive_is_the_tar_tarfile_writes_of_the_same_members(tmp_path):
+    """The plain archive's members are copied by the kernel (plain_tar_writer); its bytes stay tarfile's,
+    which checkpointctl, Podman and CRI-O read."""
+    members = prepare_members(tmp_path)
+    out = tmp_path / "cp.tar"
+    written = write_archive(out, members)
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for info, source in archive_mod._archive_entries(members):
+            archive_mod._add_with_tarfile(tar, info, source)
+    assert out.read_bytes() == expected.getvalue()
+    assert written.digest == written.diff_id == "sha256:" + hashlib.sha256(expected.getvalue()).hexdigest()

@@ -143,8 +143,8 @@ def _receive(args, config, store) -> int:
         print("ready")
         return 0
     stdin = sys.stdin.buffer
-    if args.stdin_frames:
-        return _receive_streamed(store, stdin)
+    if args.stdin_frames:  # unbuffered: the CRIU images go from the pipe or socket to their files by splice(2)
+        return _receive_streamed(store, stdin.raw)
     if args.stdin_header:  # started early by `migrate --direct`: the figures come first, as one JSON line
         try:
             header = json.loads(stdin.readline(4096) or b"null")
