@@ -229,6 +229,37 @@ def test_preflight_refuses_a_source_with_small_pipes(nodes, work_dir):
     assert not list(work_dir.glob("*.json"))
 
 
+def test_pages_that_stop_coming_undo_the_move_after_the_stall_bound(nodes, work_dir):
+    """--stall: the wire drops everything mid-stream; once no page arrived for that long the move is undone
+    (target removed, source thawed, its memory whole) instead of waiting for pages that never come."""
+    _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", HOLDER_AND_COUNTER.format(size=128 << 20)])
+    before = wait_lines(nodes.a, cid, lambda lines: len(sums(lines)) >= 1)
+    sum0 = next(line for line in before if line.startswith("sum0 ")).split(" ", 1)[1]
+    nodes.a.run(["tc", "qdisc", "add", "dev", "wire0", "root", "tbf", "rate", "80mbit", "burst", "64kb",
+                 "latency", "400ms"])
+    try:
+        move = migrate_lazy(nodes, cid, work_dir, "--stall", "3", wait=False)
+        try:
+            _wait_target_transferring(nodes)
+            nodes.a.run(["tc", "qdisc", "replace", "dev", "wire0", "root", "netem", "loss", "100%"])
+            out, err = move.communicate(timeout=300)
+        finally:
+            if move.poll() is None:
+                move.kill()
+                move.communicate()
+    finally:
+        nodes.a.run(["tc", "qdisc", "del", "dev", "wire0", "root"], check=False)
+    assert move.returncode == 1 and "stalled: no page arrived for 3s" in err and "rolled back" in err, (out, err)
+    assert not containers(nodes.b) and not pods(nodes.b)
+    with nodes.a.client() as c:
+        assert c.status(cid).status.state == cri.CONTAINER_RUNNING
+    seen = len(log_lines(nodes.a, cid))
+    lines = wait_lines(nodes.a, cid, lambda lines: len(sums(lines[seen:])) >= 1, timeout=30)[seen:]
+    assert all(s == sum0 for s in sums(lines)), (sum0, sums(lines))
+    assert not list(work_dir.glob("*.json"))
+    assert node_leftovers(nodes) == []
+
+
 @pytest.mark.parametrize("then", ["rerun", "rollback"])
 def test_killed_after_making_the_target_pod_before_the_freeze(nodes, work_dir, then):
     """The target's pod is made before the source is frozen (out of the downtime) and journaled: a
