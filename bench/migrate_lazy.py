@@ -260,7 +260,8 @@ def report(rows: list[Row], runs: int) -> str:
         def med(key: str, source: str = "checkpoint_phases_ms", runs=r.lazy) -> float:
             return _median([x.report[source].get(key, float("nan")) for x in runs])
         out.append(f"  {r.size_mib:>5} MiB: bare lazy dump {_median([f.dump_ms for f in r.floors]):.0f} | pyshim pause "
-                   f"{med('pause'):.0f} + dump {med('dump'):.0f}, CheckpointContainer call {med('checkpoint', 'phases_ms'):.0f}")
+                   f"{med('pause'):.0f} + dump {med('dump'):.0f}, CheckpointContainer call "
+                   f"{med('checkpoint', 'phases_ms'):.0f}")
         lp, rr = _median([f.lazy_pages_ms for f in r.floors]), _median([f.restore_ms for f in r.floors])
         target = ", ".join(f"{k} {med(k, 'restore_phases_ms'):.0f}" for k in RESTORE_PHASES)
         out.append(f"  {r.size_mib:>5} MiB: bare lazy-pages start {lp:.0f} + runc restore {rr:.0f} = {lp + rr:.0f} | "
@@ -296,8 +297,8 @@ def main(sizes: list[int], runs: int) -> None:
                         lz, eg = row.lazy[-1], row.eager[-1]
                         print(f"  {row.size_mib} MiB run {i + 1}: lazy downtime {lz.frozen_to_first_answer_ms():.0f} "
                               f"ms (gap {lz.longest_gap_ms():.0f}), eager {eg.report['downtime_ms']:.0f} ms "
-                              f"(gap {eg.longest_gap_ms():.0f}); bare floor: {row.floors[-1] if row.floors else '-'}", file=sys.stderr,
-                              flush=True)
+                              f"(gap {eg.longest_gap_ms():.0f}); bare floor: {row.floors[-1] if row.floors else '-'}",
+                              file=sys.stderr, flush=True)
             except BaseException:
                 for node in nodes.nodes:
                     print(f"daemon log of node {node.name}:\n{node.daemon.log_tail(30)}", file=sys.stderr)
