@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass, field
 
+from bench import lazy_floor
 from bench.restore import (HOLD, HOSTNAME, MIB, RestoreBench, _holder_rss_kib, _median, _ms, _settle,
                            wait_for_holder)
 from integration.conftest import container_config, discard, new_settings
@@ -43,6 +45,8 @@ class LazyRow:
     lazy_all_pages_ms: list[float] = field(default_factory=list)
     lazy_rss_kib: list[int] = field(default_factory=list)
     first_restore_ms: float = 0.0  # the very first StartContainer (unpacks the images into the store)
+    floors: list = field(default_factory=list)  # bench.lazy_floor.Floor per run: bare CRIU + runc
+    lazy_phases: list = field(default_factory=list)  # the daemon's restorePhasesMs of each lazy restore
 
 
 class LazyBench(RestoreBench):
@@ -80,7 +84,7 @@ class LazyBench(RestoreBench):
         self.client.start(cid)
         row.source_rss_kib = wait_for_holder(self.container_spec(cid)["linux"]["cgroupsPath"], size_mib)
         self.checkpoint(cid, archive)
-        self.remove_pod(pod_id)
+        holder_pod, holder = pod_id, cid  # runs on: the floor checkpoints it bare, per run
         try:
             # Warm-up: the first restore of the archive unpacks its CRIU images into the store.
             pod_id, cid, seconds = self.timed_start(archive, lazy=False)
@@ -91,16 +95,26 @@ class LazyBench(RestoreBench):
                     pod_id, cid, seconds = self.timed_start(archive, lazy)
                     if lazy:
                         row.lazy_start_ms.append(_ms(seconds))
+                        row.lazy_phases.append(self.lazy_info(cid).get("restorePhasesMs", {}))
                         info = self.wait_complete(cid)
                         row.lazy_all_pages_ms.append(float(info.get("lazyPagesMs", 0.0)))
                         row.lazy_rss_kib.append(_holder_rss_kib(self.container_spec(cid)["linux"]["cgroupsPath"]))
                     else:
                         row.eager_start_ms.append(_ms(seconds))
                     self.remove_pod(pod_id)
+                # The floor: bare `criu lazy-pages` + `runc restore --lazy-pages` of the same memory.
+                _settle()
+                try:
+                    row.floors.append(lazy_floor.measure(self.settings.state_dir / "runc", holder,
+                                                         self.archives / f"floor-{size_mib}-{i}"))
+                except (RuntimeError, subprocess.SubprocessError) as e:  # the pyshim figures stand
+                    print(f"  bare floor failed: {e}", flush=True)
                 print(f"  {size_mib} MiB run {i + 1}: eager {row.eager_start_ms[-1]:.0f} ms, lazy "
-                      f"{row.lazy_start_ms[-1]:.0f} ms, all pages after {row.lazy_all_pages_ms[-1]:.0f} ms", flush=True)
+                      f"{row.lazy_start_ms[-1]:.0f} ms, all pages after {row.lazy_all_pages_ms[-1]:.0f} ms; "
+                      f"bare floor: {row.floors[-1] if row.floors else '-'}", flush=True)
         finally:
             archive.unlink(missing_ok=True)
+            self.remove_pod(holder_pod)
         return row
 
 
@@ -113,6 +127,17 @@ def report(rows: list[LazyRow]) -> str:
         out.append(f"{r.size_mib:>5} {_median(r.eager_start_ms):>12.0f} {lazy:>11.0f} {pages:>10.0f} "
                    f"{lazy + pages:>11.0f} {r.source_rss_kib / 1024:>12.0f} "
                    f"{_median([float(k) for k in r.lazy_rss_kib]) / 1024:>13.0f} {r.first_restore_ms:>12.0f}")
+    out.append("Floor, same run (bare `criu lazy-pages` start + bare `runc restore -d --lazy-pages` of the holder's "
+               "images, ms, medians):")
+    for r in rows:
+        lp, rr = _median([f.lazy_pages_ms for f in r.floors]), _median([f.restore_ms for f in r.floors])
+        out.append(f"{r.size_mib:>5} MiB: lazy-pages start {lp:.0f} + runc restore {rr:.0f} = {lp + rr:.0f} "
+                   f"(pyshim's lazy StartContainer {_median(r.lazy_start_ms):.0f}), pages after "
+                   f"{_median([f.pages_ms for f in r.floors]):.0f}")
+    for r in rows:
+        keys = list(dict.fromkeys(k for phases in r.lazy_phases for k in phases))
+        out.append(f"{r.size_mib:>5} MiB lazy StartContainer in the daemon: " + ", ".join(
+            f"{k} {_median([p.get(k, float('nan')) for p in r.lazy_phases]):.0f}" for k in keys))
     for r in rows:
         if r.size_mib >= 1024:
             lazy = _median(r.lazy_start_ms)

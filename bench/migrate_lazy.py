@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -32,13 +33,18 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import lazy_floor
 from bench.restore import HOLD, MIB, _median, _settle, _table, wait_for_holder
 from cri_api import api_pb2 as cri
 from integration.conftest import container_config, pod_config
 from integration.nodes import TwoNodes, two_nodes_up
+from criu_glue.lazy_pages import PageServer
 from pyshim.internal import host_caps
+from pyshim.migration.lazy_move import PAGE_SERVER_PORTS
 
 PORT = 7000
+# The lazy restore's phases in the target daemon (restore.py's PhaseTimer marks), printed next to the floor.
+RESTORE_PHASES = ("rootfs", "unpack", "spec", "lazy_pages_daemon", "runc_restore")
 RELAY_PORT = 7913
 SERVICE = f"({HOLD}) & exec nc -ll -p {PORT} -e /bin/cat"
 
@@ -111,6 +117,7 @@ class Row:
     size_mib: int
     lazy: list = field(default_factory=list)
     eager: list = field(default_factory=list)
+    floors: list = field(default_factory=list)  # bench.lazy_floor.Floor per run: bare runc + CRIU, A -> B
 
 
 class LazyBench:
@@ -164,6 +171,28 @@ class LazyBench:
         self.b.remove_pod(report["target_pod"])
         self.b.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=report["image"])), timeout=600)
         return Run(report, answers, target_ip[0] if target_ip else "")
+
+    def floor(self, size_mib: int) -> lazy_floor.Floor:
+        """Bare `runc checkpoint --lazy-pages` on A of a holder of the same size, bare `criu lazy-pages` and
+        `runc restore --lazy-pages` from B's netns pulling from its page server (a holder alone: the service's
+        listener would be restored beside its frozen self in the same netns)."""
+        name = f"fl-{size_mib}-{uuid.uuid4().hex[:4]}"
+        pod = pod_config(name=name, log_directory=str(self.work / "logs" / name))
+        pod_id = self.a.run_pod(pod)
+        try:
+            cid = self.a.create(pod_id, container_config(self.nodes.busybox_ref, ["sh", "-c", HOLD.format(
+                size=size_mib * MIB)], name="hold", log_path="hold.log"), pod)
+            self.a.start(cid)
+            spec = json.loads((self.nodes.a.settings.root / "containers" / cid / "config.json").read_text())
+            wait_for_holder(spec["linux"]["cgroupsPath"], size_mib)
+            _settle()
+            return lazy_floor.measure(self.nodes.a.settings.state_dir / "runc", cid, self.work / "floor",
+                                      PageServer(self.nodes.a.wire_ip, random.randint(*PAGE_SERVER_PORTS)),
+                                      source_prefix=tuple(self.nodes.a.nsenter()),
+                                      target_prefix=tuple(self.nodes.b.nsenter()))
+        finally:
+            self.a.stop_pod(pod_id)
+            self.a.remove_pod(pod_id)
 
     def _watch_target_pod(self, client: subprocess.Popen, found: list, stop: threading.Event) -> None:
         """Tell the client the target pod's address as soon as the pod exists on B."""
@@ -222,7 +251,21 @@ def report(rows: list[Row], runs: int) -> str:
             out.append(f"  {r.size_mib:>5} MiB: {lz.frozen_to_first_answer_ms():.0f}/{lz.report['downtime_ms']:.0f}/"
                        f"{lz.report['downtime_ms'] + (lz.report['lazy_pages'].get('lazyPagesMs') or 0):.0f}/"
                        f"{lz.longest_gap_ms():.0f} | {eg.report['downtime_ms']:.0f}/{eg.longest_gap_ms():.0f}; "
-                       f"{lz.report['checkpoint_phases_ms']} client {lz.report['phases_ms']}")
+                       f"{lz.report['checkpoint_phases_ms']} client {lz.report['phases_ms']} target restore "
+                       f"{lz.report.get('restore_phases_ms')} receiver {lz.report.get('receive_phases_ms')}")
+    out.append("")
+    out.append("Floors, same run (bare runc + CRIU on a holder of the same size, A -> B, ms, medians) next to pyshim's "
+               "lazy move:")
+    for r in rows:
+        def med(key: str, source: str = "checkpoint_phases_ms", runs=r.lazy) -> float:
+            return _median([x.report[source].get(key, float("nan")) for x in runs])
+        out.append(f"  {r.size_mib:>5} MiB: bare lazy dump {_median([f.dump_ms for f in r.floors]):.0f} | pyshim pause "
+                   f"{med('pause'):.0f} + dump {med('dump'):.0f}, CheckpointContainer call "
+                   f"{med('checkpoint', 'phases_ms'):.0f}")
+        lp, rr = _median([f.lazy_pages_ms for f in r.floors]), _median([f.restore_ms for f in r.floors])
+        target = ", ".join(f"{k} {med(k, 'restore_phases_ms'):.0f}" for k in RESTORE_PHASES)
+        out.append(f"  {r.size_mib:>5} MiB: bare lazy-pages start {lp:.0f} + runc restore {rr:.0f} = {lp + rr:.0f} | "
+                   f"pyshim StartContainer {med('start', 'phases_ms'):.0f} (in B's daemon: {target})")
     out.append("")
     out.append("Targets (issue 15: lazy downtime < 1 s at 1 GiB, < 300 ms at 256 MiB)")
     out.extend(f"  {v}" for v in verdicts)
@@ -247,10 +290,15 @@ def main(sizes: list[int], runs: int) -> None:
                         order = (True, False) if i % 2 == 0 else (False, True)
                         for lazy in order:
                             (row.lazy if lazy else row.eager).append(bench.move(row.size_mib, lazy))
+                        try:
+                            row.floors.append(bench.floor(row.size_mib))
+                        except (RuntimeError, subprocess.SubprocessError) as e:  # the pyshim figures stand
+                            print(f"  bare floor failed: {e}", file=sys.stderr, flush=True)
                         lz, eg = row.lazy[-1], row.eager[-1]
                         print(f"  {row.size_mib} MiB run {i + 1}: lazy downtime {lz.frozen_to_first_answer_ms():.0f} "
                               f"ms (gap {lz.longest_gap_ms():.0f}), eager {eg.report['downtime_ms']:.0f} ms "
-                              f"(gap {eg.longest_gap_ms():.0f})", file=sys.stderr, flush=True)
+                              f"(gap {eg.longest_gap_ms():.0f}); bare floor: {row.floors[-1] if row.floors else '-'}",
+                              file=sys.stderr, flush=True)
             except BaseException:
                 for node in nodes.nodes:
                     print(f"daemon log of node {node.name}:\n{node.daemon.log_tail(30)}", file=sys.stderr)

@@ -79,31 +79,58 @@ def lazy_pages_command(criu: str, images_dir: Path, work_dir: Path, status_fd: i
     return cmd
 
 
-def start_lazy_pages(images_dir: Path, work_dir: Path, page_server: PageServer | None = None,
-                     criu: str = "criu", ready_timeout: float = 10.0) -> subprocess.Popen:
+class StartingDaemon:
+    """A lazy-pages daemon started and not yet known to listen: the caller does other work meanwhile
+    (its start-up overlaps the rest of the restore's preparation), then wait_ready() before `runc
+    restore`, or abandon()."""
+
+    def __init__(self, proc: subprocess.Popen, ready_fd: int, work_dir: Path):
+        self.proc = proc
+        self._ready_fd = ready_fd
+        self._work_dir = work_dir
+
+    def wait_ready(self, timeout: float) -> subprocess.Popen:
+        """Until it listens on `work_dir/lazy-pages.socket` (its status byte). LazyPagesError, with the
+        daemon killed and reaped, when it exits or is not ready in time."""
+        try:
+            ready, _, _ = select.select([self._ready_fd], [], [], timeout)
+            byte = os.read(self._ready_fd, 1) if ready else b""
+        finally:
+            self._close()
+        if byte == b"\0":
+            return self.proc
+        stop(self.proc)
+        why = "exited" if ready else f"was not ready within {timeout:.0f}s"
+        raise LazyPagesError(f"criu lazy-pages {why} (exit {self.proc.returncode}); its log ({LOG_NAME}):\n"
+                             f"{log_excerpt(self._work_dir / LOG_NAME)}")
+
+    def abandon(self) -> None:
+        """Not needed after all (the restore failed before it ran): killed and reaped."""
+        self._close()
+        stop(self.proc)
+
+    def _close(self) -> None:
+        if self._ready_fd >= 0:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
+
+
+def launch_lazy_pages(images_dir: Path, work_dir: Path, page_server: PageServer | None = None,
+                      criu: str = "criu") -> StartingDaemon:
     """Start the daemon in a session of its own (a daemon of ours that dies must not take the
-    workload's page source with it) and return once it listens on `work_dir/lazy-pages.socket`.
-    LazyPagesError, with the daemon killed and reaped, when it exits or is not ready in time."""
+    workload's page source with it); it reads the images' inventory and process tree at once, so they
+    must be in `images_dir`. LazyPagesError when it cannot be started."""
     ready_r, ready_w = os.pipe()
     try:
-        try:
-            proc = subprocess.Popen(lazy_pages_command(criu, images_dir, work_dir, ready_w, page_server),
-                                    cwd=work_dir, pass_fds=(ready_w,), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        except OSError as e:
-            raise LazyPagesError(f"cannot start {criu} lazy-pages: {e}") from None
-        finally:
-            os.close(ready_w)
-        ready, _, _ = select.select([ready_r], [], [], ready_timeout)
-        byte = os.read(ready_r, 1) if ready else b""
-    finally:
+        proc = subprocess.Popen(lazy_pages_command(criu, images_dir, work_dir, ready_w, page_server),
+                                cwd=work_dir, pass_fds=(ready_w,), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as e:
         os.close(ready_r)
-    if byte == b"\0":
-        return proc
-    stop(proc)
-    why = "exited" if ready else f"was not ready within {ready_timeout:.0f}s"
-    raise LazyPagesError(f"criu lazy-pages {why} (exit {proc.returncode}); its log ({LOG_NAME}):\n"
-                         f"{log_excerpt(work_dir / LOG_NAME)}")
+        raise LazyPagesError(f"cannot start {criu} lazy-pages: {e}") from None
+    finally:
+        os.close(ready_w)
+    return StartingDaemon(proc, ready_r, work_dir)
 
 
 def stop(proc: subprocess.Popen) -> None:

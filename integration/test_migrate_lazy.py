@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,7 +64,6 @@ def migrate_lazy(nodes, cid: str, work_dir: Path, *extra: str, check: bool = Tru
             "--page-server", nodes.a.wire_ip, "--direct", receiver(nodes.b), "--work-dir", str(work_dir), *extra]
     if wait:
         return pyshim(*args, check=check)
-    import sys
     return subprocess.Popen([sys.executable, "-m", "pyshim", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -227,6 +227,70 @@ def test_preflight_refuses_a_source_with_small_pipes(nodes, work_dir):
     assert [c.state for c in containers(nodes.a)] == [cri.CONTAINER_RUNNING]
     assert not containers(nodes.b) and not pods(nodes.b)
     assert not list(work_dir.glob("*.json"))
+
+
+def test_pages_that_stop_coming_undo_the_move_after_the_stall_bound(nodes, work_dir):
+    """--stall: the wire drops the page stream mid-way; once no page arrived for that long the move is undone
+    (target removed, source thawed, its memory whole) instead of waiting for pages that never come."""
+    _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", HOLDER_AND_COUNTER.format(size=128 << 20)])
+    before = wait_lines(nodes.a, cid, lambda lines: len(sums(lines)) >= 1)
+    sum0 = next(line for line in before if line.startswith("sum0 ")).split(" ", 1)[1]
+    nodes.a.run(["tc", "qdisc", "add", "dev", "wire0", "root", "tbf", "rate", "80mbit", "burst", "64kb",
+                 "latency", "400ms"])
+    try:
+        move = migrate_lazy(nodes, cid, work_dir, "--stall", "3", wait=False)
+        try:
+            _wait_target_transferring(nodes)
+            # A bucket smaller than one full-size packet: the page stream's packets are all dropped (netem,
+            # the obvious tool, is not in every kernel).
+            nodes.a.run(["tc", "qdisc", "replace", "dev", "wire0", "root", "tbf", "rate", "1kbit", "burst", "1kb",
+                         "latency", "10ms"])
+            out, err = move.communicate(timeout=300)
+        finally:
+            if move.poll() is None:
+                move.kill()
+                move.communicate()
+    finally:
+        nodes.a.run(["tc", "qdisc", "del", "dev", "wire0", "root"], check=False)
+    assert move.returncode == 1 and "stalled: no page arrived for 3s" in err and "rolled back" in err, (out, err)
+    assert not containers(nodes.b) and not pods(nodes.b)
+    with nodes.a.client() as c:
+        assert c.status(cid).status.state == cri.CONTAINER_RUNNING
+    seen = len(log_lines(nodes.a, cid))
+    lines = wait_lines(nodes.a, cid, lambda lines: len(sums(lines[seen:])) >= 1, timeout=30)[seen:]
+    assert all(s == sum0 for s in sums(lines)), (sum0, sums(lines))
+    assert not list(work_dir.glob("*.json"))
+    assert node_leftovers(nodes) == []
+
+
+@pytest.mark.parametrize("then", ["rerun", "rollback"])
+def test_killed_after_making_the_target_pod_before_the_freeze(nodes, work_dir, then):
+    """The target's pod is made before the source is frozen (out of the downtime) and journaled: a
+    `pyshim migrate` killed right after making it leaves the source running; a rerun removes that pod and
+    finishes the move, --rollback removes it."""
+    _, cid = run_pod(nodes.a, nodes.busybox_ref, ["sh", "-c", MEMORY_COUNTER])
+    wait_lines(nodes.a, cid, lambda lines: len(sums(lines)) >= 1)
+    args = ["migrate", cid, "--from", nodes.a.endpoint, "--to", nodes.b.endpoint, "--lazy", "--page-server",
+            nodes.a.wire_ip, "--direct", receiver(nodes.b), "--work-dir", str(work_dir)]
+    killed = subprocess.run([sys.executable, "-m", "pyshim", *args], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYSHIM_CRASH_AT="migrate_lazy:target_pod"))
+    assert killed.returncode == -signal.SIGKILL, (killed.stdout, killed.stderr)
+    journal = json.loads((work_dir / f"{cid}.lazy.json").read_text())
+    assert journal["phase"] == "started" and journal["target_pod"] in [p.id for p in pods(nodes.b)]
+    assert [c.state for c in containers(nodes.a)] == [cri.CONTAINER_RUNNING]
+    with nodes.a.client() as c:
+        assert not json.loads(c.status(cid, verbose=True).info["info"]).get("lastCheckpoint")
+    if then == "rollback":
+        migrate_lazy(nodes, cid, work_dir, "--rollback")
+        assert not pods(nodes.b) and not containers(nodes.b)
+        assert [c.state for c in containers(nodes.a)] == [cri.CONTAINER_RUNNING]
+    else:
+        migrate_lazy(nodes, cid, work_dir)
+        assert [p.id for p in pods(nodes.b)] != [journal["target_pod"]] and len(pods(nodes.b)) == 1
+        assert not containers(nodes.a) and not pods(nodes.a)
+        assert [c.state for c in containers(nodes.b)] == [cri.CONTAINER_RUNNING]
+    assert not list(work_dir.glob("*.json"))
+    assert node_leftovers(nodes) == []
 
 
 def test_source_daemon_killed_mid_stream_adopts_its_page_server_and_the_move_finishes(nodes, work_dir):

@@ -141,6 +141,7 @@ class _Watch:
     reader: lazy_pages.ProgressReader
     proc: subprocess.Popen | None = None
     thread: threading.Thread | None = None
+    starting: lazy_pages.StartingDaemon | None = None  # launched, not yet known to listen
 
 
 def judge_outcome(code: int | None, progress: lazy_pages.LazyProgress,
@@ -183,26 +184,43 @@ class LazyRestores:
 
     # ---- a restore ---------------------------------------------------------------------------
 
-    def start(self, container_id: str, work_dir: Path, images_dir: Path,
-              page_server: lazy_pages.PageServer | None = None) -> None:
-        """Start the page source of a restore about to run `runc restore --lazy-pages` in `work_dir`.
-        LazyPagesError when the daemon does not come up (nothing left behind)."""
+    def launch(self, container_id: str, work_dir: Path, images_dir: Path,
+               page_server: lazy_pages.PageServer | None = None) -> None:
+        """Start the page source of a restore that will run `runc restore --lazy-pages` in `work_dir`, as
+        soon as the CRIU images are in `images_dir`: its start-up overlaps the rest of the restore's
+        preparation; wait_ready() before runc. LazyPagesError when it cannot start (nothing left behind)."""
         transfer = LazyTransfer(container_id=container_id, work_dir=str(work_dir), images_dir=str(images_dir),
                                 page_server=str(page_server) if page_server else "",
                                 started_at_ns=time.time_ns())
-        transfer.save()
+        transfer.save()  # no pid yet: a crash from here on finds the daemon by its command line
         try:
-            proc = lazy_pages.start_lazy_pages(images_dir, work_dir, page_server, self._criu, self._ready_timeout)
+            starting = lazy_pages.launch_lazy_pages(images_dir, work_dir, page_server, self._criu)
         except lazy_pages.LazyPagesError:
             _remove_files(work_dir, keep_log=True)
             raise
-        transfer.pid, transfer.pid_start_ns = proc.pid, procs.start_time_ns(proc.pid)
+        transfer.pid, transfer.pid_start_ns = starting.proc.pid, procs.start_time_ns(starting.proc.pid)
         transfer.save()
         with self._lock:
             self._watches[container_id] = _Watch(transfer, lazy_pages.ProgressReader(work_dir / lazy_pages.LOG_NAME),
-                                                 proc)
-        log.info("lazy-pages daemon started", extra={"container": container_id, "pid": proc.pid,
-                                                     "page_server": transfer.page_server or "local"})
+                                                 starting.proc, starting=starting)
+
+    def wait_ready(self, container_id: str) -> None:
+        """Until the launched daemon listens. LazyPagesError when it does not come up (it is killed and
+        forgotten, its log kept for the error)."""
+        with self._lock:
+            watch = self._watches[container_id]
+        starting, watch.starting = watch.starting, None
+        if starting is None:
+            return
+        try:
+            starting.wait_ready(self._ready_timeout)
+        except lazy_pages.LazyPagesError:
+            with self._lock:
+                self._watches.pop(container_id, None)
+            _remove_files(Path(watch.transfer.work_dir), keep_log=True)
+            raise
+        log.info("lazy-pages daemon started", extra={"container": container_id, "pid": watch.proc.pid,
+                                                     "page_server": watch.transfer.page_server or "local"})
 
     def abort(self, container_id: str) -> None:
         """The restore failed: end its daemon and remove its files (its log stays for the error)."""
@@ -210,8 +228,7 @@ class LazyRestores:
             watch = self._watches.pop(container_id, None)
         if watch is None:
             return
-        if watch.proc is not None:
-            lazy_pages.stop(watch.proc)
+        _stop_daemon(watch)
         _remove_files(Path(watch.transfer.work_dir), keep_log=True)
 
     def log_excerpt(self, work_dir: Path) -> str:
@@ -297,10 +314,7 @@ class LazyRestores:
         with self._lock:
             watch = self._watches.pop(container_id, None)
         if watch is not None:
-            if watch.proc is not None:
-                lazy_pages.stop(watch.proc)
-            else:
-                _kill_adopted(watch.transfer)
+            _stop_daemon(watch)
         else:
             transfer = LazyTransfer.load(work_dir)
             if transfer is not None and transfer.state == LazyState.TRANSFERRING:
@@ -354,6 +368,16 @@ class LazyRestores:
                 procs.kill(pid)
                 with contextlib.suppress(FileNotFoundError):
                     (work_dir / lazy_pages.SOCKET_NAME).unlink()
+
+
+def _stop_daemon(watch: _Watch) -> None:
+    """Kill a watch's daemon: ours (launched, or known to listen) or an adopted one."""
+    if watch.starting is not None:
+        watch.starting.abandon()
+    elif watch.proc is not None:
+        lazy_pages.stop(watch.proc)
+    else:
+        _kill_adopted(watch.transfer)
 
 
 def _daemon_alive(transfer: LazyTransfer) -> bool:

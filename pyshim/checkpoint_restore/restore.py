@@ -22,7 +22,7 @@ import stat
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from criu_glue import archive_format as fmt
 from criu_glue.archive import CheckpointArchive, open_archive
@@ -215,14 +215,16 @@ class Restorer:
     # ---- StartContainer: the heavy work ------------------------------------------------------
 
     def unpack(self, checkpoint: OpenCheckpoint, images_dir: Path, rootfs: Path, log_path: str, hostname: str,
-               allow_devices: bool = False, keep_setid: bool = False) -> UnpackResult:
+               allow_devices: bool = False, keep_setid: bool = False,
+               images_ready: Callable[[], None] | None = None) -> UnpackResult:
         """CRIU images into `images_dir` (with the new pod's `hostname`); deleted files and the diff onto
         the mounted `rootfs` (set-id bits and file capabilities only with `keep_setid`, see
         keeps_setid_bits); the old log lines into `log_path`.
 
         With a cache, `images_dir` holds hard links to the images unpacked once in the image store
         (unpacked now if this is the first restore of this checkpoint image or archive file) and a
-        private UTS image; without one, a copy of every image."""
+        private UTS image; without one, a copy of every image. `images_ready` is called once the CRIU
+        images are in place, before the rest (a lazy restore starts its page source then)."""
         archive, source = checkpoint.archive, checkpoint.plan.source
         ms: dict[str, float] = {}
         started = time.perf_counter()
@@ -240,6 +242,8 @@ class Restorer:
             if facts.root_mode is not None:
                 os.chmod(rootfs, stat.S_IMODE(facts.root_mode) & 0o777)
             ms["criu_images"] = _ms_since(started)
+            if images_ready is not None:
+                images_ready()
             self._apply_diff(archive, images_dir.parent, rootfs, allow_devices, keep_setid, limits)
             ms["rootfs_diff"] = _ms_since(started) - ms["criu_images"]
             if log_path:
@@ -532,11 +536,20 @@ class RestoreEngine:
             phases.mark("rootfs")
             spec = containers.build_spec(record, sandbox, _with_command(config, plan), base_image)
             self._intents.advance(intent, "unpack")
+
+            def launch_page_source() -> None:
+                # As soon as the images are in place: the daemon starts while the diff, the checks and
+                # the spec are done, and is waited for only before runc (runc's work path is the
+                # bundle: CRIU finds the daemon's socket there).
+                self._lazy.launch(record.id, record.bundle, images_dir, lazy.page_server)
+                failed.callback(self._lazy.abort, record.id)
+
             unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
                                              allow_devices=config.linux.security_context.privileged,
                                              keep_setid=self._restorer.keeps_setid_bits(
-                                                 spec, config.linux.security_context.privileged))
+                                                 spec, config.linux.security_context.privileged),
+                                             images_ready=launch_page_source if lazy.lazy else None)
             self._restorer.check_privileges(unpacked.credentials, spec)
             self._restorer.check_mounts(unpacked.mounts, spec, record.rootfs)
             phases.mark("unpack")
@@ -552,9 +565,7 @@ class RestoreEngine:
             self._intents.advance(intent, "runc_restore", tcp=mode.value, lazy=lazy.lazy)
             restore_args = self._restorer.runc_restore_args(mode)
             if lazy.lazy:
-                # runc's work path is the bundle: CRIU finds the daemon's socket there.
-                self._lazy.start(record.id, record.bundle, images_dir, lazy.page_server)
-                failed.callback(self._lazy.abort, record.id)
+                self._lazy.wait_ready(record.id)
                 restore_args += lazy_pages.RUNC_RESTORE_ARGS
                 phases.mark("lazy_pages_daemon")
             try:

@@ -1,6 +1,7 @@
 """Lazy restore's decisions and its durable record (the daemon itself: integration/test_lazy_restore.py)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,52 @@ def test_outcome_of_an_adopted_daemon_comes_from_its_log():
     from pyshim.checkpoint_restore.lazy_restore import judge_outcome
     assert judge_outcome(None, _progress(8192, 8192), lambda: True) == LazyState.COMPLETE
     assert judge_outcome(None, _progress(8192, 8192, ["Error (uffd.c:1): boom"]), lambda: True) == LazyState.FAILED
+
+
+def _fake_criu(tmp_path: Path, body: str) -> str:
+    """A stand-in for `criu lazy-pages`: a Python script; `status_fd` is the --status-fd number."""
+    script = tmp_path / "criu"
+    script.write_text(f"#!{sys.executable}\nimport os, sys, time\n"
+                      "status_fd = int(sys.argv[sys.argv.index('--status-fd') + 1])\n" + body + "\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _restores(tmp_path: Path, criu: str):
+    from pyshim.checkpoint_restore.lazy_restore import LazyRestores
+
+    work = tmp_path / "containers" / "c1"
+    (work / "checkpoint").mkdir(parents=True)
+    return LazyRestores(tmp_path / "containers", criu=criu, ready_timeout=5), work
+
+
+def test_a_launched_daemon_is_waited_for_only_when_needed(tmp_path: Path):
+    ready_late = "time.sleep(0.2); os.write(status_fd, bytes(1)); time.sleep(30)"
+    restores, work = _restores(tmp_path, _fake_criu(tmp_path, ready_late))
+    restores.launch("c1", work, work / "checkpoint")
+    record = LazyTransfer.load(work)
+    assert record.pid and record.state == LazyState.TRANSFERRING  # written down before it is ready
+    restores.wait_ready("c1")
+    assert restores.status("c1", work)["lazyPages"] == "transferring"
+    restores.abort("c1")  # the restore failed after all: the daemon is killed and reaped
+    assert not Path(f"/proc/{record.pid}").exists()
+
+
+def test_a_daemon_that_exits_before_listening_fails_the_wait_and_is_forgotten(tmp_path: Path):
+    from criu_glue.lazy_pages import LazyPagesError
+
+    fails = "open('lazy-pages.log', 'w').write('Error (criu/uffd.c:1): no uffd\\n'); sys.exit(1)"
+    restores, work = _restores(tmp_path, _fake_criu(tmp_path, fails))
+    restores.launch("c1", work, work / "checkpoint")
+    with pytest.raises(LazyPagesError, match="no uffd"):
+        restores.wait_ready("c1")
+    assert restores.wait("c1", 0)  # nothing watched any more
+    assert (work / "lazy-pages.log").exists()  # kept: it explains the failure
+
+
+def test_a_daemon_abandoned_before_it_listens_is_killed(tmp_path: Path):
+    restores, work = _restores(tmp_path, _fake_criu(tmp_path, "time.sleep(30)"))
+    restores.launch("c1", work, work / "checkpoint")
+    pid = LazyTransfer.load(work).pid
+    restores.abort("c1")
+    assert not Path(f"/proc/{pid}").exists()

@@ -25,6 +25,10 @@ def cmd_migrate(args) -> int:
     if args.lazy and (args.pod or not args.container):
         print("pyshim migrate: --lazy moves one container (a lazy pod move is not built)", file=sys.stderr)
         return 2
+    if args.stall is not None and not (args.lazy and args.stall > 0):
+        print(f"pyshim migrate: --stall takes seconds above 0 ({args.stall:g} given), and only with --lazy",
+              file=sys.stderr)
+        return 2
     if args.pod or not args.container:
         return pod_move.cmd_migrate_pod(args)
     creds = None
@@ -41,7 +45,8 @@ def cmd_migrate(args) -> int:
                              repository=args.repository or DIRECT_IMAGE_REPOSITORY, work_dir=Path(args.work_dir), insecure=args.insecure,
                              credentials=creds, keep_pod=args.keep_pod, verify_seconds=args.verify_seconds,
                              timeout=args.timeout, direct=args.direct or "",
-                             archive_dir=Path(args.archive_dir) if args.archive_dir else None)
+                             archive_dir=Path(args.archive_dir) if args.archive_dir else None,
+                             stall_seconds=MigrateOptions.stall_seconds if args.stall is None else args.stall)
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     with Client(args.source, timeout=args.timeout) as source, Client(args.target, timeout=args.timeout) as target:
         try:
@@ -150,6 +155,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--page-server", metavar="ADDR[:PORT]",
                    help="with --lazy: the source node's numeric address the target reaches (a random port "
                         f"in {lazy_move.PAGE_SERVER_PORTS[0]}-{lazy_move.PAGE_SERVER_PORTS[1]} if none)")
+    m.add_argument("--stall", type=float, metavar="SECONDS",
+                   help="with --lazy: when no page arrives on the target for this long, the move is undone (the "
+                        "target's container removed, the source thawed) rather than left waiting "
+                        f"(default {MigrateOptions.stall_seconds:.0f})")
     m.add_argument("--status", metavar="CONTAINER", help="show where a move in flight stands (its journal in "
                                                          "--work-dir, the target's pages) and exit")
     m.add_argument("--direct", metavar="COMMAND",

@@ -106,7 +106,7 @@ class Migration:
         work_dir = self.options.work_dir
         with JournalLock(work_dir, self.options.container_id):
             journal = self._open_journal()
-            if journal.phase == Phase.STARTED and not journal.workload:
+            if journal.phase == Phase.STARTED and not journal.workload and not journal.target_pod:
                 raise MoveError(f"no unfinished {self.MOVE_KIND} of {self.options.container_id} is recorded in "
                                 f"{work_dir}")
             self._roll_back(journal)
@@ -232,8 +232,6 @@ class Migration:
         if journal.target_pod:  # made by a killed run during its transfer
             remove_quietly(self.target, "", journal.target_pod)
             journal.advance(journal.phase, target_pod="")
-        if self._receiver is None:  # after a resume: the archive is complete, sent whole
-            self._receiver = direct.Receiver(self.options.direct, self.options.timeout, tag)
         pod: dict = {}
 
         def make_pod() -> None:
@@ -245,16 +243,22 @@ class Migration:
         maker = threading.Thread(target=make_pod, name="target-pod", daemon=True)
         maker.start()
         try:
-            self._receiver.finish(Path(journal.archive), written)
-            self.report.receive_phases_ms = self._receiver.phases_ms
-            self.report.streamed_after_checkpoint_bytes = self._receiver.tail_bytes
-            self.report.stream_ms = round(self._receiver.stream_seconds * 1000, 1)
+            self._send_direct(journal, tag, written)
         finally:
             maker.join()
             if pod.get("id"):
                 journal.advance(journal.phase, target_pod=pod["id"])
         if "error" in pod:
             raise MoveError(f"restore on {self.options.target}: {describe(pod['error'])}")
+
+    def _send_direct(self, journal: Journal, tag: str, written) -> None:
+        """The rest of the archive to the target's receiver, until the target has stored the image."""
+        if self._receiver is None:  # after a resume: the archive is complete, sent whole
+            self._receiver = direct.Receiver(self.options.direct, self.options.timeout, tag)
+        self._receiver.finish(Path(journal.archive), written)
+        self.report.receive_phases_ms = self._receiver.phases_ms
+        self.report.streamed_after_checkpoint_bytes = self._receiver.tail_bytes
+        self.report.stream_ms = round(self._receiver.stream_seconds * 1000, 1)
 
     def _start_on_target(self, journal: Journal) -> None:
         workload = Workload.from_json(journal.workload)
