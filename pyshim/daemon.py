@@ -124,7 +124,8 @@ def build_runtime(config: Config) -> Runtime:
                       registry=puller, events=events, checkpointer=checkpointer, restorer=restorer,
                       restores=restores,
                       runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
-                      log=log, pod_checkpointer=pod_checkpointer, lazy_checkpoints=lazy_checkpoints)
+                      log=log, pod_checkpointer=pod_checkpointer, lazy_checkpoints=lazy_checkpoints,
+                      intents=journal)
     # Before the socket is served: no call may see a half-done operation of the previous daemon.
     recover(runtime, journal)
     return runtime

@@ -444,9 +444,11 @@ class RestoreEngine:
 
     # ---- CreateContainer ---------------------------------------------------------------------
 
-    def create(self, sandbox: SandboxContext, config, source: RestoreSource) -> ContainerRecord:
+    def create(self, sandbox: SandboxContext, config, source: RestoreSource,
+               container_id: str = "") -> ContainerRecord:
         """Record a container that StartContainer will restore. Cheap on purpose: kubelet gives
-        CreateContainer two minutes, and unpacking a big checkpoint can take longer."""
+        CreateContainer two minutes, and unpacking a big checkpoint can take longer. `container_id`:
+        one the caller journaled before (RestorePod), else a fresh one."""
         try:
             validate_container_config(config)
             check_seccomp_profile(config.linux.security_context)  # the spec is built only at StartContainer
@@ -455,7 +457,7 @@ class RestoreEngine:
         lazy_choice(config.annotations, self._lazy_default)  # a bad lazy annotation fails here, not at start
         plan = source.plan
         containers = self._containers
-        with containers.reserve_name(config, sandbox) as (container_id, key):
+        with containers.reserve_name(config, sandbox, container_id) as (container_id, key):
             cdir = containers.container_dir(container_id)
             record = ContainerRecord(ContainerMetadata(
                 id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,

@@ -135,10 +135,11 @@ class SandboxManager:
 
     # ---- run ---------------------------------------------------------------------------------
 
-    def run(self, config, runtime_handler: str = "") -> SandboxRecord:
+    def run(self, config, runtime_handler: str = "", sandbox_id: str = "") -> SandboxRecord:
+        """`sandbox_id`: an id the caller journaled before this call (RestorePod), else a fresh one."""
         self._validate(config)
         key = sandbox_name_key(config)
-        sandbox_id = secrets.token_hex(32)
+        sandbox_id = sandbox_id or secrets.token_hex(32)
         with self._lock:
             if key in self._names:
                 raise AlreadyExists(f"pod sandbox name {key!r} is already in use by {self._names[key]}")

@@ -4,7 +4,8 @@ Validate the request and the checkpoint (pyshim/checkpoint_restore/pod_restore.p
 archive checks for every part), create the sandbox from the request's config, then one container per
 config whose restore source is its part of the checkpoint: StartContainer restores each, as for a
 container created from an archive. On any error every sandbox and container this call created is
-removed before it returns. The checkpoint is only read.
+removed before it returns, and if the daemon is killed before it answers, at its next start
+(pod_restore_journal.py). The checkpoint is only read.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from criu_glue import pod_checkpoint as podfmt
 from criu_glue.errors import ArchiveError
 from pyshim.errors import DeadlineExceeded, InvalidArgument, NotFound
 from pyshim.checkpoint_restore import pod_restore as pod_restorer
-from pyshim.internal import netns
+from pyshim.checkpoint_restore import pod_restore_journal
+from pyshim.internal import crashpoints, netns
 from pyshim.checkpoint_restore.detection import RestoreSource
 from pyshim.checkpoint_restore.restore import TCP_ANNOTATION
 from pyshim.internal.phases import PhaseTimer
@@ -50,30 +52,36 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
         plans = list(pool.map(lambda pair: rt.restorer.plan(checkpoint_dir / pair[0].part, pair[1]), configs))
     phases.mark("check")
 
-    sandbox = rt.sandboxes.run(request.config, request.runtime_handler)
-    phases.mark("sandbox")
-    created: list[str] = []
-    try:
-        loopback = pod_restorer.loopback_connections(manifest)
-        if loopback and manifest.tcp != "close" and sandbox.netns_name:
-            pod_restorer.lock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox.id, loopback)
-            _lock_marker(sandbox).touch(mode=0o600)
-        restored = []
-        for (entry, config), plan in zip(configs, plans):
-            context = _sandbox_context(rt, sandbox.id, config)
-            record = rt.restores.create(context, config, RestoreSource(plan))
-            created.append(record.id)
-            restored.append(cri.RestoredContainer(name=entry.name, container_id=record.id))
-        # The first StartContainer of any of them restores them all together (pod_restore_start.py).
-        record_group(sandbox, created)
-        phases.mark("containers")
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
-    except BaseException:
-        _undo(rt, sandbox.id, created)
-        raise
+    # From here on everything made is named in an intent first, so that a daemon killed before the
+    # answer leaves nothing behind at its next start (pod_restore_journal.py).
+    with pod_restore_journal.track(rt.intents, str(checkpoint_dir)) as journaled:
+        try:
+            sandbox = rt.sandboxes.run(request.config, request.runtime_handler, sandbox_id=journaled.sandbox_id)
+            crashpoints.reached(pod_restore_journal.CRASH_SANDBOX_CREATED)
+            phases.mark("sandbox")
+            loopback = pod_restorer.loopback_connections(manifest)
+            if loopback and manifest.tcp != "close" and sandbox.netns_name:
+                pod_restorer.lock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox.id, loopback)
+                _lock_marker(sandbox).touch(mode=0o600)
+            restored = []
+            for (entry, config), plan in zip(configs, plans):
+                context = _sandbox_context(rt, sandbox.id, config)
+                record = rt.restores.create(context, config, RestoreSource(plan),
+                                            container_id=journaled.next_container_id())
+                crashpoints.reached(pod_restore_journal.CRASH_CONTAINER_CREATED)
+                restored.append(cri.RestoredContainer(name=entry.name, container_id=record.id))
+            # The first StartContainer of any of them restores them all together (pod_restore_start.py).
+            record_group(sandbox, [r.container_id for r in restored])
+            phases.mark("containers")
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
+            crashpoints.reached(pod_restore_journal.CRASH_CREATED)
+        except BaseException:
+            journaled.undo(rt.containers, rt.sandboxes)
+            raise
     rt.log.info("pod restored (containers CREATED)", extra={
-        "sandbox": sandbox.id, "checkpoint": str(checkpoint_dir), "containers": created,
+        "sandbox": sandbox.id, "checkpoint": str(checkpoint_dir),
+        "containers": [r.container_id for r in restored],
         "phases_ms": phases.report()})
     return cri.RestorePodResponse(pod_sandbox_id=sandbox.id, restored_containers=restored)
 
@@ -123,16 +131,3 @@ def _with_tcp_decision(config, decision: str):
 def _same_image(rt: Runtime, a: str, b: str) -> bool:
     image_a, image_b = rt.images.get(a), rt.images.get(b)
     return image_a is not None and image_b is not None and image_a.id == image_b.id
-
-
-def _undo(rt: Runtime, sandbox_id: str, container_ids: list[str]) -> None:
-    for cid in container_ids:
-        try:
-            rt.containers.remove(cid)
-        except Exception:  # noqa: BLE001 - undo as much as possible, the original error is what matters
-            rt.log.exception("RestorePod undo: cannot remove container", extra={"container": cid})
-    try:
-        rt.sandboxes.stop(sandbox_id)
-        rt.sandboxes.remove(sandbox_id)
-    except Exception:  # noqa: BLE001
-        rt.log.exception("RestorePod undo: cannot remove sandbox", extra={"sandbox": sandbox_id})
