@@ -33,11 +33,11 @@ pytestmark = pytest.mark.integration
 SUBNET = "10.87.3.0/24"  # this module's own: concurrent crash suites must not share addresses
 
 CRASH_POINTS = [
-    "restore_pod:sandbox",  # the sandbox's id is journaled, nothing made yet
+    "restore_pod:begin",  # every id is journaled, nothing made yet
+    "run_sandbox:cni_add",  # inside the sandbox's creation (RunPodSandbox's own intent undoes it)
     "run_sandbox:saved",  # RunPodSandbox saved the pod but had not closed its own intent
     pod_restore_journal.CRASH_SANDBOX_CREATED,
-    pod_restore_journal.CRASH_CONTAINER_CREATED,  # the first container exists
-    "restore_pod:container#2",  # the second container's id is journaled, the container not made
+    pod_restore_journal.CRASH_CONTAINER_CREATED,  # the first container exists, the second is only named
     pod_restore_journal.CRASH_CREATED,  # everything made (the last container too), the answer not sent
 ]
 
@@ -119,8 +119,7 @@ def test_restore_pod_killed_leaves_nothing_and_the_retry_restores(node, point):
         with daemon.client() as c:
             nothing_left(daemon, c)
             assert tree_digest(checkpoint) == before, "RestorePod's recovery changed the checkpoint"
-            if point != "restore_pod:sandbox":  # (nothing was made there: nothing to repair but the intent)
-                assert len(recovery_warnings(daemon)) > warnings_before, "the repair is logged at warning level"
+            assert len(recovery_warnings(daemon)) > warnings_before, "the repair is logged at warning level"
             # The kubelet's retry: the same request (same pod name and uid) succeeds, once.
             response = restore_pod(c, checkpoint, pod, configs)
             pods = list(c.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items)

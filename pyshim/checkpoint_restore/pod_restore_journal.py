@@ -4,9 +4,10 @@ start-up repair of a call a killed daemon left open.
 A RestorePod creates a sandbox and containers whose ids the kubelet learns only from the answer. If the
 daemon dies before answering, nobody will ever ask to remove them: the kubelet got an error
 (connection reset) and retries with a NEW call. So the call journals (pyshim/internal/intents.py,
-Operation.RESTORE_POD, target the sandbox id) each id before the thing exists: the sandbox's id before
-RunPodSandbox's work starts, each container's id before it is created. The intent is closed when the
-call returns, with what it made removed on error (`undo`).
+Operation.RESTORE_POD, target the sandbox id) every id before anything exists: the sandbox's and each
+container's, chosen up front and written in one durable write (one fsync, not one per container, on
+the call's critical path); the managers then create them under those ids. The intent is closed when
+the call returns, with what it made removed on error (`undo`).
 
 At start-up (pyshim/internal/recovery.py, after the containers were reconciled), an open RESTORE_POD
 intent means the call never answered: everything it made is removed through the normal remove paths,
@@ -15,10 +16,9 @@ RemovePodSandbox for the sandbox). That includes a call killed after it had made
 before its answer left: the kubelet saw a failure and retries, so a restored pod it does not know of
 would only be a duplicate holding the pod's name and an IP. Nothing of the checkpoint is touched.
 
-Steps (each a crash point `restore_pod:<step>`): "sandbox" (the id is named, the sandbox is about to
-be made), "container" (one more container id is named, the container is about to be created); and
-the crash points `restore_pod:sandbox_created`, `restore_pod:container_created` (after each one) and
-`restore_pod:created` (all made, the answer not yet sent).
+Crash points: `restore_pod:begin` (the ids are journaled, nothing is made yet),
+`restore_pod:sandbox_created`, `restore_pod:container_created` (after each container; `#2` is after
+the second) and `restore_pod:created` (all made, the answer not yet sent).
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ from pyshim.internal.intents import Intent, IntentJournal, Operation
 
 log = logging.getLogger(__name__)
 
-STEP_SANDBOX = "sandbox"
-STEP_CONTAINER = "container"
+STEP_BEGIN = "begin"
 FACT_CHECKPOINT = "checkpoint"
 FACT_CONTAINERS = "containers"
 
@@ -57,10 +56,10 @@ class InterruptedPodRestore:
 class PodRestoreIntent:
     """One RestorePod call's open intent: it hands out the ids it has journaled, and undoes."""
 
-    def __init__(self, journal: IntentJournal, intent: Intent):
-        self._journal = journal
+    def __init__(self, intent: Intent, container_ids: list[str]):
         self._intent = intent
-        self.container_ids: list[str] = []
+        self.container_ids = container_ids  # journaled, in the order they are handed out
+        self._handed_out = 0
         self.left: list[str] = []  # what the undo could not remove
 
     @property
@@ -68,10 +67,9 @@ class PodRestoreIntent:
         return self._intent.target
 
     def next_container_id(self) -> str:
-        """A new container id, durable in the intent before the container is created."""
-        container_id = secrets.token_hex(32)
-        self.container_ids.append(container_id)
-        self._journal.advance(self._intent, STEP_CONTAINER, **{FACT_CONTAINERS: ",".join(self.container_ids)})
+        """The id of the next container to create, durable in the intent already."""
+        container_id = self.container_ids[self._handed_out]
+        self._handed_out += 1
         return container_id
 
     def undo(self, containers, sandboxes) -> None:
@@ -80,13 +78,15 @@ class PodRestoreIntent:
 
 
 @contextlib.contextmanager
-def track(journal: IntentJournal, checkpoint_path: str):
-    """The intent of one RestorePod, open for the block; it names a fresh sandbox id before the block
-    makes anything. Closed when the block ends, by returning or by raising after PodRestoreIntent.undo;
-    an undo that could not remove everything leaves it open, so that the next start tries again."""
-    intent = journal.begin(Operation.RESTORE_POD, secrets.token_hex(32), step=STEP_SANDBOX,
-                           **{FACT_CHECKPOINT: checkpoint_path})
-    restore = PodRestoreIntent(journal, intent)
+def track(journal: IntentJournal, checkpoint_path: str, containers: int):
+    """The intent of one RestorePod making a sandbox and `containers` containers, open for the block;
+    it names fresh ids for all of them before the block makes anything. Closed when the block ends, by
+    returning or by raising after PodRestoreIntent.undo; an undo that could not remove everything
+    leaves it open, so that the next start tries again."""
+    container_ids = [secrets.token_hex(32) for _ in range(containers)]
+    intent = journal.begin(Operation.RESTORE_POD, secrets.token_hex(32), step=STEP_BEGIN,
+                           **{FACT_CHECKPOINT: checkpoint_path, FACT_CONTAINERS: ",".join(container_ids)})
+    restore = PodRestoreIntent(intent, container_ids)
     try:
         yield restore
     finally:
@@ -104,7 +104,8 @@ def undo(containers, sandboxes, sandbox_id: str, container_ids) -> list[str]:
         try:
             if containers.find(container_id) is not None:
                 containers.remove(container_id)
-            else:  # named before it was created, or created without its record: whatever it left
+            elif containers.container_dir(container_id).exists():
+                # Its directory made, its record not saved (a kill in between): whatever it left.
                 containers.remove_leftovers(container_id, "")
         except Exception as e:  # noqa: BLE001 - undo as much as possible
             log.exception("RestorePod undo: cannot remove container", extra={"container": container_id})

@@ -9,10 +9,14 @@ from pyshim.internal.intents import IntentJournal, Operation
 
 
 class FakeContainers:
-    def __init__(self, records: dict[str, str], fail: set[str] = frozenset()):
+    def __init__(self, records: dict[str, str], fail: set[str] = frozenset(), dirs: set[str] = frozenset()):
         self.records = dict(records)  # container id -> sandbox id
         self.fail = set(fail)
+        self.dirs = set(dirs)  # ids whose directory exists without a record
         self.calls: list[tuple[str, str]] = []
+
+    def container_dir(self, container_id):
+        return SimpleNamespace(exists=lambda: container_id in self.dirs)
 
     def find(self, container_id):
         return SimpleNamespace(id=container_id) if container_id in self.records else None
@@ -57,34 +61,28 @@ def journal(tmp_path):
 def open_restore(journal, containers=2):
     """A RestorePod intent as a killed call leaves it: open, naming a sandbox and `containers` ids."""
     with pytest.raises(SystemExit):
-        with prj.track(journal, "/ckpt/web") as restore:
-            for _ in range(containers):
-                restore.next_container_id()
+        with prj.track(journal, "/ckpt/web", containers) as restore:
             restore.left = ["(simulated kill: the intent must stay open)"]
             raise SystemExit
     [intent] = journal.pending()
     return intent, restore
 
 
-def test_the_intent_names_the_sandbox_before_anything_and_each_container_before_it_is_created(journal):
-    with prj.track(journal, "/ckpt/web") as restore:
+def test_the_intent_names_the_sandbox_and_every_container_before_anything_is_made(journal):
+    with prj.track(journal, "/ckpt/web", 2) as restore:
         [intent] = journal.pending()
         assert intent.operation == Operation.RESTORE_POD and intent.target == restore.sandbox_id
-        assert intent.step == prj.STEP_SANDBOX and intent.facts[prj.FACT_CHECKPOINT] == "/ckpt/web"
-        first = restore.next_container_id()
-        assert prj.InterruptedPodRestore.from_intent(journal.pending()[0]).container_ids == (first,)
-        second = restore.next_container_id()
-        [intent] = journal.pending()
-        assert intent.step == prj.STEP_CONTAINER
-        assert prj.InterruptedPodRestore.from_intent(intent).container_ids == (first, second)
-        assert len({restore.sandbox_id, first, second}) == 3
+        assert intent.step == prj.STEP_BEGIN and intent.facts[prj.FACT_CHECKPOINT] == "/ckpt/web"
+        named = prj.InterruptedPodRestore.from_intent(intent).container_ids
+        assert (restore.next_container_id(), restore.next_container_id()) == named
+        assert len({restore.sandbox_id, *named}) == 3
     assert journal.pending() == [], "a RestorePod that answered leaves no intent"
 
 
 def test_a_failed_call_that_undid_everything_closes_its_intent(journal):
     containers, sandboxes = FakeContainers({}), FakeSandboxes(set())
     with pytest.raises(FailedPrecondition):
-        with prj.track(journal, "/ckpt/web") as restore:
+        with prj.track(journal, "/ckpt/web", 1) as restore:
             sandboxes.ids.add(restore.sandbox_id)
             containers.records[restore.next_container_id()] = restore.sandbox_id
             try:
@@ -99,7 +97,7 @@ def test_a_failed_call_that_undid_everything_closes_its_intent(journal):
 def test_a_failed_call_whose_undo_left_something_keeps_its_intent_for_the_next_start(journal):
     containers, sandboxes = FakeContainers({}), FakeSandboxes(set(), fail=True)
     with pytest.raises(FailedPrecondition, match="image mismatch"):
-        with prj.track(journal, "/ckpt/web") as restore:
+        with prj.track(journal, "/ckpt/web", 1) as restore:
             sandboxes.ids.add(restore.sandbox_id)
             try:
                 raise FailedPrecondition("image mismatch")
@@ -128,14 +126,23 @@ def test_recovery_removes_the_containers_then_the_sandbox_and_closes_the_intent(
 
 
 def test_recovery_when_the_call_was_killed_before_its_sandbox_was_saved(journal):
-    # Killed while the sandbox was being made (RunPodSandbox's own recovery undid it) and after a
-    # container id was named but before the container had a record: only leftovers to clear.
-    intent, restore = open_restore(journal, containers=1)
+    # Killed while the sandbox was being made (RunPodSandbox's own recovery undid it): the containers
+    # were named but never made; nothing to remove.
+    intent, restore = open_restore(journal, containers=2)
     containers, sandboxes = FakeContainers({}), FakeSandboxes(set())
     prj.recover(journal, journal.pending(), containers, sandboxes)
-    assert containers.calls == [("leftovers", restore.container_ids[0])]
-    assert sandboxes.calls == []
+    assert containers.calls == [] and sandboxes.calls == []
     assert journal.pending() == []
+
+
+def test_recovery_clears_a_container_killed_between_its_directory_and_its_record(journal):
+    intent, restore = open_restore(journal, containers=2)
+    first, second = restore.container_ids
+    containers = FakeContainers({first: restore.sandbox_id}, dirs={second})
+    sandboxes = FakeSandboxes({restore.sandbox_id})
+    prj.recover(journal, journal.pending(), containers, sandboxes)
+    assert containers.calls == [("remove", first), ("leftovers", second)]
+    assert sandboxes.ids == set() and journal.pending() == []
 
 
 def test_recovery_that_cannot_remove_everything_keeps_the_intent_and_leaves_other_intents(journal):

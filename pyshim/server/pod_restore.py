@@ -46,19 +46,21 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
                                    lambda a, b: _same_image(rt, a, b))
         configs.append((entry, _with_tcp_decision(config, pod_restorer.tcp_annotation(manifest, entry))))
     checkpoint_dir = Path(request.checkpoint_path)
-    # Every part, checked as a container archive is (hostile-archive checks, expected bind mounts),
-    # before anything is created; side by side (each reads its own archive's index).
-    with ThreadPoolExecutor(max_workers=min(len(configs), 4), thread_name_prefix="pod-plan") as pool:
-        plans = list(pool.map(lambda pair: rt.restorer.plan(checkpoint_dir / pair[0].part, pair[1]), configs))
-    phases.mark("check")
-
-    # From here on everything made is named in an intent first, so that a daemon killed before the
-    # answer leaves nothing behind at its next start (pod_restore_journal.py).
-    with pod_restore_journal.track(rt.intents, str(checkpoint_dir)) as journaled:
+    # Every part is checked as a container archive is (hostile-archive checks, expected bind mounts),
+    # side by side (each reads its own archive's index), and beside the making of the sandbox, which
+    # mostly waits for CNI plugins: nothing of the sandbox comes from the checkpoint, and a refused part
+    # removes it again before the call answers. From here on everything made is named in an intent
+    # first, so that a daemon killed before the answer leaves nothing behind at its next start
+    # (pod_restore_journal.py).
+    with ThreadPoolExecutor(max_workers=min(len(configs), 4), thread_name_prefix="pod-plan") as pool, \
+            pod_restore_journal.track(rt.intents, str(checkpoint_dir), len(configs)) as journaled:
+        planned = [pool.submit(rt.restorer.plan, checkpoint_dir / entry.part, config) for entry, config in configs]
         try:
             sandbox = rt.sandboxes.run(request.config, request.runtime_handler, sandbox_id=journaled.sandbox_id)
             crashpoints.reached(pod_restore_journal.CRASH_SANDBOX_CREATED)
             phases.mark("sandbox")
+            plans = [future.result() for future in planned]
+            phases.mark("check")
             loopback = pod_restorer.loopback_connections(manifest)
             if loopback and manifest.tcp != "close" and sandbox.netns_name:
                 pod_restorer.lock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox.id, loopback)
@@ -76,8 +78,11 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded("RestorePod ran out of time; what it created was removed")
             crashpoints.reached(pod_restore_journal.CRASH_CREATED)
-        except BaseException:
+        except BaseException as error:
             journaled.undo(rt.containers, rt.sandboxes)
+            refused = _refusal(planned)
+            if refused is not None and refused is not error:
+                raise refused from None  # the checkpoint's fault says more than the sandbox's
             raise
     rt.log.info("pod restored (containers CREATED)", extra={
         "sandbox": sandbox.id, "checkpoint": str(checkpoint_dir),
@@ -96,6 +101,15 @@ def after_restore_started(rt: Runtime, sandbox_id: str) -> None:
     if not waiting:
         pod_restorer.unlock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox_id)
         _lock_marker(sandbox).unlink(missing_ok=True)
+
+
+def _refusal(planned) -> BaseException | None:
+    """The first check of a part that failed (waiting for those still running), if any."""
+    for future in planned:
+        error = future.exception()
+        if error is not None:
+            return error
+    return None
 
 
 def _lock_marker(sandbox) -> Path:
