@@ -32,6 +32,7 @@ from pyshim.checkpoint_restore.pod_checkpoint import PodCheckpointer
 from pyshim.internal.recovery import recover
 from pyshim.internal.runc import Runc
 from pyshim.internal.sandbox_manager import SandboxManager
+from pyshim.server import pod_restore_start
 from pyshim.server.runtime import Runtime
 from pyshim.server.servicer import ImageService, RuntimeService
 
@@ -118,6 +119,7 @@ def build_runtime(config: Config) -> Runtime:
     containers.load()
     restores = RestoreEngine(containers, restorer, runc, conmon, images, puller, journal,
                              lazy_default=config.checkpoint.lazy_restore)
+    containers.on_remove(lambda record: pod_restore_start.release_part(record.id))  # RestorePod's open parts
     pod_checkpointer = PodCheckpointer(checkpointer, runc, journal, root / "checkpoint-work")
     lazy_checkpoints = LazyCheckpoints(checkpointer, runc, journal, root / "lazy-checkpoint-work")
     runtime = Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,

@@ -481,12 +481,17 @@ class RestoreEngine:
 
     # ---- StartContainer ----------------------------------------------------------------------
 
-    def start(self, container_id: str, sandbox: SandboxContext, cached: bool = True) -> ContainerRecord:
+    def start(self, container_id: str, sandbox: SandboxContext, cached: bool = True,
+              checkpoint: OpenCheckpoint | None = None) -> ContainerRecord:
         """Restore a container CreateContainer recorded for restore. The archive is checked again (it may
         have changed since CreateContainer) and the base image pulled if this node lacks it. `cached`:
-        see OpenCheckpoint."""
+        see OpenCheckpoint. `checkpoint`: the archive as checked and kept open since the container was
+        recorded (RestorePod's parts), the very file that was checked: not opened and indexed again."""
         self._restorer.check_enabled()
         record = self._containers.get(container_id)
+        if checkpoint is not None:
+            image = detection.base_image(self._images, self._puller, checkpoint.plan.base_image_refs)
+            return self._start(record.id, sandbox, image, checkpoint)
         config = self._containers.config_of(record)
         with self._restorer.open(Path(record.restore_from), config, cached=cached) as checkpoint:
             image = detection.base_image(self._images, self._puller, checkpoint.plan.base_image_refs)

@@ -9,6 +9,7 @@ removed before it returns, and if the daemon is killed before it answers, at its
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from pyshim.checkpoint_restore.restore import TCP_ANNOTATION
 from pyshim.internal.phases import PhaseTimer
 from pyshim.server.container_lifecycle import _sandbox_context
 from pyshim.server.pod_checkpoint import caller_deadline
-from pyshim.server.pod_restore_start import record_group
+from pyshim.server.pod_restore_start import hold_part, record_group, release_part
 from pyshim.server.runtime import Runtime
 
 
@@ -54,22 +55,23 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
     # (pod_restore_journal.py).
     with ThreadPoolExecutor(max_workers=min(len(configs), 4), thread_name_prefix="pod-plan") as pool, \
             pod_restore_journal.track(rt.intents, str(checkpoint_dir), len(configs)) as journaled:
-        planned = [pool.submit(rt.restorer.plan, checkpoint_dir / entry.part, config) for entry, config in configs]
+        planned = [pool.submit(_open_part, rt, checkpoint_dir / entry.part, config) for entry, config in configs]
         try:
             sandbox = rt.sandboxes.run(request.config, request.runtime_handler, sandbox_id=journaled.sandbox_id)
             crashpoints.reached(pod_restore_journal.CRASH_SANDBOX_CREATED)
             phases.mark("sandbox")
-            plans = [future.result() for future in planned]
+            parts = [future.result() for future in planned]
             phases.mark("check")
             loopback = pod_restorer.loopback_connections(manifest)
             if loopback and manifest.tcp != "close" and sandbox.netns_name:
                 pod_restorer.lock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox.id, loopback)
                 _lock_marker(sandbox).touch(mode=0o600)
             restored = []
-            for (entry, config), plan in zip(configs, plans):
+            for (entry, config), (checkpoint, closing) in zip(configs, parts):
                 context = _sandbox_context(rt, sandbox.id, config)
-                record = rt.restores.create(context, config, RestoreSource(plan),
+                record = rt.restores.create(context, config, RestoreSource(checkpoint.plan),
                                             container_id=journaled.next_container_id())
+                hold_part(record.id, checkpoint, closing)  # the first StartContainer restores from it
                 crashpoints.reached(pod_restore_journal.CRASH_CONTAINER_CREATED)
                 restored.append(cri.RestoredContainer(name=entry.name, container_id=record.id))
             # The first StartContainer of any of them restores them all together (pod_restore_start.py).
@@ -80,6 +82,9 @@ def restore_pod(rt: Runtime, request, time_remaining: float | None) -> "cri.Rest
             crashpoints.reached(pod_restore_journal.CRASH_CREATED)
         except BaseException as error:
             journaled.undo(rt.containers, rt.sandboxes)
+            for container_id in journaled.container_ids:
+                release_part(container_id)
+            _close_parts(planned)
             refused = _refusal(planned)
             if refused is not None and refused is not error:
                 raise refused from None  # the checkpoint's fault says more than the sandbox's
@@ -101,6 +106,23 @@ def after_restore_started(rt: Runtime, sandbox_id: str) -> None:
     if not waiting:
         pod_restorer.unlock_loopback(str(netns.netns_path(sandbox.netns_name)), sandbox_id)
         _lock_marker(sandbox).unlink(missing_ok=True)
+
+
+def _open_part(rt: Runtime, path: Path, config):
+    """A part, checked as a container archive (Restorer.open) and kept open for its restore: the
+    OpenCheckpoint and the ExitStack that closes it."""
+    closing = contextlib.ExitStack()
+    try:
+        return closing.enter_context(rt.restorer.open(path, config, cached=False)), closing
+    except BaseException:
+        closing.close()
+        raise
+
+
+def _close_parts(planned) -> None:
+    for future in planned:
+        if future.exception() is None:
+            future.result()[1].close()
 
 
 def _refusal(planned) -> BaseException | None:
