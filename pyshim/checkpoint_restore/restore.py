@@ -538,7 +538,9 @@ class RestoreEngine:
                 failed.callback(remove_tree, images_dir, ignore_errors=True)
             phases.mark("rootfs")
             spec = containers.build_spec(record, sandbox, _with_command(config, plan), base_image)
-            self._intents.advance(intent, "unpack")
+            # A crash point, not a journal write: recovery repairs a cut restore the same at every step,
+            # and an fsync here waits behind the pod's other restores' unpacking.
+            crashpoints.reached(f"{Operation.RESTORE_CONTAINER.value}:unpack")
             unpacked = self._restorer.unpack(checkpoint, images_dir, record.rootfs, record.log_path,
                                              sandbox.record.hostname or socket.gethostname(),
                                              allow_devices=config.linux.security_context.privileged,
