@@ -218,6 +218,17 @@ def assert_running_and_thawed(client, daemon, cid) -> None:
         time.sleep(0.1)
 
 
+def criu_lock_rules(daemon, pod_id: str) -> list[str]:
+    """CRIU's network-lock rules (chain CRIU, both families) left in the pod's network namespace."""
+    netns_path = Path("/run/netns") / f"{daemon.settings.netns_prefix}{pod_id[:16]}"
+    found = []
+    for tool in ("iptables", "ip6tables"):
+        rules = subprocess.run(["nsenter", f"--net={netns_path}", "--", tool, "-w", "-S"],
+                               capture_output=True, text=True, check=True).stdout
+        found += [f"{tool} {r}" for r in rules.splitlines() if "CRIU" in r.split()]
+    return found
+
+
 def assert_nothing_left(archive_dir: Path, daemon) -> None:
     assert sorted(p.name for p in archive_dir.iterdir()) == [], "archive or temporary file left in the target dir"
     work = daemon.settings.root / "checkpoint-work"
@@ -234,20 +245,20 @@ def wait_for_rss(client, cid, size: int, timeout: float = 60) -> None:
         time.sleep(0.3)
 
 
-def checkpoint_call_outcomes(daemon) -> list[str]:
-    """The status code of each CheckpointContainer call the daemon has finished, from its log."""
+def checkpoint_call_outcomes(daemon, call: str = "checkpoint_container") -> list[str]:
+    """The status code of each `call` (CheckpointContainer by default) the daemon has finished, from its log."""
     outcomes = []
     for line in daemon.log_path.read_text(errors="replace").splitlines():
-        if '"call": "checkpoint_container"' in line and '"msg": "CRI call' in line:
+        if f'"call": "{call}"' in line and '"msg": "CRI call' in line:
             outcomes.append(json.loads(line).get("code", "OK"))
     return outcomes
 
 
-def wait_for_checkpoint_call(daemon, done_before: int, timeout: float = 60) -> str:
+def wait_for_checkpoint_call(daemon, done_before: int, timeout: float = 60, call: str = "checkpoint_container") -> str:
     """The daemon's own outcome of the next call: a gRPC client stops waiting at its deadline, the
     daemon finishes (and cleans up) after that."""
     deadline = time.monotonic() + timeout
-    while len(outcomes := checkpoint_call_outcomes(daemon)) <= done_before:
+    while len(outcomes := checkpoint_call_outcomes(daemon, call)) <= done_before:
         assert time.monotonic() < deadline, "the daemon never finished the checkpoint call"
         time.sleep(0.1)
     return outcomes[done_before]
@@ -293,6 +304,9 @@ def test_deadline_exceeded_leaves_no_archive_and_a_thawed_container(client, daem
         assert wait_for_checkpoint_call(daemon, done) == "DEADLINE_EXCEEDED"
         assert_running_and_thawed(client, daemon, cid)
         assert_nothing_left(archive_dir, daemon)
+        # CRIU locks the pod's whole network while it dumps; killed, it cannot lift the lock, and the
+        # pod would drop every packet from then on.
+        assert criu_lock_rules(daemon, pod_id) == []
 
         # The request's own timeout (1 s), with a generous gRPC deadline: the daemon itself must say
         # DEADLINE_EXCEEDED, and must not leave an archive finished after the deadline.
@@ -302,6 +316,7 @@ def test_deadline_exceeded_leaves_no_archive_and_a_thawed_container(client, daem
         assert cid in details, "the daemon's message, not the client's"
         assert_running_and_thawed(client, daemon, cid)
         assert_nothing_left(archive_dir, daemon)
+        assert criu_lock_rules(daemon, pod_id) == []
         assert not json.loads(client.status(cid, verbose=True).info["info"]).get("checkpointLocation")
     finally:
         cleanup(client, pod_id)

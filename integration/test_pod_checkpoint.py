@@ -14,7 +14,8 @@ from criu_glue import pod_checkpoint as podfmt
 from criu_glue.archive import open_archive
 from integration.conftest import container_config, discard, new_settings, pod_config
 from integration.daemon import Daemon, leftovers, remove_everything
-from integration.test_checkpoint import _error, assert_running_and_thawed, counter_value
+from integration.test_checkpoint import (_error, assert_running_and_thawed, checkpoint_call_outcomes,
+                                         counter_value, criu_lock_rules, wait_for_checkpoint_call, wait_for_rss)
 from integration.test_lifecycle import cleanup
 from pyshim.cli import main as cli_main
 
@@ -217,6 +218,31 @@ def test_criu_failing_on_one_container_thaws_all_and_empties_the_output(client, 
         assert not work.exists() or list(work.iterdir()) == []
         for cid in ids:
             assert_running_and_thawed(client, daemon, cid)
+    finally:
+        cleanup(client, pod_id)
+
+
+def test_pod_checkpoint_past_its_deadline_thaws_all_and_lifts_criu_network_lock(client, daemon, pulled_busybox,
+                                                                                  out_dir):
+    """Both CRIUs are stopped mid-dump at the deadline. Each locked the pod's network (one shared
+    namespace) and cannot lift it: pyshim does, once the last of them has ended."""
+    counter = "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
+    hold = f"(head -c 268435456 /dev/zero | tr '\\000' a; sleep 100000) | sort & {counter}"
+    configs = [container_config(pulled_busybox, ["sh", "-c", hold], name=f"c{i}", linux=own_pid_namespace())
+               for i in range(2)]
+    pod, pod_id, ids = run_pod(client, configs)
+    try:
+        for cid in ids:
+            wait_for_rss(client, cid, 256 * 2**20)
+        done = len(checkpoint_call_outcomes(daemon, "checkpoint_pod"))
+        code, details = _error(lambda: checkpoint_pod(client, pod_id, ids, out_dir, timeout=0.5))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+        # The daemon too must see a deadline (its CRIUs stopped), not an error.
+        assert wait_for_checkpoint_call(daemon, done, call="checkpoint_pod") == "DEADLINE_EXCEEDED"
+        assert list(out_dir.iterdir()) == []
+        for cid in ids:
+            assert_running_and_thawed(client, daemon, cid)
+        assert criu_lock_rules(daemon, pod_id) == []
     finally:
         cleanup(client, pod_id)
 

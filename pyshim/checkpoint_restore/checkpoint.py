@@ -38,6 +38,7 @@ from oci.tree_removal import remove_tree
 from pyshim.config import CheckpointSettings
 from pyshim.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from pyshim.checkpoint_restore import post_dump_hook, tcp_lock
+from pyshim.checkpoint_restore.criu_network_lock import CriuNetworkLocks
 from pyshim.checkpoint_restore.records import CheckpointFacts
 from pyshim.internal import cgroups, crashpoints, mounts
 from pyshim.internal.intents import Intent, IntentJournal, Operation
@@ -104,6 +105,8 @@ class Checkpointer:
         # Checkpoints of containers that name their own CRIU configuration take the diff inside
         # CRIU's freeze, without pausing them first (post_dump_hook.py).
         self._post_dump = post_dump_hook.PostDumpHook(self._work_root.parent)
+        # A CRIU killed at the deadline leaves its lock on the pod's whole network (criu_network_lock.py).
+        self.network_locks = CriuNetworkLocks()
 
     def _lock_for(self, container_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -180,10 +183,11 @@ class Checkpointer:
                 # delete), and an fsync would lengthen the frozen window for nothing. The crash point stays.
                 crashpoints.reached(f"{Operation.CHECKPOINT_CONTAINER.value}:dump")
                 if criu_config is None:
-                    deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
+                    deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases,
+                                                  netns_path)
                 else:
                     frozen_by, frozen_for, deleted = self._dump_frozen_by_criu(
-                        record, work, members, lower_dirs, tcp, deadline, phases, criu_config)
+                        record, work, members, lower_dirs, tcp, deadline, phases, criu_config, netns_path)
                 if stop:
                     # Stopping for a move: the process must not run on after its image was taken, or
                     # its restored copy would repeat what it did meanwhile. It stays frozen until the
@@ -316,10 +320,10 @@ class Checkpointer:
         return ""
 
     def _dump_and_diff(self, record, work: Path, members: "ArchiveMembers", lower_dirs: list, tcp: bool,
-                       deadline: float, phases: PhaseTimer) -> list[str]:
+                       deadline: float, phases: PhaseTimer, netns_path: str = "") -> list[str]:
         """CRIU's images and the writable-layer diff of a frozen container; returns the deleted paths."""
         self._dump(record, CheckpointRequest(work / fmt.CHECKPOINT_DIR, work, leave_running=True,
-                                             file_locks=True, tcp_established=tcp), deadline)
+                                             file_locks=True, tcp_established=tcp), deadline, netns_path)
         phases.mark("dump")
         # Past the deadline the caller has given up: thaw now rather than diff for nobody.
         _check_deadline(deadline, f"checkpoint of {record.id} ran out of time after CRIU's dump")
@@ -329,7 +333,8 @@ class Checkpointer:
         return deleted
 
     def _dump_frozen_by_criu(self, record, work: Path, members: "ArchiveMembers", lower_dirs: list, tcp: bool,
-                             deadline: float, phases: PhaseTimer, criu_config: Path) -> tuple[str, float, list[str]]:
+                             deadline: float, phases: PhaseTimer, criu_config: Path,
+                             netns_path: str = "") -> tuple[str, float, list[str]]:
         """CRIU's images and the writable-layer diff, taken at CRIU's post-dump action while CRIU holds
         the container frozen; nothing paused it before. Returns who froze it, for how long, and the
         deleted paths. A CRIU that never ran the hook switches this daemon to the pause-first path."""
@@ -342,7 +347,12 @@ class Checkpointer:
             return write_rootfs_diff(record.upper, work / fmt.ROOTFS_DIFF_TAR, members.diff_exclusions,
                                      lower_dirs=lower_dirs)
         try:
-            hooked, deleted = self._post_dump.dump(self._runc, record.id, req, criu_config, deadline, diff)
+            with self.network_locks.dumping(netns_path, record.id) as dump:
+                try:
+                    hooked, deleted = self._post_dump.dump(self._runc, record.id, req, criu_config, deadline, diff)
+                except RuncTimeout:
+                    dump.killed()
+                    raise
         except post_dump_hook.HookNotRun as e:
             log.error("CRIU ran no post-dump hook; this daemon pauses containers before checkpoints from now on",
                       extra={"container": record.id, "error": e.message})
@@ -352,7 +362,7 @@ class Checkpointer:
             self._runc.pause(record.id)
             paused_at = time.monotonic()
             try:
-                deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases)
+                deleted = self._dump_and_diff(record, work, members, lower_dirs, tcp, deadline, phases, netns_path)
             finally:
                 self._thaw(record)
             return "runc pause (CRIU ran no post-dump hook)", time.monotonic() - paused_at, deleted
@@ -412,9 +422,14 @@ class Checkpointer:
         finally:
             self._thaw(record)
 
-    def _dump(self, record: ContainerRecord, req: CheckpointRequest, deadline: float) -> None:
+    def _dump(self, record: ContainerRecord, req: CheckpointRequest, deadline: float, netns_path: str) -> None:
         try:
-            self._runc.checkpoint(record.id, req, timeout=max(0.1, deadline - time.monotonic()))
+            with self.network_locks.dumping(netns_path, record.id) as dump:
+                try:
+                    self._runc.checkpoint(record.id, req, timeout=max(0.1, deadline - time.monotonic()))
+                except RuncTimeout:
+                    dump.killed()
+                    raise
         except RuncTimeout as e:
             raise DeadlineExceeded(f"checkpoint of {record.id}: {e.message}") from None
         except RuncError as e:

@@ -120,17 +120,17 @@ class LazyCheckpoints:
             raise FailedPrecondition(f"cannot serve a lazy checkpoint's memory: {problem}")
 
     def start(self, record: ContainerRecord, members: ArchiveMembers, location: Path, deadline: float,
-              page_server: PageServer, durable: bool = True) -> CheckpointResult:
+              page_server: PageServer, durable: bool = True, netns_path: str = "") -> CheckpointResult:
         """Freeze, dump all but memory, archive that at `location`, leave CRIU serving the memory.
         On any error the container is thawed and runs on, and nothing is left."""
         self._checkpointer.check_enabled()
         self.check_host()
         with self._checkpointer.exclusive_running(record, deadline):
             self.refuse_while_dumped(record.id)
-            return self._start_locked(record, members, location, deadline, page_server, durable)
+            return self._start_locked(record, members, location, deadline, page_server, durable, netns_path)
 
     def _start_locked(self, record, members: ArchiveMembers, location: Path, deadline: float,
-                      page_server: PageServer, durable: bool) -> CheckpointResult:
+                      page_server: PageServer, durable: bool, netns_path: str) -> CheckpointResult:
         started = time.monotonic()
         phases = PhaseTimer()
         tcp = self._checkpointer._wants_tcp_established(record)
@@ -151,7 +151,14 @@ class LazyCheckpoints:
             self._runc.pause(record.id)
             frozen, frozen_at = True, time.monotonic()
             phases.mark("pause")
-            self._start_criu(record, dump, images, page_server, tcp, deadline)
+            with self._checkpointer.network_locks.dumping(netns_path, record.id) as locking:
+                try:
+                    self._start_criu(record, dump, images, page_server, tcp, deadline)
+                except BaseException:
+                    # Stopped before its status, CRIU may still hold the pod's network lock (it lifts
+                    # it itself before it starts serving pages, and on its own errors).
+                    locking.killed()
+                    raise
             phases.mark("dump")
             deleted = write_rootfs_diff(record.upper, dump.archived / fmt.ROOTFS_DIFF_TAR, members.diff_exclusions,
                                         lower_dirs=lower_dirs)

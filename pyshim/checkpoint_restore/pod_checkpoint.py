@@ -222,7 +222,7 @@ class PodCheckpointer:
                 mode="stop" if stop else "leave-running")
             phases.mark("prepare")
             frozen = self._freeze_dump_thaw(works, options, deadline, phases, intent,
-                                            write_output_and_kill if stop else None)
+                                            write_output_and_kill if stop else None, netns_path)
             if not stop:
                 write_output()  # after the thaw: packing is not frozen time
         except BaseException:
@@ -243,7 +243,7 @@ class PodCheckpointer:
                                    {w.part.record.id: w.tcp for w in works})
 
     def _freeze_dump_thaw(self, works: list[_Work], options, deadline: float, phases: PhaseTimer, intent,
-                          while_frozen=None) -> float:
+                          while_frozen=None, netns_path: str = "") -> float:
         """Pause all, dump all side by side, run `while_frozen` if every dump succeeded, thaw all --
         the thaw whatever happened. Returns the frozen time."""
         for w in works:
@@ -272,7 +272,7 @@ class PodCheckpointer:
             crashpoints.reached(f"{Operation.CHECKPOINT_POD.value}:frozen")
             phases.mark("pause")
             with ThreadPoolExecutor(max_workers=len(works), thread_name_prefix="pod-dump") as pool:
-                for w, future in [(w, pool.submit(self._dump_one, w, deadline)) for w in works]:
+                for w, future in [(w, pool.submit(self._dump_one, w, deadline, netns_path)) for w in works]:
                     try:
                         w.deleted = future.result()
                     except Exception as e:  # noqa: BLE001 - reported below, after every dump ended
@@ -317,9 +317,9 @@ class PodCheckpointer:
             raise FailedPrecondition(f"CheckpointPod: the checkpoint is complete, but these containers could not be "
                                      f"stopped: {'; '.join(failed)}")
 
-    def _dump_one(self, w: _Work, deadline: float) -> list[str]:
+    def _dump_one(self, w: _Work, deadline: float, netns_path: str) -> list[str]:
         return self._checkpointer._dump_and_diff(w.part.record, w.directory, w.part.members, w.lower_dirs, w.tcp,
-                                                 deadline, PhaseTimer())
+                                                 deadline, PhaseTimer(), netns_path)
 
     def _thaw_all(self, paused: list[_Work]) -> list[Exception]:
         """Side by side, as the freezes: the last container is not kept frozen for the others' `runc resume`."""

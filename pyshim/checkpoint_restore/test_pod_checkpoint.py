@@ -53,7 +53,7 @@ class FakeCheckpointer:
     def _lock_for(self, cid):
         return self.locks.setdefault(cid, threading.Lock())
 
-    def _dump_and_diff(self, record, work, members, lower_dirs, tcp, deadline, phases):
+    def _dump_and_diff(self, record, work, members, lower_dirs, tcp, deadline, phases, netns_path=""):
         assert record.id in self.runc.paused, "dumped while not frozen"
         # Every selected container is frozen before any is dumped, and none thawed: the consistent cut.
         first_dump = next((i for i, e in enumerate(self.runc.events) if e[0] == "dump"), len(self.runc.events))

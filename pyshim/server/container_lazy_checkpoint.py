@@ -47,6 +47,6 @@ def lazy_checkpoint(rt: Runtime, request, mode: str, deadline: float, durable: b
     rt.restores.refuse_while_pages_arrive(record)
     location = validate_location(request.location)
     result = rt.lazy_checkpoints.start(record, archive_members(rt, record, sandbox), location, deadline,
-                                       page_server, durable)
+                                       page_server, durable, netns_path)
     rt.containers.note_checkpoint(record.id, result)
     return cri.CheckpointContainerResponse()
