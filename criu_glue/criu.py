@@ -206,10 +206,10 @@ def read_restore_facts(images_dir: Path) -> RestoreImageFacts:
     for path in sorted(images_dir.glob("utsns-*.img")):
         entries = criu_images.read_image(path, criu_images.UTSNS).entries
         hostname = hostname or (entries[0].nodename if entries else "")
-    mounts = tuple(_mountpoint(entry) for path in sorted(images_dir.glob("mountpoints-*.img"))
-                   for entry in criu_images.read_image(path, criu_images.MNTS).entries)
-    image_mounts = tuple(_image_mount(path.name, entry) for path in sorted(images_dir.glob("mountpoints-*.img"))
-                         for entry in criu_images.read_image(path, criu_images.MNTS).entries)
+    mount_entries = [(path.name, entry) for path in sorted(images_dir.glob("mountpoints-*.img"))
+                     for entry in criu_images.read_image(path, criu_images.MNTS).entries]  # read once
+    mounts = tuple(_mountpoint(entry) for _, entry in mount_entries)
+    image_mounts = tuple(_image_mount(name, entry) for name, entry in mount_entries)
     streams = tuple(TcpStream(path.name, entry.inq_len, entry.outq_len)
                     for path in sorted(images_dir.glob("tcp-stream-*.img"))
                     for entry in criu_images.read_image(path, criu_images.TCP_STREAM).entries)

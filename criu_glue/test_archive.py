@@ -437,3 +437,38 @@ def test_a_plain_archive_is_the_tar_tarfile_writes_of_the_same_members(tmp_path)
             archive_mod._add_with_tarfile(tar, info, source)
     assert out.read_bytes() == expected.getvalue()
     assert written.digest == written.diff_id == "sha256:" + hashlib.sha256(expected.getvalue()).hexdigest()
+
+
+# ---------------------------------------------------------------- plain tars: content read in place
+
+def test_a_plain_tar_is_read_in_place_and_gives_what_the_stream_gives(tmp_path):
+    members = prepare_members(tmp_path)
+    plain, zstd = tmp_path / "plain.tar", tmp_path / "cp.tar.zst"
+    write_archive(plain, members, "none")
+    write_archive(zstd, members, "zstd")
+    trees = {}
+    for path in (plain, zstd):
+        with open_archive(path) as cp:
+            dest = tmp_path / f"img-{path.name}"
+            assert cp.extract_checkpoint_images(dest) == sum(map(len, IMAGES.values()))
+            trees[path.name] = {p.name: p.read_bytes() for p in dest.iterdir()}
+            with cp.open_member("dump.log") as f:
+                assert f.read() == b"criu says hi\n"
+            cp.extract_member("rootfs-diff.tar", tmp_path / f"diff-{path.name}")
+    assert trees["plain.tar"] == trees["cp.tar.zst"] == IMAGES
+    assert (tmp_path / "diff-plain.tar").read_bytes() == (members / "rootfs-diff.tar").read_bytes()
+    with open_archive(plain) as cp:
+        assert all(cp._members[f"checkpoint/{n}"].offset > 0 for n in IMAGES), "no offsets: not read in place"
+
+
+def test_a_plain_tar_cut_short_after_it_was_indexed_is_an_archive_error(tmp_path):
+    plain = tmp_path / "plain.tar"
+    write_archive(plain, prepare_members(tmp_path), "none")
+    with open_archive(plain) as cp:
+        pages = cp._members["checkpoint/pages-1.img"]
+        os.truncate(plain, pages.offset + 1000)  # the same inode, now short
+        with pytest.raises(ArchiveFormatError, match="truncated|ends"):
+            cp.extract_checkpoint_images(tmp_path / "img")
+        with pytest.raises(ArchiveFormatError):
+            with cp.open_member("dump.log") as f:
+                f.read()

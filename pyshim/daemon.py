@@ -32,6 +32,7 @@ from pyshim.checkpoint_restore.pod_checkpoint import PodCheckpointer
 from pyshim.internal.recovery import recover
 from pyshim.internal.runc import Runc
 from pyshim.internal.sandbox_manager import SandboxManager
+from pyshim.server import pod_restore_start
 from pyshim.server.runtime import Runtime
 from pyshim.server.servicer import ImageService, RuntimeService
 
@@ -118,13 +119,15 @@ def build_runtime(config: Config) -> Runtime:
     containers.load()
     restores = RestoreEngine(containers, restorer, runc, conmon, images, puller, journal,
                              lazy_default=config.checkpoint.lazy_restore)
+    containers.on_remove(lambda record: pod_restore_start.release_part(record.id))  # RestorePod's open parts
     pod_checkpointer = PodCheckpointer(checkpointer, runc, journal, root / "checkpoint-work")
     lazy_checkpoints = LazyCheckpoints(checkpointer, runc, journal, root / "lazy-checkpoint-work")
     runtime = Runtime(config=config, sandboxes=sandboxes, containers=containers, images=images,
                       registry=puller, events=events, checkpointer=checkpointer, restorer=restorer,
                       restores=restores,
                       runc_version=_version_of(runc_binary), conmon_version=_version_of(conmon_binary),
-                      log=log, pod_checkpointer=pod_checkpointer, lazy_checkpoints=lazy_checkpoints)
+                      log=log, pod_checkpointer=pod_checkpointer, lazy_checkpoints=lazy_checkpoints,
+                      intents=journal)
     # Before the socket is served: no call may see a half-done operation of the previous daemon.
     recover(runtime, journal)
     return runtime

@@ -448,9 +448,11 @@ class RestoreEngine:
 
     # ---- CreateContainer ---------------------------------------------------------------------
 
-    def create(self, sandbox: SandboxContext, config, source: RestoreSource) -> ContainerRecord:
+    def create(self, sandbox: SandboxContext, config, source: RestoreSource,
+               container_id: str = "") -> ContainerRecord:
         """Record a container that StartContainer will restore. Cheap on purpose: kubelet gives
-        CreateContainer two minutes, and unpacking a big checkpoint can take longer."""
+        CreateContainer two minutes, and unpacking a big checkpoint can take longer. `container_id`:
+        one the caller journaled before (RestorePod), else a fresh one."""
         try:
             validate_container_config(config)
             check_seccomp_profile(config.linux.security_context)  # the spec is built only at StartContainer
@@ -459,7 +461,7 @@ class RestoreEngine:
         lazy_choice(config.annotations, self._lazy_default)  # a bad lazy annotation fails here, not at start
         plan = source.plan
         containers = self._containers
-        with containers.reserve_name(config, sandbox) as (container_id, key):
+        with containers.reserve_name(config, sandbox, container_id) as (container_id, key):
             cdir = containers.container_dir(container_id)
             record = ContainerRecord(ContainerMetadata(
                 id=container_id, sandbox_id=sandbox.record.id, name=key, attempt=config.metadata.attempt,
@@ -483,12 +485,17 @@ class RestoreEngine:
 
     # ---- StartContainer ----------------------------------------------------------------------
 
-    def start(self, container_id: str, sandbox: SandboxContext, cached: bool = True) -> ContainerRecord:
+    def start(self, container_id: str, sandbox: SandboxContext, cached: bool = True,
+              checkpoint: OpenCheckpoint | None = None) -> ContainerRecord:
         """Restore a container CreateContainer recorded for restore. The archive is checked again (it may
         have changed since CreateContainer) and the base image pulled if this node lacks it. `cached`:
-        see OpenCheckpoint."""
+        see OpenCheckpoint. `checkpoint`: the archive as checked and kept open since the container was
+        recorded (RestorePod's parts), the very file that was checked: not opened and indexed again."""
         self._restorer.check_enabled()
         record = self._containers.get(container_id)
+        if checkpoint is not None:
+            image = detection.base_image(self._images, self._puller, checkpoint.plan.base_image_refs)
+            return self._start(record.id, sandbox, image, checkpoint)
         config = self._containers.config_of(record)
         with self._restorer.open(Path(record.restore_from), config, cached=cached) as checkpoint:
             image = detection.base_image(self._images, self._puller, checkpoint.plan.base_image_refs)
@@ -535,7 +542,9 @@ class RestoreEngine:
                 failed.callback(remove_tree, images_dir, ignore_errors=True)
             phases.mark("rootfs")
             spec = containers.build_spec(record, sandbox, _with_command(config, plan), base_image)
-            self._intents.advance(intent, "unpack")
+            # A crash point, not a journal write: recovery repairs a cut restore the same at every step,
+            # and an fsync here waits behind the pod's other restores' unpacking.
+            crashpoints.reached(f"{Operation.RESTORE_CONTAINER.value}:unpack")
 
             def launch_page_source() -> None:
                 # As soon as the images are in place: the daemon starts while the diff, the checks and

@@ -315,10 +315,11 @@ class ContainerManager:
             return self._create_reserved(container_id, key, sandbox, config, image)
 
     @contextlib.contextmanager
-    def reserve_name(self, config, sandbox: SandboxContext):
-        """A fresh id and the container's name reserved for it; the name is freed if creating fails."""
+    def reserve_name(self, config, sandbox: SandboxContext, container_id: str = ""):
+        """An id (a fresh one, or one the caller journaled first: RestorePod) and the container's name
+        reserved for it; the name is freed if creating fails."""
         key = container_name_key(config, sandbox.config)
-        container_id = secrets.token_hex(32)
+        container_id = container_id or secrets.token_hex(32)
         with self._lock:
             if key in self._names:
                 raise AlreadyExists(f"container name {key!r} is already in use by {self._names[key]}")

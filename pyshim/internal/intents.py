@@ -48,6 +48,7 @@ class Operation(str, enum.Enum):
     CHECKPOINT_CONTAINER = "checkpoint_container"
     LAZY_CHECKPOINT = "lazy_checkpoint"  # pyshim/checkpoint_restore/lazy_checkpoint.py recovers it
     CHECKPOINT_POD = "checkpoint_pod"  # pyshim/checkpoint_restore/pod_checkpoint.py recovers it
+    RESTORE_POD = "restore_pod"  # pyshim/checkpoint_restore/pod_restore_journal.py recovers it
     PULL_IMAGE = "pull_image"
     RECEIVE_CHECKPOINT_IMAGE = "receive_checkpoint_image"  # another process's (pyshim/internal/image_receives.py)
 

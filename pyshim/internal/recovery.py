@@ -12,13 +12,16 @@ Order matters:
    reconciled, so that runc's state read there is the truth (running, not paused);
 4. restores cut short (the restore engine, pyshim/checkpoint_restore/restore.py);
 5. containers: creates, starts and removals cut short, then every record against runc and
-   conmon, then runc containers and dirs no record owns.
+   conmon, then runc containers and dirs no record owns;
+6. RestorePods that never answered (pyshim/checkpoint_restore/pod_restore_journal.py): their
+   containers and sandbox are removed, now that the records agree with runc.
 """
 from __future__ import annotations
 
 import logging
 import time
 
+from pyshim.checkpoint_restore import pod_restore_journal
 from pyshim.internal import image_receives
 from pyshim.internal.intents import IntentJournal
 from pyshim.internal.state import ContainerState
@@ -40,6 +43,8 @@ def recover(parts, journal: IntentJournal) -> float:
     stopped_by_checkpoints = parts.pod_checkpointer.recover() + parts.checkpointer.recover(pending)
     parts.restores.recover(pending)
     parts.containers.recover(pending)
+    # RestorePods that never answered: their sandbox and containers go, through the normal remove paths.
+    pod_restore_journal.recover(journal, pending, parts.containers, parts.sandboxes)
     for stopped in stopped_by_checkpoints:  # their exits are recorded now: say why they ended
         parts.containers.note_stopped_by_checkpoint(stopped.container_id, stopped.checkpoint)
     # Lazy checkpoints (migrate --lazy) whose CRIU serves or served pages, once the records say what runs.

@@ -77,9 +77,10 @@ def _namespace_options(config):
     return config.linux.security_context.namespace_options
 
 
-# The steps of RunPodSandbox, in order: each is announced in the intent journal before it is done,
-# so that recovery knows how far a killed RunPodSandbox got (and each is a crash point).
+# The steps of RunPodSandbox, in order: each is a crash point, and those that change what recovery
+# does (JOURNALED_RUN_STEPS) are announced in the intent journal before they are done.
 RUN_STEPS = ("begin", "dirs", "netns", "cni_add", "pod_files", "pin_namespaces", "pid_infra", "save")
+JOURNALED_RUN_STEPS = ("cni_add",)  # the others are crash points only (SandboxManager._step)
 
 
 def _reached(intent: Intent, step: str) -> bool:
@@ -135,10 +136,11 @@ class SandboxManager:
 
     # ---- run ---------------------------------------------------------------------------------
 
-    def run(self, config, runtime_handler: str = "") -> SandboxRecord:
+    def run(self, config, runtime_handler: str = "", sandbox_id: str = "") -> SandboxRecord:
+        """`sandbox_id`: an id the caller journaled before this call (RestorePod), else a fresh one."""
         self._validate(config)
         key = sandbox_name_key(config)
-        sandbox_id = secrets.token_hex(32)
+        sandbox_id = sandbox_id or secrets.token_hex(32)
         with self._lock:
             if key in self._names:
                 raise AlreadyExists(f"pod sandbox name {key!r} is already in use by {self._names[key]}")
@@ -200,7 +202,7 @@ class SandboxManager:
         return facts
 
     def _make_sandbox(self, intent: Intent, record: SandboxRecord, config, ns, hostname: str) -> None:
-        step = self._intents.advance
+        step = self._step
         with contextlib.ExitStack() as undo:
             files_dir, pin_dir = Path(record.files_dir), Path(record.pin_dir)
             step(intent, "dirs")
@@ -230,17 +232,27 @@ class SandboxManager:
         crashpoints.reached("run_sandbox:saved")  # saved, intent still open: recovery keeps the pod
 
     def _set_up_network(self, intent: Intent, record: SandboxRecord, config, undo: contextlib.ExitStack) -> None:
-        self._intents.advance(intent, "netns")
+        self._step(intent, "netns")
         path = netns.create_netns(record.netns_name)
         undo.callback(netns.remove_netns, record.netns_name)
         m = config.metadata
         ip, mac = requested_address(config)
-        self._intents.advance(intent, "cni_add")
+        self._step(intent, "cni_add")
         attachment = self._network.attach(record.id, path, m.name, m.namespace, m.uid, self._port_mappings(config),
                                           ip=ip, mac=mac)
         undo.callback(self._network.detach, record.id, path, self._port_mappings(config))
         record.ip = attachment.ip
         record.network = attachment.to_dict()
+
+    def _step(self, intent: Intent, step: str) -> None:
+        """The next step of RunPodSandbox, a crash point (`run_sandbox:<step>`). Only the steps that change
+        what recovery does are written to the journal: _undo_run undoes every step whether it was
+        reached or not, except CNI DEL, which needs ADD's cache. Each write is an fsync on the path of
+        every RunPodSandbox and RestorePod."""
+        if step in JOURNALED_RUN_STEPS:
+            self._intents.advance(intent, step)
+        else:
+            crashpoints.reached(f"{Operation.RUN_SANDBOX.value}:{step}")
 
     @staticmethod
     def _port_mappings(config) -> list[PortMapping]:

@@ -42,8 +42,12 @@ def create_container(rt: Runtime, request) -> "cri.CreateContainerResponse":
 def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
     """Start a created container; a container created from a checkpoint is restored now."""
     record = rt.containers.get(request.container_id)
-    from pyshim.server.pod_restore_start import start_with_pod  # RestorePod's pods (no cycle at import)
-    if start_with_pod(rt, record, lambda r: _restore(rt, r, cached=False)):
+    from pyshim.server.pod_restore_start import held_part, start_with_pod  # RestorePod's (no cycle at import)
+
+    def restore_with_pod(r) -> None:
+        with held_part(r.id) as checkpoint:  # RestorePod's checked part, still open: not indexed again
+            _restore(rt, r, cached=False, checkpoint=checkpoint)
+    if start_with_pod(rt, record, restore_with_pod):
         pass  # restored with its pod, by this call or an earlier one
     elif record.pending_restore:
         try:
@@ -56,9 +60,9 @@ def start_container(rt: Runtime, request) -> "cri.StartContainerResponse":
     return cri.StartContainerResponse()
 
 
-def _restore(rt: Runtime, record, cached: bool = True) -> None:
+def _restore(rt: Runtime, record, cached: bool = True, checkpoint=None) -> None:
     context = _sandbox_context(rt, record.sandbox_id, rt.containers.config_of(record))
-    rt.restores.start(record.id, context, cached=cached)
+    rt.restores.start(record.id, context, cached=cached, checkpoint=checkpoint)
 
 
 def stop_container(rt: Runtime, request) -> "cri.StopContainerResponse":

@@ -19,9 +19,15 @@ others reports that failure. So:
 
 A container restored on its own (CreateContainer naming an archive) is not in any group and keeps
 its own StartContainer.
+
+RestorePod also hands each container's part over as it checked it, open and indexed (`hold_part`):
+the first StartContainer restores from those (`held_part`), not from the files opened and indexed
+again, and the very files that were checked. A part is closed once its container was restored or
+removed; after a daemon restart none is held and each part is opened again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -58,6 +64,35 @@ class _PodLock:
 
 _locks: "weakref.WeakValueDictionary[str, _PodLock]" = weakref.WeakValueDictionary()
 _locks_guard = threading.Lock()
+
+
+# container id -> (its open part, a restore.OpenCheckpoint; the ExitStack that closes it)
+_held: dict[str, tuple[object, contextlib.ExitStack]] = {}
+_held_guard = threading.Lock()
+
+
+def hold_part(container_id: str, checkpoint, closing: contextlib.ExitStack) -> None:
+    """RestorePod: keep this container's checked, open part for its restore; `closing` closes it."""
+    with _held_guard:
+        _held[container_id] = (checkpoint, closing)
+
+
+@contextlib.contextmanager
+def held_part(container_id: str):
+    """The part RestorePod holds for this container (None if none: opened again), closed afterwards."""
+    with _held_guard:
+        checkpoint, closing = _held.pop(container_id, (None, None))
+    try:
+        yield checkpoint
+    finally:
+        if closing is not None:
+            closing.close()
+
+
+def release_part(container_id: str) -> None:
+    """The container is removed (ContainerManager.on_remove): close its part if it was never restored."""
+    with held_part(container_id):
+        pass
 
 
 def record_group(sandbox, container_ids: list[str]) -> None:

@@ -31,3 +31,4 @@ class Runtime:
     streaming: object = None  # pyshim.streaming.server.StreamingServer, once serving
     pod_checkpointer: object = None  # pyshim.checkpoint_restore.pod_checkpoint.PodCheckpointer
     lazy_checkpoints: object = None  # pyshim.checkpoint_restore.lazy_checkpoint.LazyCheckpoints (migrate --lazy)
+    intents: object = None  # pyshim.internal.intents.IntentJournal (RestorePod journals there itself)

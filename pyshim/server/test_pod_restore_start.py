@@ -80,3 +80,27 @@ def test_concurrent_starts_of_one_pod_share_its_lock(tmp_path):
     assert prs._lock_for("pod") is first
     del first
     assert "pod" not in prs._locks
+
+
+def test_a_held_part_is_handed_once_and_closed_after_its_restore():
+    import contextlib
+    closed = []
+    closing = contextlib.ExitStack()
+    closing.callback(closed.append, "a")
+    prs.hold_part("a", "open part of a", closing)
+    with prs.held_part("a") as checkpoint:
+        assert checkpoint == "open part of a" and closed == []
+    assert closed == ["a"], "the part stays open after its restore"
+    with prs.held_part("a") as checkpoint:
+        assert checkpoint is None, "a part is handed to one restore only; another opens the file again"
+
+
+def test_a_held_part_of_a_container_removed_before_its_start_is_closed():
+    import contextlib
+    closed = []
+    closing = contextlib.ExitStack()
+    closing.callback(closed.append, "b")
+    prs.hold_part("b", "open part of b", closing)
+    prs.release_part("b")
+    assert closed == ["b"] and "b" not in prs._held
+    prs.release_part("never-held")  # removing any other container is a no-op
