@@ -13,7 +13,6 @@ again, and then
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from cri_api import api_pb2 as cri
 from integration.conftest import discard, new_settings
 from integration.daemon import (Daemon, container_dirs_without_record, leftovers, remove_everything,
                                 unowned_container_cgroups)
+from integration.test_crash_sandboxes import recovery_lines
 from integration.test_lifecycle import cleanup
 from integration.test_pod_checkpoint import checkpoint_pod, echoes, new_pod, pod_containers, restore_pod, run_pod, wait_for
 from pyshim.checkpoint_restore import pod_restore_journal
@@ -82,15 +82,7 @@ def tree_digest(root: Path) -> dict[str, tuple]:
 
 
 def recovery_warnings(daemon: Daemon) -> list[str]:
-    lines = []
-    for line in daemon.log_path.read_text(errors="replace").splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if str(doc.get("msg", "")).startswith("recovery: RestorePod"):
-            lines.append(doc["msg"])
-    return lines
+    return [doc["msg"] for doc in recovery_lines(daemon) if doc["msg"].startswith("recovery: RestorePod")]
 
 
 def nothing_left(daemon: Daemon, client) -> None:
