@@ -109,7 +109,6 @@ def _receive_split(store: ImageStore, head: "_Peeked", frames: FrameReader, tag:
     fd, tmp = store.new_blob_file()
     scratch = store.scratch_dir("checkpoint-receive-")
     images = scratch / "images"
-    digest = ""
     try:
         reader = ForwardReader(head, sink=lambda offset, view: _write_at(fd, offset, view))
         extents = extract_checkpoint_images_from_reader(reader, images, Budget(limits, label), label)
@@ -119,20 +118,12 @@ def _receive_split(store: ImageStore, head: "_Peeked", frames: FrameReader, tag:
         data_done = time.monotonic()
         _check_unpacked(tmp, images, limits, label)
         checked = time.monotonic()
-        digest = written.digest
-        store.mark_unsynced(digest)  # before the blob, not complete yet, is visible under its digest
-        store.adopt_blob_file(tmp, digest)
-        store.adopt_unpacked_checkpoint(digest, images)
-        record = _record(store, written, tag, limits)
-    except BaseException:
-        if digest:
-            store.discard_unreferenced_blobs({digest})
-        raise
+        record = _adopt_unsynced(store, tmp, written, tag, limits, images)
     finally:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         remove_tree(scratch, ignore_errors=True)
-    return ReceivedCheckpoint(record, digest, _ms(started, data_done, checked), tuple(extents))
+    return ReceivedCheckpoint(record, written.digest, _ms(started, data_done, checked), tuple(extents))
 
 
 def _receive_whole(store: ImageStore, head: "_Peeked", frames: FrameReader, tag: str, limits: Limits,
@@ -141,7 +132,6 @@ def _receive_whole(store: ImageStore, head: "_Peeked", frames: FrameReader, tag:
     hashes and counts it, and checks the trailer); it is marked unsynced before it appears under its
     digest, and complete_received_blob syncs it after the restore, as for a split one."""
     fd, tmp = store.new_blob_file()
-    digest = ""
     try:
         offset = 0
         while chunk := head.read(COPY_CHUNK):
@@ -149,18 +139,28 @@ def _receive_whole(store: ImageStore, head: "_Peeked", frames: FrameReader, tag:
             offset += len(chunk)
         written = _trailer(frames)  # read() returned b"" only after the trailer matched
         data_done = time.monotonic()
-        digest = written.digest
-        store.mark_unsynced(digest)
-        store.adopt_blob_file(tmp, digest)
-        record = _record(store, written, tag, limits)
-    except BaseException:
-        if digest:
-            store.discard_unreferenced_blobs({digest})
-        raise
+        record = _adopt_unsynced(store, tmp, written, tag, limits)
     finally:
         os.close(fd)
         tmp.unlink(missing_ok=True)
-    return ReceivedCheckpoint(record, digest, _ms(started, data_done, data_done), ())
+    return ReceivedCheckpoint(record, written.digest, _ms(started, data_done, data_done), ())
+
+
+def _adopt_unsynced(store: ImageStore, tmp: Path, written: ArchiveDigest, tag: str, limits: Limits,
+                    unpacked: Path | None = None) -> ImageRecord:
+    """The received blob under its digest, marked unsynced before it is visible there (not synced yet:
+    complete_received_blob does that after the restore), its unpacked images if any, and the image
+    record. On any failure nothing of it stays."""
+    digest = written.digest
+    try:
+        store.mark_unsynced(digest)
+        store.adopt_blob_file(tmp, digest)
+        if unpacked is not None:
+            store.adopt_unpacked_checkpoint(digest, unpacked)
+        return _record(store, written, tag, limits)
+    except BaseException:
+        store.discard_unreferenced_blobs({digest})
+        raise
 
 
 # ---- pieces ---------------------------------------------------------------------------------------

@@ -18,40 +18,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import re
 import subprocess
 import threading
 from typing import Iterator
 
+from pyshim.checkpoint_restore import tcp_lock
+
 log = logging.getLogger(__name__)
 
 CHAIN = "CRIU"
-_CHAIN_RE = re.compile(rf"^:{CHAIN} ", re.M)
-_HOOKS = ("INPUT", "OUTPUT")
-# One jump per CRIU that locked the namespace: two dumps side by side insert two.
-_MAX_JUMPS = 64
-
-
-def _in_netns(netns_path: str, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["nsenter", f"--net={netns_path}", "--", *argv], capture_output=True, text=True,
-                          timeout=30)
 
 
 def lift(netns_path: str) -> bool:
     """Remove CRIU's lock (both families) from the namespace; True if there was one. Idempotent."""
-    found = False
-    for save, tool in (("iptables-save", "iptables"), ("ip6tables-save", "ip6tables")):
-        listing = _in_netns(netns_path, [save, "-t", "filter"])
-        if listing.returncode != 0 or not _CHAIN_RE.search(listing.stdout):
-            continue
-        found = True
-        for hook in _HOOKS:
-            for _ in range(_MAX_JUMPS):
-                if _in_netns(netns_path, [tool, "-w", "-D", hook, "-j", CHAIN]).returncode != 0:
-                    break
-        _in_netns(netns_path, [tool, "-w", "-F", CHAIN])
-        _in_netns(netns_path, [tool, "-w", "-X", CHAIN])
-    return found
+    return tcp_lock.remove_chains(netns_path, lambda chain: chain == CHAIN)
 
 
 class CriuNetworkLocks:

@@ -17,9 +17,10 @@ import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 CHAIN_PREFIX = "PYSHIM-LOCK-"
-_CHAIN_RE = re.compile(r"^:(PYSHIM-LOCK-[0-9a-f]{1,12}) ", re.M)
+_ANY_CHAIN_RE = re.compile(r"^:(\S+) ", re.M)
 _ESTABLISHED = "01"
 
 
@@ -119,15 +120,30 @@ def lock(netns_path: str, container_id: str, connections: list[Connection]) -> N
 def unlock_all(netns_path: str, container_id: str = "") -> None:
     """Lift every checkpoint lock in the namespace (before restoring connections into it), or only
     the one container's (when its stop failed and it runs on)."""
+    only = chain_name(container_id) if container_id else None
+    remove_chains(netns_path, lambda chain: chain.startswith(CHAIN_PREFIX) and (only is None or chain == only))
+
+
+# One jump per lock that was taken: two CRIUs dumping side by side in one namespace insert one each.
+_MAX_JUMPS = 64
+
+
+def remove_chains(netns_path: str, wanted: Callable[[str], bool]) -> bool:
+    """Remove the filter chains `wanted` names (both families) and their jumps from INPUT and OUTPUT,
+    in the namespace; True if there was one. Idempotent."""
+    found = False
     for save, tool in (("iptables-save", "iptables"), ("ip6tables-save", "ip6tables")):
         proc = _in_netns(netns_path, [save, "-t", "filter"])
         if proc.returncode != 0:
             continue
-        only = chain_name(container_id) if container_id else None
-        for chain in _CHAIN_RE.findall(proc.stdout):
-            if only and chain != only:
+        for chain in _ANY_CHAIN_RE.findall(proc.stdout):
+            if not wanted(chain):
                 continue
+            found = True
             for hook in ("INPUT", "OUTPUT"):
-                _in_netns(netns_path, [tool, "-w", "-D", hook, "-j", chain])
+                for _ in range(_MAX_JUMPS):
+                    if _in_netns(netns_path, [tool, "-w", "-D", hook, "-j", chain]).returncode != 0:
+                        break
             _in_netns(netns_path, [tool, "-w", "-F", chain])
             _in_netns(netns_path, [tool, "-w", "-X", chain])
+    return found

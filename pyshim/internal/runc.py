@@ -210,17 +210,13 @@ class Runc:
             raise RuncError(f"runc exec failed: {_runc_message(err)}")
         return ExecResult(proc.returncode, out, err)
 
-    def _run_killable(self, args: list[str], timeout: float | None) -> subprocess.CompletedProcess:
-        """Run runc in its own process group, so a deadline ends runc and the CRIU it started."""
-        proc = subprocess.Popen(self._base() + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    def _start_killable(self, args: list[str]) -> subprocess.Popen:
+        """runc in its own process group, so a deadline ends runc and the CRIU it started."""
+        return subprocess.Popen(self._base() + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.communicate()
-            raise RuncTimeout(f"runc {args[0]} did not finish within {timeout:.1f}s and was stopped") from None
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def _run_killable(self, args: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+        return _wait_killable(self._start_killable(args), timeout, f"runc {args[0]}")
 
     def checkpoint_command(self, container_id: str, req: CheckpointRequest) -> list[str]:
         """The `runc checkpoint` command line, for a caller that runs it itself (a lazy dump outlives the call)."""
@@ -235,19 +231,12 @@ class Runc:
     def start_checkpoint(self, container_id: str, req: CheckpointRequest) -> subprocess.Popen:
         """`runc checkpoint` started, for a caller that talks to CRIU's action script meanwhile;
         finish_checkpoint waits for it (own process group, as _run_killable)."""
-        return subprocess.Popen(self._base() + _checkpoint_args(req) + [container_id], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        return self._start_killable(_checkpoint_args(req) + [container_id])
 
     @staticmethod
     def finish_checkpoint(proc: subprocess.Popen, timeout: float | None) -> subprocess.CompletedProcess:
         """Wait for a started `runc checkpoint`; at the timeout it and its CRIU are killed (RuncTimeout)."""
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.communicate()
-            raise RuncTimeout(f"runc checkpoint did not finish within {timeout:.1f}s and was stopped") from None
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return _wait_killable(proc, timeout, "runc checkpoint")
 
     @staticmethod
     def raise_checkpoint_failure(proc: subprocess.CompletedProcess) -> None:
@@ -377,3 +366,14 @@ class ExecProcess:
 
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+
+def _wait_killable(proc: subprocess.Popen, timeout: float | None, what: str) -> subprocess.CompletedProcess:
+    """Wait for runc started by _start_killable; at the timeout its whole process group (CRIU included)
+    is killed and reaped, then RuncTimeout."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise RuncTimeout(f"{what} did not finish within {timeout:.1f}s and was stopped") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
